@@ -1,0 +1,284 @@
+"""Adam: ``scale_by_adam`` and the aliases ``adam`` and ``adamw``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adam_jax import _alias, _common
+
+
+class AdamState(NamedTuple):
+    """State of :func:`scale_by_adam`.
+
+    Attributes:
+      count: int32 scalar, the number of updates so far; saturates at the int32 maximum.
+      m: first moment, shaped like the params, in ``mu_dtype``.
+      v: second moment, shaped like the params, in ``nu_dtype`` (real for complex params).
+    """
+
+    count: jax.Array
+    m: optax.Updates
+    v: optax.Updates
+
+
+def check_adam_hyperparams(b1: Any, b2: Any, eps: Any, eps_root: Any, eps_hat: Any) -> None:
+    _common.check_decay("b1", b1)
+    _common.check_decay("b2", b2)
+    _common.check_non_negative("eps", eps)
+    _common.check_non_negative("eps_root", eps_root)
+    _common.check_bool("eps_hat", eps_hat)
+
+
+def scale_by_adam(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    eps_hat: bool = False,
+    bias_correction: bool = True,
+    nesterov: bool = False,
+    mu_dtype: Any | None = None,
+    nu_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+    r"""Rescale updates with Adam (Kingma & Ba, 2015), without a learning rate.
+
+    With gradient :math:`g_t` at step :math:`t = 1, 2, \dots`:
+
+    .. math::
+
+      m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+      v_t = \beta_2 v_{t-1} + (1-\beta_2) |g_t|^2
+
+      \hat m_t = m_t / (1-\beta_1^t), \qquad \hat v_t = v_t / (1-\beta_2^t)
+
+      u_t = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)
+
+    This is Algorithm 1 of the paper and exactly ``torch.optim.Adam`` and
+    ``optax.scale_by_adam`` (same operation order as optax, so float32 results
+    agree bit for bit). ``eps_root`` is the second form in seed 002,
+    :math:`\sqrt{\hat v + \epsilon}`.
+
+    Options:
+
+    * ``eps_hat=True``: Keras/TensorFlow's "efficient" form, eps added before the
+      bias correction: :math:`u_t = \alpha_t m_t / (\sqrt{v_t + \epsilon_{root}} + \epsilon)`
+      with :math:`\alpha_t = \sqrt{1-\beta_2^t}/(1-\beta_1^t)`
+      (``keras/src/optimizers/adam.py``; also Kingma & Ba, end of section 2).
+    * ``bias_correction=False`` drops both corrections:
+      :math:`u_t = m_t/(\sqrt{v_t+\epsilon_{root}}+\epsilon)`.
+    * ``nesterov=True``: Nadam as in ``optax.nadam``,
+      :math:`\hat m_t = \beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1) g_t/(1-\beta_1^t)`.
+
+    Where it differs from the references:
+
+    * bfloat16/float16 leaves are computed in float32 and stored back, so a zero
+      gradient can never become 0/0 (optax #1754); optax computes in the leaf dtype.
+    * The bias correction is computed in the leaf's precision (float64 for float64).
+    * Complex params use :math:`|g|^2 = \bar g g` and store ``v`` as real. PyTorch
+      instead treats the real and imaginary parts as two independent real numbers
+      (``view_as_real``), so on complex params the two differ by design.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0 (seed 002's form; optax's ``eps_root``).
+      eps_hat: add eps before the bias correction (Keras/TensorFlow).
+      bias_correction: apply the ``1 - β^t`` corrections.
+      nesterov: use Nesterov momentum (Nadam, as in ``optax.nadam``).
+      mu_dtype: dtype to store ``m`` in; default the param dtype.
+      nu_dtype: dtype to store ``v`` in; default the param dtype (its real part for complex).
+
+    Any numeric hyperparameter may be a Python number or a JAX array, traced too
+    (so it can be vmapped over); only concrete values are range-checked.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is :class:`AdamState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, adam_jax
+      >>> opt = optax.chain(adam_jax.scale_by_adam(), optax.scale(-0.1))
+      >>> params = {"w": jnp.array(0.5)}
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update({"w": jnp.array(-15.0)}, state)
+      >>> print(round(float(optax.apply_updates(params, updates)["w"]), 6))
+      0.6
+
+    References:
+      Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
+      Dozat, *Incorporating Nesterov Momentum into Adam*, ICLR 2016 workshop.
+    """
+    check_adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
+    _common.check_bool("bias_correction", bias_correction)
+    _common.check_bool("nesterov", nesterov)
+    mu_dtype = _common.canonical_dtype(mu_dtype)
+    nu_dtype = _common.canonical_dtype(nu_dtype)
+
+    def init_fn(params):
+        return AdamState(
+            count=_common.init_count(),
+            m=_common.zeros_like(params, mu_dtype),
+            v=_common.zeros_like(params, nu_dtype, real=True),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        _common.prepare_update(updates, state.m)
+        count = _common.increment(state.count)
+
+        def leaf(g, m, v):
+            mo = _common.adam_moments(
+                g, m, v, b1, b2, count, bias_correction=bias_correction, nesterov=nesterov
+            )
+            u = _common.adam_direction(
+                mo.m_hat,
+                mo.v,
+                mo.c2,
+                jnp.asarray(eps, mo.dtype),
+                jnp.asarray(eps_root, mo.dtype),
+                eps_hat=eps_hat,
+            )
+            return u.astype(g.dtype), mo.m.astype(m.dtype), mo.v.astype(v.dtype)
+
+        u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
+        return u, AdamState(count=count, m=m, v=v)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam(
+    learning_rate: Any = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    weight_decay: Any = 0.0,
+    maximize: bool = False,
+    eps_hat: bool = False,
+    nesterov: bool = False,
+    bias_correction: bool = True,
+    mu_dtype: Any | None = None,
+    nu_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam with a learning rate, coupled (L2) weight decay and ``maximize``.
+
+    .. math::
+
+      g_t \leftarrow \pm g_t + \lambda p_{t-1}, \qquad
+      p_t = p_{t-1} - \eta_t \cdot \mathrm{scale\_by\_adam}(g_t)
+
+    With the defaults this is ``torch.optim.Adam`` (``weight_decay`` and
+    ``maximize`` as there) and ``optax.adam``; ``nesterov=True`` is
+    ``optax.nadam``. See :func:`scale_by_adam` for the options and equations.
+
+    Args:
+      learning_rate: a number, an array or an optax schedule ``count -> lr``; >= 0.
+      b1, b2, eps, eps_root, eps_hat, nesterov, bias_correction, mu_dtype, nu_dtype:
+        as in :func:`scale_by_adam`.
+      weight_decay: coupled L2 coefficient λ, >= 0 (``torch.optim.Adam``'s).
+      maximize: ascend instead of descend, as in torch.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` (an ``optax.chain``). Its
+      ``update`` needs ``params``, because the decay term is always present.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, adam_jax
+      >>> opt = adam_jax.adam(learning_rate=0.1)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = opt.init(params)
+      >>> grads = jax.grad(lambda p: jnp.sum(p**2))(params)
+      >>> updates, state = opt.update(grads, state, params)
+      >>> params = optax.apply_updates(params, updates)
+      >>> print(params)
+      [ 0.9 -1.9]
+
+    References:
+      Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
+    """
+    return _alias.coupled(
+        scale_by_adam(
+            b1,
+            b2,
+            eps,
+            eps_root,
+            eps_hat=eps_hat,
+            bias_correction=bias_correction,
+            nesterov=nesterov,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        learning_rate,
+        weight_decay,
+        maximize,
+    )
+
+
+def adamw(
+    learning_rate: Any = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    weight_decay: Any = 1e-4,
+    mask: Any = None,
+    maximize: bool = False,
+    eps_hat: bool = False,
+    nesterov: bool = False,
+    bias_correction: bool = True,
+    mu_dtype: Any | None = None,
+    nu_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+
+    .. math::
+
+      p_t = p_{t-1} - \eta_t \left(\mathrm{scale\_by\_adam}(\pm g_t) + \lambda p_{t-1}\right)
+
+    This is ``optax.adamw`` (the same chain) and ``torch.optim.AdamW``, whose
+    ``p ← p(1-ηλ) - η·adam`` is the same update.
+
+    Args:
+      learning_rate: a number, an array or an optax schedule; >= 0.
+      weight_decay: decoupled decay λ, >= 0, multiplied by the learning rate.
+      mask: as in ``optax.add_decayed_weights``: a tree of bools or a callable
+        choosing which params decay.
+      maximize: ascend instead of descend, as in torch.
+      b1, b2, eps, eps_root, eps_hat, nesterov, bias_correction, mu_dtype, nu_dtype:
+        as in :func:`scale_by_adam`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, adam_jax
+      >>> opt = adam_jax.adamw(1e-3, weight_decay=1e-2)
+      >>> state = opt.init({"w": jnp.ones(3)})
+
+    References:
+      Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
+    """
+    return _alias.decoupled(
+        scale_by_adam(
+            b1,
+            b2,
+            eps,
+            eps_root,
+            eps_hat=eps_hat,
+            bias_correction=bias_correction,
+            nesterov=nesterov,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        learning_rate,
+        weight_decay,
+        mask,
+        maximize,
+    )

@@ -1,0 +1,209 @@
+"""Adamax: ``scale_by_adamax`` and the aliases ``adamax`` and ``adamaxw``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adam_jax import _alias, _common
+
+
+class AdamaxState(NamedTuple):
+    """State of :func:`scale_by_adamax`.
+
+    Attributes:
+      count: int32 scalar step count; saturates at the int32 maximum.
+      m: first moment, in ``mu_dtype``.
+      u: exponentially weighted infinity norm, in the param dtype (real for complex).
+    """
+
+    count: jax.Array
+    m: optax.Updates
+    u: optax.Updates
+
+
+def scale_by_adamax(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    *,
+    eps_in_max: bool = False,
+    mu_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+    r"""Rescale updates with Adamax (Kingma & Ba, 2015, section 7.1), without a learning rate.
+
+    Adam's second moment with the L2 norm replaced by the infinity norm: letting
+    :math:`p \to \infty` in :math:`v_t = \beta_2^p v_{t-1} + (1-\beta_2^p)|g_t|^p`
+    and taking the p-th root gives :math:`u_t = \max(\beta_2 u_{t-1}, |g_t|)`.
+
+    .. math::
+
+      m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t
+
+    * default (seed 003's code and Keras's ``Adamax``):
+      :math:`u_t = \max(\beta_2 u_{t-1}, |g_t|)`, :math:`\;\Delta_t = \hat m_t / (u_t + \epsilon)`
+    * ``eps_in_max=True`` (``torch.optim.Adamax`` and ``optax.adamax``):
+      :math:`u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon)`, :math:`\;\Delta_t = \hat m_t / u_t`
+
+    with :math:`\hat m_t = m_t/(1-\beta_1^t)`. ``u`` is never bias-corrected: the
+    max of a decaying sequence started at zero is not biased towards zero the way
+    an average is.
+
+    Seed 003 prints the update as ``theta - (lr / (vt + epsilon)) * mt_hat``, which
+    is the default form; its prose calls ``vt`` the "second moment", but it is the
+    infinity norm ``u``. The seed's default eps is 1e-6, Keras's 1e-7, torch's and
+    optax's 1e-8; here it is 1e-8.
+
+    Where it differs from the references: half-precision leaves are computed in
+    float32; complex params use :math:`|g|`, where torch splits real and imaginary parts.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the infinity norm, in [0, 1).
+      eps: >= 0; outside the max (default) or inside it (``eps_in_max``).
+      eps_in_max: put eps inside the max, as torch and optax do.
+      mu_dtype: dtype to store ``m`` in; default the param dtype.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is :class:`AdamaxState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adam_jax
+      >>> opt = adam_jax.scale_by_adamax(eps=0.0)
+      >>> state = opt.init(jnp.zeros(2))
+      >>> d, state = opt.update(jnp.array([2.0, -4.0]), state)
+      >>> print(d)
+      [ 1. -1.]
+
+    References:
+      Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015, section 7.1.
+    """
+    _common.check_decay("b1", b1)
+    _common.check_decay("b2", b2)
+    _common.check_non_negative("eps", eps)
+    _common.check_bool("eps_in_max", eps_in_max)
+    mu_dtype = _common.canonical_dtype(mu_dtype)
+
+    def init_fn(params):
+        return AdamaxState(
+            count=_common.init_count(),
+            m=_common.zeros_like(params, mu_dtype),
+            u=_common.zeros_like(params, None, real=True),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        _common.prepare_update(updates, state.m)
+        count = _common.increment(state.count)
+
+        def leaf(g, m, u):
+            cdt = _common.compute_dtype(g.dtype)
+            rdt = _common.real_dtype(cdt)
+            b1_, b2_ = _common.decay_pair(b1, rdt), _common.decay_pair(b2, rdt)
+            eps_ = jnp.asarray(eps, rdt)
+            g_ = g.astype(cdt)
+            m_new = _common.ema(g_, m.astype(cdt), b1_)
+            m_hat = m_new / _common.correction(b1_[0], count, rdt)
+            if eps_in_max:
+                u_new = jnp.maximum(jnp.abs(g_) + eps_, b2_[0] * u.astype(rdt))
+                d = m_hat / u_new
+            else:
+                u_new = jnp.maximum(b2_[0] * u.astype(rdt), jnp.abs(g_))
+                d = m_hat / (u_new + eps_)
+            return d.astype(g.dtype), m_new.astype(m.dtype), u_new.astype(u.dtype)
+
+        d, m, u = _common.map_leaves(leaf, 3, updates, state.m, state.u)
+        return d, AdamaxState(count=count, m=m, u=u)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamax(
+    learning_rate: Any = 2e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    *,
+    weight_decay: Any = 0.0,
+    maximize: bool = False,
+    eps_in_max: bool = False,
+    mu_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adamax with a learning rate, coupled (L2) weight decay and ``maximize``.
+
+    ``eps_in_max=True`` is ``torch.optim.Adamax`` (with its ``weight_decay`` and
+    ``maximize``) and ``optax.adamax``; the default is seed 003's and Keras's form.
+    The default learning rate 2e-3 is torch's and the paper's. See
+    :func:`scale_by_adamax`.
+
+    Args:
+      learning_rate: a number, an array or an optax schedule; >= 0.
+      weight_decay: coupled L2 coefficient, >= 0.
+      maximize: ascend instead of descend.
+      b1, b2, eps, eps_in_max, mu_dtype: as in :func:`scale_by_adamax`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, adam_jax
+      >>> opt = adam_jax.adamax(eps_in_max=True)
+      >>> state = opt.init(jnp.zeros(3))
+
+    References:
+      Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015, section 7.1.
+    """
+    return _alias.coupled(
+        scale_by_adamax(b1, b2, eps, eps_in_max=eps_in_max, mu_dtype=mu_dtype),
+        learning_rate,
+        weight_decay,
+        maximize,
+    )
+
+
+def adamaxw(
+    learning_rate: Any = 2e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    *,
+    weight_decay: Any = 1e-4,
+    mask: Any = None,
+    maximize: bool = False,
+    eps_in_max: bool = False,
+    mu_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Adamax with decoupled weight decay, scaled by the learning rate.
+
+    :math:`p_t = p_{t-1} - \eta_t(\mathrm{scale\_by\_adamax}(\pm g_t) + \lambda p_{t-1})`,
+    the AdamW layout (``optax.adamw``'s chain, ``torch.optim.AdamW``'s update)
+    applied to Adamax. Neither torch nor optax ships this combination.
+
+    Args:
+      learning_rate: a number, an array or an optax schedule; >= 0.
+      weight_decay: decoupled decay, >= 0.
+      mask: which params decay, as in ``optax.add_decayed_weights``.
+      maximize: ascend instead of descend.
+      b1, b2, eps, eps_in_max, mu_dtype: as in :func:`scale_by_adamax`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, adam_jax
+      >>> opt = adam_jax.adamaxw(weight_decay=1e-2)
+      >>> state = opt.init(jnp.zeros(3))
+
+    References:
+      Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
+    """
+    return _alias.decoupled(
+        scale_by_adamax(b1, b2, eps, eps_in_max=eps_in_max, mu_dtype=mu_dtype),
+        learning_rate,
+        weight_decay,
+        mask,
+        maximize,
+    )

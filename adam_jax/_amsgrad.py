@@ -1,0 +1,193 @@
+"""AMSGrad: ``scale_by_amsgrad`` and the alias ``amsgrad``."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adam_jax import _alias, _common
+from adam_jax._adam import check_adam_hyperparams
+
+MAX_OF = ("raw", "corrected")
+
+
+class AMSGradState(NamedTuple):
+    """State of :func:`scale_by_amsgrad`.
+
+    Attributes:
+      count: int32 scalar step count; saturates at the int32 maximum.
+      m: first moment, in ``mu_dtype``.
+      v: second moment, in ``nu_dtype``.
+      v_max: running maximum of ``v`` (``max_of="raw"``) or of ``v̂``
+        (``max_of="corrected"``), in ``nu_dtype``. It never decreases.
+    """
+
+    count: jax.Array
+    m: optax.Updates
+    v: optax.Updates
+    v_max: optax.Updates
+
+
+def scale_by_amsgrad(
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    eps_hat: bool = False,
+    max_of: str = "raw",
+    bias_correction: bool = True,
+    mu_dtype: Any | None = None,
+    nu_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+    r"""Rescale updates with AMSGrad (Reddi, Kale & Kumar, 2018), without a learning rate.
+
+    The moments are Adam's (:func:`adam_jax.scale_by_adam`); the denominator uses a
+    running maximum so the effective step size never grows:
+
+    * ``max_of="raw"`` (default): :math:`v^{max}_t = \max(v^{max}_{t-1}, v_t)` and
+      :math:`u_t = \hat m_t / (\sqrt{v^{max}_t/(1-\beta_2^t) + \epsilon_{root}} + \epsilon)`.
+      This is ``torch.optim.Adam(amsgrad=True)`` and Keras's ``Adam(amsgrad=True)``;
+      seed 000 uses it.
+    * ``max_of="corrected"``: :math:`v^{max}_t = \max(v^{max}_{t-1}, \hat v_t)` and
+      :math:`u_t = \hat m_t / (\sqrt{v^{max}_t + \epsilon_{root}} + \epsilon)`. This is
+      ``optax.amsgrad``'s default.
+    * ``bias_correction=False`` with ``"raw"`` is the paper's Algorithm 2:
+      :math:`u_t = m_t / (\sqrt{v^{max}_t} + \epsilon)`.
+    * ``eps_hat=True``: eps added before the bias correction, as in Adam:
+      :math:`u_t = m_t\sqrt{1-\beta_2^t}/(1-\beta_1^t) / (\sqrt{s_t + \epsilon_{root}} + \epsilon)`,
+      where :math:`s_t` is the uncorrected maximum (for ``"corrected"``,
+      :math:`v^{max}_t (1-\beta_2^t)`). With ``"raw"`` this is Keras's formula.
+
+    The two ``max_of`` choices differ because :math:`1-\beta_2^t` grows with t: the
+    maximum of corrected values remembers the large early :math:`\hat v`, the
+    maximum of raw values does not.
+
+    Where it differs from the references: as :func:`adam_jax.scale_by_adam`
+    (float32 compute for half precision, bias correction in the leaf precision,
+    complex ``|g|²``).
+
+    Args:
+      b1, b2, eps, eps_root, eps_hat, bias_correction, mu_dtype: as in
+        :func:`adam_jax.scale_by_adam`.
+      max_of: ``"raw"`` or ``"corrected"``, which second moment the maximum is over.
+      nu_dtype: dtype to store ``v`` and ``v_max`` in; default the param dtype.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is :class:`AMSGradState`.
+
+    Example:
+      >>> import jax.numpy as jnp, adam_jax
+      >>> opt = adam_jax.scale_by_amsgrad()
+      >>> state = opt.init(jnp.zeros(2))
+      >>> u, state = opt.update(jnp.array([1.0, -1.0]), state)
+      >>> print(u)
+      [ 1. -1.]
+
+    References:
+      Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
+    """
+    check_adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
+    _common.check_choice("max_of", max_of, MAX_OF)
+    _common.check_bool("bias_correction", bias_correction)
+    mu_dtype = _common.canonical_dtype(mu_dtype)
+    nu_dtype = _common.canonical_dtype(nu_dtype)
+    corrected = max_of == "corrected"
+
+    def init_fn(params):
+        return AMSGradState(
+            count=_common.init_count(),
+            m=_common.zeros_like(params, mu_dtype),
+            v=_common.zeros_like(params, nu_dtype, real=True),
+            v_max=_common.zeros_like(params, nu_dtype, real=True),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        _common.prepare_update(updates, state.m)
+        count = _common.increment(state.count)
+
+        def leaf(g, m, v, v_max):
+            mo = _common.adam_moments(g, m, v, b1, b2, count, bias_correction=bias_correction)
+            candidate = mo.v / mo.c2 if (corrected and mo.c2 is not None) else mo.v
+            v_max_new = jnp.maximum(v_max.astype(mo.dtype), candidate)
+            u = _common.adam_direction(
+                mo.m_hat,
+                v_max_new,
+                mo.c2,
+                jnp.asarray(eps, mo.dtype),
+                jnp.asarray(eps_root, mo.dtype),
+                eps_hat=eps_hat,
+                s_is_corrected=corrected,
+            )
+            return (
+                u.astype(g.dtype),
+                mo.m.astype(m.dtype),
+                mo.v.astype(v.dtype),
+                v_max_new.astype(v_max.dtype),
+            )
+
+        u, m, v, v_max = _common.map_leaves(leaf, 4, updates, state.m, state.v, state.v_max)
+        return u, AMSGradState(count=count, m=m, v=v, v_max=v_max)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def amsgrad(
+    learning_rate: Any = 1e-3,
+    b1: Any = 0.9,
+    b2: Any = 0.999,
+    eps: Any = 1e-8,
+    eps_root: Any = 0.0,
+    *,
+    weight_decay: Any = 0.0,
+    maximize: bool = False,
+    eps_hat: bool = False,
+    max_of: str = "raw",
+    bias_correction: bool = True,
+    mu_dtype: Any | None = None,
+    nu_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AMSGrad with a learning rate, coupled (L2) weight decay and ``maximize``.
+
+    With the defaults this is ``torch.optim.Adam(amsgrad=True)`` (including its
+    ``weight_decay`` and ``maximize``); ``max_of="corrected"`` is ``optax.amsgrad``.
+    See :func:`scale_by_amsgrad`.
+
+    Args:
+      learning_rate: a number, an array or an optax schedule; >= 0.
+      weight_decay: coupled L2 coefficient, >= 0.
+      maximize: ascend instead of descend.
+      b1, b2, eps, eps_root, eps_hat, max_of, bias_correction, mu_dtype, nu_dtype:
+        as in :func:`scale_by_amsgrad`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp, adam_jax
+      >>> opt = adam_jax.amsgrad(1e-4, eps=1e-8)
+      >>> state = opt.init(jnp.zeros(3))
+
+    References:
+      Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
+    """
+    return _alias.coupled(
+        scale_by_amsgrad(
+            b1,
+            b2,
+            eps,
+            eps_root,
+            eps_hat=eps_hat,
+            max_of=max_of,
+            bias_correction=bias_correction,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        learning_rate,
+        weight_decay,
+        maximize,
+    )

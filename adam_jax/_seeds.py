@@ -1,0 +1,200 @@
+"""The four seed documents' problems and code, transcribed to NumPy.
+
+These are references, not adam_jax code: each function below is the seed's
+own algorithm, kept as close to the text as runnable Python allows, so that
+the tests, the demo and the notebooks can compare adam_jax against it.
+
+Where a seed leaves something out (seed 001 never shows its data or its
+hyperparameters; seed 003 never shows ``compute_gradients``), the choice made
+here is stated in the docstring.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+# --------------------------------------------------------------------------
+# Seed 000: the epsilon coefficient. A 2-layer MLP trained with AMSGrad.
+# --------------------------------------------------------------------------
+
+SEED000 = dict(N=64, D_in=1000, H=100, D_out=10, learning_rate=1e-4, eps=1e-8, steps=500)
+
+
+def seed000_data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random inputs and targets of seed 000's shapes (N=64, D_in=1000, D_out=10)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((SEED000["N"], SEED000["D_in"])).astype(np.float32)
+    y = rng.standard_normal((SEED000["N"], SEED000["D_out"])).astype(np.float32)
+    return x, y
+
+
+def seed000_init(seed: int = 0) -> dict[str, np.ndarray]:
+    """``torch.nn.Linear``'s default init (U(-1/sqrt(fan_in), 1/sqrt(fan_in))), in NumPy.
+
+    Weights are stored as ``(in, out)`` so the forward pass is ``x @ w + b``.
+    """
+    rng = np.random.default_rng(seed + 1)
+    d_in, h, d_out = SEED000["D_in"], SEED000["H"], SEED000["D_out"]
+
+    def uniform(fan_in, shape):
+        bound = 1.0 / np.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+
+    return {
+        "w1": uniform(d_in, (d_in, h)),
+        "b1": uniform(d_in, (h,)),
+        "w2": uniform(h, (h, d_out)),
+        "b2": uniform(h, (d_out,)),
+    }
+
+
+def seed000_loss(params, x, y, xp=np):
+    """Seed 000's model and loss: Linear, ReLU, Linear, ``MSELoss(reduction='sum')``."""
+    hidden = xp.maximum(x @ params["w1"] + params["b1"], 0.0)
+    pred = hidden @ params["w2"] + params["b2"]
+    return xp.sum((pred - y) ** 2)
+
+
+# --------------------------------------------------------------------------
+# Seed 001: Adam on linear regression, written out in NumPy.
+# --------------------------------------------------------------------------
+
+
+class Seed001Result(NamedTuple):
+    weights: np.ndarray  # (1, d), after the last update the loop made
+    stop_iteration: int  # iterationCount at which the loop broke
+    updates: int  # updates the loop applied (stop_iteration + 1)
+    mses: np.ndarray  # the MSE computed at each iteration, before its update
+    trajectory: np.ndarray  # (updates + 1, d): weights before each update, then the final
+
+
+SEED001 = dict(alpha=0.01, beta1=0.9, beta2=0.999, epsilon=1e-8, max_iterations=100_000)
+
+
+def seed001_data(n: int = 200, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Seed 001's "Sample Data", which the seed does not show.
+
+    ``x`` is ``(n, 4)`` with a column of ones (the intercept); ``y = x·w + noise``
+    with ``w = (4, 2, -3, 1.5)`` and noise of standard deviation 0.5, so an MSE
+    below 1 (the seed's stopping rule) is reachable. Float64, like NumPy's default.
+    """
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([np.ones((n, 1)), rng.standard_normal((n, 3))], axis=1)
+    w = np.array([[4.0, 2.0, -3.0, 1.5]])
+    y = x @ w.T + 0.5 * rng.standard_normal((n, 1))
+    return x, y
+
+
+def seed001_mse(x: np.ndarray, y: np.ndarray, weights: np.ndarray) -> float:
+    error = y - np.matmul(x, weights.T)
+    return float(np.sum(np.power(error, 2)) / x.shape[0])
+
+
+def seed001_numpy_adam(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    alpha: float = SEED001["alpha"],
+    beta1: float = SEED001["beta1"],
+    beta2: float = SEED001["beta2"],
+    max_iterations: int = SEED001["max_iterations"],
+    print_every: int | None = None,
+) -> Seed001Result:
+    """Seed 001's "Final Code", line for line.
+
+    The seed's last line is cut off after ``if(... < 1):``; the only sensible
+    body is ``break``. The MSE is measured *before* the iteration's update and
+    the check comes *after* it, so the loop applies one update past the point
+    where the error fell below 1.
+    """
+    weights = np.zeros((1, x.shape[1]))
+    moment1 = np.zeros((x.shape[1], 1))
+    moment2 = np.zeros((x.shape[1], 1))
+    epsilon = 1.000000 / np.power(10, 8)
+    mses, traj = [], [weights.ravel().copy()]
+    iterationCount = -1
+    for iterationCount in range(max_iterations):
+        error = y - np.matmul(x, weights.T)
+        gradient = -np.matmul(x.T, error)
+        moment1 = (beta1 * moment1) + (1 - beta1) * gradient
+        moment2 = (beta2 * moment2) + (1 - beta2) * np.power(gradient, 2)
+        moment1hat = moment1 / (1 - np.power(beta1, iterationCount + 1))
+        moment2hat = moment2 / (1 - np.power(beta2, iterationCount + 1))
+        weights = weights - ((alpha * moment1hat) / (np.sqrt(moment2hat) + epsilon)).T
+        traj.append(weights.ravel().copy())
+        mse = np.sum(np.power(error, 2)) / x.shape[0]
+        mses.append(mse)
+        if print_every and iterationCount % print_every == 0:
+            print(f"epoch {iterationCount} RMSE Error {mse}")
+        if mse < 1:
+            break
+    return Seed001Result(
+        weights, iterationCount, iterationCount + 1, np.asarray(mses), np.asarray(traj)
+    )
+
+
+# --------------------------------------------------------------------------
+# Seed 002: the one-step worked example.
+# --------------------------------------------------------------------------
+
+SEED002 = dict(w=0.5, x=3.0, y=4.0, learning_rate=0.1, beta1=0.9, beta2=0.999, epsilon=1e-8)
+
+
+class Seed002Step(NamedTuple):
+    g: float
+    m: float
+    v: float
+    m_hat: float
+    v_hat: float
+    w: float
+
+
+def seed002_by_hand(t: int = 1) -> Seed002Step:
+    """The worked example's arithmetic, bias-corrected with step ``t``.
+
+    ``t=1`` is correct and gives w = 0.6. The seed divides by ``1 - β^2``
+    (``t=2``) although it is the first step, which gives w ≈ 0.5743.
+    """
+    s = SEED002
+    y_pred = s["w"] * s["x"]
+    g = 2 / 1 * (y_pred - s["y"]) * s["x"]
+    m = s["beta1"] * 0 + (1 - s["beta1"]) * g
+    v = s["beta2"] * 0 + (1 - s["beta2"]) * g**2
+    m_hat = m / (1 - s["beta1"] ** t)
+    v_hat = v / (1 - s["beta2"] ** t)
+    w = s["w"] - s["learning_rate"] * m_hat / (np.sqrt(v_hat) + s["epsilon"])
+    return Seed002Step(g, m, v, m_hat, v_hat, float(w))
+
+
+# --------------------------------------------------------------------------
+# Seed 003: Adamax.
+# --------------------------------------------------------------------------
+
+
+def seed003_data(n: int = 100, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Data for seed 003's ``compute_gradients``: a linear regression ``(x, y)``."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 2))
+    y = x @ np.array([1.0, -2.0]) + 0.1 * rng.standard_normal(n)
+    return x, y
+
+
+def seed003_compute_gradients(data, theta):
+    """The gradient of the mean squared error ``mean((x·θ - y)²)``; seed 003 omits it."""
+    x, y = data
+    return 2.0 * x.T @ (x @ theta - y) / x.shape[0]
+
+
+def seed003_adamax(data, theta, lr=1e-2, beta1=0.9, beta2=0.999, epsilon=1e-6, num_iterations=1000):
+    """Seed 003's ``Adamax`` function, as printed (its ``vt`` is the infinity norm ``u``)."""
+    mt = np.zeros(theta.shape[0])
+    vt = np.zeros(theta.shape[0])
+    for t in range(num_iterations):
+        gradients = seed003_compute_gradients(data, theta)
+        mt = beta1 * mt + (1.0 - beta1) * gradients
+        vt = np.maximum(beta2 * vt, np.abs(gradients))
+        mt_hat = mt / (1.0 - beta1 ** (t + 1))
+        theta = theta - ((lr / (vt + epsilon)) * mt_hat)
+    return theta

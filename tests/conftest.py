@@ -1,0 +1,45 @@
+"""Strict test configuration.
+
+* float64 is enabled so parity tests against torch and NumPy can run in double
+  precision; every test states its dtypes explicitly.
+* Implicit rank promotion raises, so a broadcasting slip is an error.
+* Warnings are errors (pyproject's ``filterwarnings``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# The dtype matrix every optimizer is run over.
+DTYPES = [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16, jnp.complex64]
+
+# Relative tolerance by dtype for comparisons against float64 references.
+RTOL = {
+    jnp.dtype(jnp.float64): 1e-12,
+    jnp.dtype(jnp.float32): 2e-5,
+    jnp.dtype(jnp.complex64): 2e-5,
+    jnp.dtype(jnp.bfloat16): 3e-2,
+    jnp.dtype(jnp.float16): 5e-3,
+}
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: jnp.dtype(d).name)
+def dtype(request):
+    return jnp.dtype(request.param)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Fail loudly if a test module forgot to import anything testable.
+    if not items:
+        raise pytest.UsageError("no tests collected")
