@@ -10,15 +10,33 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 from adam_jax import _common
 
 
-def _check(learning_rate: Any, weight_decay: Any, maximize: Any) -> None:
+def _check(learning_rate: Any, weight_decay: Any, maximize: Any) -> Any:
+    """Check the alias arguments; return the learning rate (a schedule gets a shape check)."""
     _common.check_learning_rate(learning_rate)
     _common.check_non_negative("weight_decay", weight_decay)
     _common.check_bool("maximize", maximize)
+    if not callable(learning_rate):
+        _common.check_scalar("learning_rate", learning_rate)
+        return learning_rate
+    schedule = learning_rate
+
+    def checked_schedule(count):
+        lr = schedule(count)
+        # Shapes are static, so this check is safe under jit and costs nothing at run time.
+        if jnp.ndim(lr) != 0:
+            raise ValueError(
+                f"the learning_rate schedule must return a scalar, but {schedule!r} returned "
+                f"an array of shape {jnp.shape(lr)} at step count {count!r}"
+            )
+        return lr
+
+    return checked_schedule
 
 
 def coupled(
@@ -34,7 +52,7 @@ def coupled(
     ``weight_decay=0``), so a traced ``weight_decay`` never needs a Python branch;
     ``update`` therefore needs ``params``, as in torch and ``optax.adamw``.
     """
-    _check(learning_rate, weight_decay, maximize)
+    learning_rate = _check(learning_rate, weight_decay, maximize)
     parts = [optax.scale(-1.0)] if maximize else []
     parts += [
         optax.add_decayed_weights(weight_decay),
@@ -56,7 +74,7 @@ def decoupled(
     ``u = -learning_rate·(scaler(±g) + weight_decay·p)``, which is torch's
     ``p ← p·(1 - lr·wd) - lr·adam(g)`` and exactly ``optax.adamw``'s chain.
     """
-    _check(learning_rate, weight_decay, maximize)
+    learning_rate = _check(learning_rate, weight_decay, maximize)
     parts = [optax.scale(-1.0)] if maximize else []
     parts += [
         scaler,

@@ -88,6 +88,12 @@ def check_learning_rate(learning_rate: Any) -> None:
     check_non_negative("learning_rate", learning_rate)
 
 
+def check_scalar(name: str, value: Any) -> None:
+    """A scalar hyperparameter must have shape () (shapes are static, so tracers are checked too)."""
+    if jnp.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got an array of shape {jnp.shape(value)}")
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)!r}, got {name}={value!r}")
@@ -99,8 +105,12 @@ def check_bool(name: str, value: Any) -> None:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, numbers.Real):
+        return repr(value)
     arr = np.asarray(value)
-    return repr(value) if arr.ndim == 0 or arr.size > 8 else np.array2string(arr)
+    if arr.ndim == 0:
+        return repr(arr.item())
+    return np.array2string(arr, threshold=8)
 
 
 # --------------------------------------------------------------------------
