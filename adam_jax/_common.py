@@ -89,7 +89,7 @@ def check_learning_rate(learning_rate: Any) -> None:
 
 
 def check_scalar(name: str, value: Any) -> None:
-    """A scalar hyperparameter must have shape () (shapes are static, so tracers are checked too)."""
+    """A scalar hyperparameter must have shape (); shapes are static, so tracers are checked too."""
     if jnp.ndim(value) != 0:
         raise ValueError(f"{name} must be a scalar, got an array of shape {jnp.shape(value)}")
 
