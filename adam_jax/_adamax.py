@@ -75,7 +75,7 @@ def scale_by_adamax(
       >>> opt = adam_jax.scale_by_adamax(eps=0.0)
       >>> state = opt.init(jnp.zeros(2))
       >>> d, state = opt.update(jnp.array([2.0, -4.0]), state)
-      >>> print(d)
+      >>> print(d.round(4))
       [ 1. -1.]
 
     References:
@@ -106,7 +106,7 @@ def scale_by_adamax(
             eps_ = jnp.asarray(eps, rdt)
             g_ = g.astype(cdt)
             m_new = _common.ema(g_, m.astype(cdt), b1_)
-            m_hat = m_new / _common.correction(b1_[0], count, rdt)
+            m_hat = m_new / _common.correction(b1_, count)
             if eps_in_max:
                 u_new = jnp.maximum(jnp.abs(g_) + eps_, b2_[0] * u.astype(rdt))
                 d = m_hat / u_new

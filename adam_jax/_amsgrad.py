@@ -81,10 +81,10 @@ def scale_by_amsgrad(
 
     Example:
       >>> import jax.numpy as jnp, adam_jax
-      >>> opt = adam_jax.scale_by_amsgrad()
+      >>> opt = adam_jax.scale_by_amsgrad(eps=0.0)
       >>> state = opt.init(jnp.zeros(2))
       >>> u, state = opt.update(jnp.array([1.0, -1.0]), state)
-      >>> print(u)
+      >>> print(u.round(4))
       [ 1. -1.]
 
     References:
