@@ -3,6 +3,13 @@
 from adam_jax._adam import AdamState, adam, adamw, scale_by_adam
 from adam_jax._adamax import AdamaxState, adamax, adamaxw, scale_by_adamax
 from adam_jax._amsgrad import AMSGradState, amsgrad, scale_by_amsgrad
+from adam_jax._early_stopping import (
+    EarlyStopping,
+    EarlyStoppingState,
+    StopReason,
+    early_stopping,
+)
+from adam_jax._fit import FitResult, fit
 
 __version__ = "0.1.0"
 
@@ -10,11 +17,17 @@ __all__ = [
     "AMSGradState",
     "AdamState",
     "AdamaxState",
+    "EarlyStopping",
+    "EarlyStoppingState",
+    "FitResult",
+    "StopReason",
     "adam",
     "adamax",
     "adamaxw",
     "adamw",
     "amsgrad",
+    "early_stopping",
+    "fit",
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_amsgrad",

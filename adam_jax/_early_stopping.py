@@ -1,0 +1,288 @@
+"""Early stopping as a pure state machine: jittable, vmappable, usable in any loop."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from adam_jax import _common
+
+
+class StopReason(enum.IntEnum):
+    """Why :func:`early_stopping` stopped; stored as an int array in the state."""
+
+    NONE = 0
+    PATIENCE = 1
+    TARGET = 2
+    DIVERGED = 3
+    NONFINITE = 4
+
+
+class EarlyStoppingState(NamedTuple):
+    """State of :func:`early_stopping`.
+
+    Attributes:
+      step: int32 scalar, how many updates the state has seen (it stops counting
+        once ``should_stop`` is true).
+      best_value: the best value so far; the baseline, or ±inf, until something improves.
+      best_step: int32 scalar, the update (counted from 0) that gave ``best_value``;
+        -1 until something improves.
+      best_params: the params passed with the best value; the params given to
+        ``init`` until something improves; None when ``restore_best=False``.
+      wait: int32 scalar, updates since the last improvement.
+      should_stop: bool scalar.
+      reason: int32 scalar holding a :class:`StopReason`.
+    """
+
+    step: jax.Array
+    best_value: jax.Array
+    best_step: jax.Array
+    best_params: Any
+    wait: jax.Array
+    should_stop: jax.Array
+    reason: jax.Array
+
+
+class EarlyStopping(NamedTuple):
+    """A pair of pure functions, like ``optax.GradientTransformation``.
+
+    Attributes:
+      init: ``init(params) -> EarlyStoppingState``.
+      update: ``update(state, value, params=None) -> EarlyStoppingState``.
+    """
+
+    init: Callable[..., EarlyStoppingState]
+    update: Callable[..., EarlyStoppingState]
+
+
+def _check_scalar(name: str, value: Any) -> None:
+    if value is not None and jnp.ndim(value) != 0:
+        raise ValueError(
+            f"{name} must be a scalar (vmap over it for one value per problem), "
+            f"got shape {jnp.shape(value)}"
+        )
+
+
+def _check_like_init(params: Any, best_params: Any) -> None:
+    if jax.tree.structure(params) != jax.tree.structure(best_params):
+        raise ValueError(
+            "update's params must have the tree structure of the params given to init: "
+            f"got {jax.tree.structure(params)}, init had {jax.tree.structure(best_params)}"
+        )
+    for (path, p), b in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(best_params), strict=True
+    ):
+        if jnp.shape(p) != jnp.shape(b):
+            raise ValueError(
+                f"params{jax.tree_util.keystr(path)} has shape {jnp.shape(p)}, but init was "
+                f"given shape {jnp.shape(b)}"
+            )
+
+
+def _tree_where(cond: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``cond`` else ``old``, leaf by leaf, in ``old``'s dtypes."""
+    return jax.tree.map(lambda n, o: jnp.where(cond, n, o).astype(jnp.result_type(o)), new, old)
+
+
+def early_stopping(
+    patience: Any = 10,
+    min_delta: Any = 0.0,
+    *,
+    mode: str = "min",
+    relative: bool = False,
+    baseline: Any = None,
+    start_step: Any = 0,
+    target: Any = None,
+    divergence: Any = None,
+    check_finite: bool = True,
+    restore_best: bool = True,
+) -> EarlyStopping:
+    r"""Stop when a monitored value stops improving, reaches a target, or diverges.
+
+    A pure state machine: ``init`` and ``update`` are jittable and vmappable, so a
+    whole training run, stopping included, compiles to one program, and a vmap
+    over many runs lets each stop on its own.
+
+    Updates are numbered from 0. An update with ``step < start_step`` only counts
+    (warm-up). After that, with ``mode="min"``, a value *improves* when
+
+    .. math::
+
+      \text{value} < \text{best} - \delta, \qquad
+      \delta = \begin{cases} \text{min\_delta} & \text{relative=False} \\
+      \text{min\_delta}\cdot|\text{best}| & \text{relative=True, best finite} \\
+      0 & \text{relative=True, best infinite} \end{cases}
+
+    (``mode="max"``: value > best + δ). ``best`` starts at ``baseline``, or
+    +inf (-inf for ``mode="max"``). An improvement stores the value, the step
+    and the params as the best and resets ``wait`` to 0; anything else adds 1
+    to ``wait``. A non-finite value never improves. Then the update stops, for
+    the first reason that holds, in this order:
+
+    1. ``NONFINITE``: the value is NaN or ±inf and ``check_finite``.
+    2. ``TARGET``: the value reaches ``target`` (value <= target; >= for "max").
+    3. ``DIVERGED``: the value is past ``divergence`` (value > divergence; < for "max").
+    4. ``PATIENCE``: the update did not improve and ``wait >= patience``.
+
+    An improving update never stops for patience, so ``patience=0`` stops at
+    the first update that does not improve. Keras's ``EarlyStopping(patience=0)``
+    differs: it stops even on an improving epoch (keras #16393). Once
+    ``should_stop`` is true the state never changes again.
+
+    Args:
+      patience: updates without improvement to tolerate, >= 0; None never stops
+        for patience (for example to stop on ``target`` alone).
+      min_delta: the margin an improvement must beat, >= 0.
+      mode: "min" or "max".
+      relative: ``min_delta`` is relative to ``|best|`` (once the best is finite).
+      baseline: the value a loss must beat before anything counts as better.
+      start_step: updates before this one only count, >= 0.
+      target: stop when the value reaches it (seed 001's "error < 1").
+      divergence: stop when the value is past it.
+      check_finite: stop on NaN or ±inf. With False a non-finite value just
+        does not improve.
+      restore_best: keep the params of the best update in ``best_params``;
+        ``update`` then needs ``params``.
+
+    ``patience``, ``min_delta``, ``baseline``, ``start_step``, ``target`` and
+    ``divergence`` may be traced arrays (so a vmap can give each problem its own);
+    only concrete values are range-checked. ``mode`` and the bools are structural.
+
+    Returns:
+      An :class:`EarlyStopping` ``(init, update)`` pair. ``init(params)`` returns
+      an :class:`EarlyStoppingState`; ``update(state, value, params=None)``
+      returns the next one. Values are compared in the default float dtype
+      (float64 with ``jax_enable_x64``, else float32).
+
+    Example:
+      A hand-written loop (``adam_jax.fit`` does the same inside one
+      ``lax.while_loop``):
+
+      >>> import jax, jax.numpy as jnp, optax, adam_jax
+      >>> loss_fn = lambda p: (p - 3.0) ** 2
+      >>> opt = adam_jax.adam(0.1)
+      >>> es = adam_jax.early_stopping(patience=5, target=1e-2)
+      >>> params = jnp.array(0.0)
+      >>> opt_state, es_state = opt.init(params), es.init(params)
+      >>> for _ in range(1000):
+      ...     loss, grads = jax.value_and_grad(loss_fn)(params)
+      ...     es_state = es.update(es_state, loss, params)
+      ...     if es_state.should_stop:
+      ...         break
+      ...     updates, opt_state = opt.update(grads, opt_state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(adam_jax.StopReason(int(es_state.reason)).name, int(es_state.step) - 1)
+      TARGET 37
+
+    References:
+      Prechelt, *Early Stopping — But When?*, in Neural Networks: Tricks of the Trade, 1998.
+    """
+    if patience is not None:
+        _common.check_non_negative("patience", patience)
+        _check_scalar("patience", patience)
+    _common.check_non_negative("min_delta", min_delta)
+    _check_scalar("min_delta", min_delta)
+    _common.check_non_negative("start_step", start_step)
+    _check_scalar("start_step", start_step)
+    _common.check_choice("mode", mode, ["min", "max"])
+    for name, flag in [
+        ("relative", relative),
+        ("check_finite", check_finite),
+        ("restore_best", restore_best),
+    ]:
+        _common.check_bool(name, flag)
+    for name, value in [("baseline", baseline), ("target", target), ("divergence", divergence)]:
+        _common.check_interval(name, value, -jnp.inf, jnp.inf, high_open=False)
+        _check_scalar(name, value)
+    minimize = mode == "min"
+
+    def init_fn(params: Any = None) -> EarlyStoppingState:
+        if restore_best and params is None:
+            raise ValueError(
+                "early_stopping(restore_best=True).init needs the params, whose best "
+                "version it keeps; pass them, or use restore_best=False"
+            )
+        dtype = jnp.result_type(float)
+        if baseline is None:
+            best = jnp.asarray(jnp.inf if minimize else -jnp.inf, dtype)
+        else:
+            best = jnp.asarray(baseline, dtype)
+        return EarlyStoppingState(
+            step=jnp.zeros([], jnp.int32),
+            best_value=best,
+            best_step=jnp.full([], -1, jnp.int32),
+            # Without weak types, so the state keeps one type through a loop.
+            best_params=(
+                jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), params)
+                if restore_best
+                else None
+            ),
+            wait=jnp.zeros([], jnp.int32),
+            should_stop=jnp.zeros([], bool),
+            reason=jnp.full([], StopReason.NONE, jnp.int32),
+        )
+
+    def update_fn(state: EarlyStoppingState, value: Any, params: Any = None) -> EarlyStoppingState:
+        if restore_best:
+            if params is None:
+                raise ValueError(
+                    "early_stopping(restore_best=True).update needs params: "
+                    "update(state, value, params)"
+                )
+            _check_like_init(params, state.best_params)
+        value = jnp.asarray(value)
+        if value.ndim != 0:
+            raise ValueError(f"the monitored value must be a scalar, got shape {value.shape}")
+        if value.dtype == bool or jnp.issubdtype(value.dtype, jnp.complexfloating):
+            raise TypeError(f"the monitored value must be a real number, got dtype {value.dtype}")
+
+        best = state.best_value
+        v = value.astype(best.dtype)
+        finite = jnp.isfinite(v)
+        if relative:
+            delta = jnp.where(jnp.isfinite(best), min_delta * jnp.abs(best), 0)
+        else:
+            delta = jnp.asarray(min_delta, best.dtype)
+        if minimize:
+            improved = finite & (v < best - delta)
+            hit_target = False if target is None else v <= target
+            diverged = False if divergence is None else v > divergence
+        else:
+            improved = finite & (v > best + delta)
+            hit_target = False if target is None else v >= target
+            diverged = False if divergence is None else v < divergence
+        wait = jnp.where(improved, 0, _common.increment(state.wait))
+        nonfinite = ~finite if check_finite else False
+        out_of_patience = False if patience is None else ~improved & (wait >= patience)
+
+        reason = jnp.full([], StopReason.NONE, jnp.int32)
+        # Assigned from the lowest priority up, so the first reason in the list wins.
+        for cond, why in [
+            (out_of_patience, StopReason.PATIENCE),
+            (diverged, StopReason.DIVERGED),
+            (hit_target, StopReason.TARGET),
+            (nonfinite, StopReason.NONFINITE),
+        ]:
+            reason = jnp.where(cond, jnp.int32(why), reason)
+
+        new = EarlyStoppingState(
+            step=state.step,
+            best_value=jnp.where(improved, v, best),
+            best_step=jnp.where(improved, state.step, state.best_step),
+            best_params=(
+                _tree_where(improved, params, state.best_params) if restore_best else None
+            ),
+            wait=wait,
+            should_stop=reason != StopReason.NONE,
+            reason=reason,
+        )
+        counted = ~state.should_stop & (state.step >= start_step)
+        new = _tree_where(counted, new, state)
+        step = jnp.where(state.should_stop, state.step, _common.increment(state.step))
+        return new._replace(step=step)
+
+    return EarlyStopping(init_fn, update_fn)

@@ -1,0 +1,326 @@
+"""Benchmark: many small trainings as one jit(vmap(fit)) call vs. a Python loop of optax steps.
+
+The problems are seed 001's: Adam on a linear regression (200 samples, 4 weights
+including the intercept), stopping at the first step whose MSE is at most 1.
+Each problem has its own data and its own learning rate (log-spaced).
+
+* ``fit``: one ``jax.jit(jax.vmap(...))`` call over a function calling
+  ``adam_jax.fit``; every problem stops on its own.
+* ``loop``: the usual way, one problem at a time: a jitted optax training step
+  called from Python, checking the MSE on the host at every step as the seed
+  does. Only a subset of the problems (spread over the learning rates) is
+  timed; the time for all is extrapolated by step count, and the output says so.
+
+Also measured: what ``progress=True, log_every=100`` costs a single fit.
+
+Usage::
+
+    python benchmarks/bench_fit.py            # 1,024 problems, under a minute
+    python benchmarks/bench_fit.py --quick    # 128 problems, a few seconds
+
+Results go to ``benchmarks/results/fit.json``. Times are float32 on the default
+JAX device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adam_jax
+from adam_jax import _seeds
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "jax_devices": [str(d) for d in jax.devices()],
+        "platform": platform.platform(),
+    }
+
+
+def versions() -> dict:
+    import jaxlib
+
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "adam_jax": adam_jax.__version__,
+    }
+
+
+def problems(n: int, lr_min: float, lr_max: float) -> tuple[np.ndarray, ...]:
+    xs, ys = zip(*(_seeds.seed001_data(n=200, seed=k) for k in range(n)), strict=True)
+    lrs = np.geomspace(lr_min, lr_max, n)
+    return np.stack(xs).astype(np.float32), np.stack(ys).astype(np.float32), lrs.astype(np.float32)
+
+
+def seed001_loss(x, y):
+    # Seed 001's gradient -xᵀ(y - xwᵀ) is that of half the sum of squares; it
+    # stops on the MSE, which is therefore the metric.
+    def loss_fn(w):
+        error = y - x @ w.T
+        return 0.5 * jnp.sum(error**2), jnp.sum(error**2) / x.shape[0]
+
+    return loss_fn
+
+
+def fit_one(x, y, lr, num_steps):
+    return adam_jax.fit(
+        seed001_loss(x, y),
+        jnp.zeros((1, x.shape[1]), x.dtype),
+        adam_jax.adam(lr),
+        num_steps=num_steps,
+        has_aux=True,
+        early_stopping=adam_jax.early_stopping(None, target=1.0),
+    )
+
+
+def timed(fn, repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def bench_vmap(xs, ys, lrs, num_steps, repeats):
+    batched = jax.jit(jax.vmap(lambda x, y, lr: fit_one(x, y, lr, num_steps)))
+    t = time.perf_counter()
+    result = jax.block_until_ready(batched(xs, ys, lrs))
+    compile_and_first = time.perf_counter() - t
+    median, times = timed(lambda: jax.block_until_ready(batched(xs, ys, lrs)), repeats)
+    return result, compile_and_first, median, times
+
+
+def bench_loop(xs, ys, lrs, num_steps, repeats):
+    """A Python loop of a jitted optax step per problem, stopping as fit does."""
+
+    @jax.jit
+    def step(w, opt_state, x, y, lr):
+        (_, mse), g = jax.value_and_grad(seed001_loss(x, y), has_aux=True)(w)
+        updates, opt_state = optax.adam(lr).update(g, opt_state, w)
+        return optax.apply_updates(w, updates), opt_state, mse
+
+    def train(x, y, lr):
+        w = jnp.zeros((1, x.shape[1]), jnp.float32)
+        opt_state = optax.adam(lr).init(w)
+        for i in range(num_steps):
+            new_w, new_state, mse = step(w, opt_state, x, y, lr)
+            if float(mse) <= 1.0:  # measured at w, before this step's update
+                return i
+            w, opt_state = new_w, new_state
+        return num_steps
+
+    def run_all():
+        return [train(x, y, lr) for x, y, lr in zip(xs, ys, lrs, strict=True)]
+
+    xs, ys, lrs = (list(map(jnp.asarray, a)) for a in (xs, ys, lrs))
+    train(xs[0], ys[0], lrs[0])  # compile
+    steps = run_all()
+    median, times = timed(run_all, repeats)
+    return steps, median, times
+
+
+def bench_progress(num_steps: int, repeats: int) -> dict:
+    """One fit with and without ``progress=True, log_every=100``, on two problem sizes."""
+    out = {}
+    rng = np.random.default_rng(0)
+    x1, y1 = (jnp.asarray(a, jnp.float32) for a in _seeds.seed001_data())
+    x2 = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)
+    y2 = jnp.asarray(rng.standard_normal((256, 1)), jnp.float32)
+    w2 = {
+        "w1": jnp.asarray(rng.standard_normal((64, 128)) / 8, jnp.float32),
+        "w2": jnp.asarray(rng.standard_normal((128, 1)) / 11, jnp.float32),
+    }
+    cases = {
+        "seed001_linear_regression": (
+            lambda w: jnp.mean((y1 - x1 @ w.T) ** 2),
+            jnp.zeros((1, 4), jnp.float32),
+            num_steps,
+        ),
+        "mlp_64_128_1_batch_256": (
+            lambda p: jnp.mean((jnp.tanh(x2 @ p["w1"]) @ p["w2"] - y2) ** 2),
+            w2,
+            max(num_steps // 10, 100),
+        ),
+    }
+    opt = adam_jax.adam(1e-3)
+    for name, (loss_fn, params, steps) in cases.items():
+
+        def run(loss_fn=loss_fn, params=params, steps=steps, **kw):
+            return jax.block_until_ready(adam_jax.fit(loss_fn, params, opt, num_steps=steps, **kw))
+
+        row = {"num_steps": steps}
+        variants = {"plain": {}, "progress_log100": dict(progress=True, log_every=100)}
+        times = {label: [] for label in variants}
+        sink = io.StringIO()
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            for kw in variants.values():
+                run(**kw)  # compile
+            # Interleaved, so that a change in the machine's load hits both alike.
+            for _ in range(max(repeats, 7)):
+                for label, kw in variants.items():
+                    times[label].append(timed(lambda kw=kw: run(**kw), 1)[0])
+        for label, ts in times.items():
+            row[label + "_median_s"] = statistics.median(ts)
+            row[label + "_min_s"] = min(ts)
+        row["us_per_step"] = 1e6 * row["plain_min_s"] / steps
+        row["overhead_median"] = row["progress_log100_median_s"] / row["plain_median_s"] - 1
+        row["overhead_min"] = row["progress_log100_min_s"] / row["plain_min_s"] - 1
+        out[name] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="128 problems, fewer repeats")
+    parser.add_argument(
+        "--problems", type=int, default=None, help="default 1024 (128 with --quick)"
+    )
+    parser.add_argument(
+        "--loop-problems",
+        type=int,
+        default=None,
+        help="problems timed in the Python loop, extrapolated to all (default 64; 16 with --quick)",
+    )
+    parser.add_argument("--num-steps", type=int, default=5000, help="step cap per problem")
+    parser.add_argument("--lr-min", type=float, default=3e-3, help="smallest learning rate")
+    parser.add_argument("--lr-max", type=float, default=0.3, help="largest learning rate")
+    parser.add_argument("--repeats", type=int, default=None, help="default 5 (2 with --quick)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fit.json"))
+    args = parser.parse_args(argv)
+
+    n = args.problems or (128 if args.quick else 1024)
+    n_loop = min(n, args.loop_problems or (16 if args.quick else 64))
+    repeats = args.repeats or (2 if args.quick else 5)
+    xs, ys, lrs = problems(n, args.lr_min, args.lr_max)
+
+    info = {"machine": machine(), "versions": versions()}
+    print(
+        f"machine: {info['machine']['cpu']}, {info['machine']['cores']} cores "
+        f"({info['machine']['usable_cores']} usable), load {info['machine']['load_average_1min']}, "
+        f"devices {info['machine']['jax_devices']}"
+    )
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    print(
+        f"{n} seed-001 regressions, learning rates {lrs[0]:.3g}..{lrs[-1]:.3g}, float32, "
+        f"stop at MSE <= 1, at most {args.num_steps} steps"
+    )
+
+    result, first, t_vmap, vmap_times = bench_vmap(xs, ys, lrs, args.num_steps, repeats)
+    steps_fit = np.asarray(result.num_steps)
+    print(
+        f"jit(vmap(fit)): median {t_vmap:.3f} s over {repeats} runs "
+        f"(first call with compilation {first:.2f} s); "
+        f"steps per problem {steps_fit.min()}..{steps_fit.max()}, total {steps_fit.sum()}"
+    )
+
+    # Every (n / n_loop)-th problem, so the subset spans the learning rates.
+    subset = np.linspace(0, n - 1, n_loop).round().astype(int)
+    steps_loop, t_loop_subset, loop_times = bench_loop(
+        xs[subset], ys[subset], lrs[subset], args.num_steps, max(1, repeats // 2)
+    )
+    # Extrapolate by steps: the loop's cost is per step, and the subset's share
+    # of all steps (taken from fit's counts) is known exactly.
+    share = steps_fit[subset].sum() / steps_fit.sum()
+    t_loop = t_loop_subset / share
+    mismatches = int((np.asarray(steps_loop) != steps_fit[subset]).sum())
+    extrapolated = n_loop < n
+    print(
+        f"python loop of a jitted optax step: median {t_loop_subset:.3f} s for {n_loop} "
+        f"problems ({int(steps_fit[subset].sum())} steps, "
+        f"{1e6 * t_loop_subset / max(1, steps_fit[subset].sum()):.1f} us/step)"
+        + (f"; extrapolated by step count to all {n}: {t_loop:.2f} s" if extrapolated else "")
+    )
+    if mismatches:
+        print(
+            f"  note: {mismatches} of {n_loop} problems stopped at a different step in the "
+            "loop than in fit (float32 rounding near MSE = 1)"
+        )
+    ratio = t_loop / t_vmap
+    useful = steps_fit.sum() / (n * (steps_fit.max() + 1))
+    print(
+        f"  under vmap every problem runs until the last one stops: {n} x "
+        f"{steps_fit.max() + 1} steps computed, {100 * useful:.0f}% of them needed; "
+        f"{1e9 * t_vmap / (n * (steps_fit.max() + 1)):.0f} ns per problem-step"
+    )
+    print(f"speed-up of jit(vmap(fit)) over the python loop: {ratio:.0f}x (goal >= 100x)")
+
+    progress = bench_progress(num_steps=20_000 if not args.quick else 5_000, repeats=repeats)
+    for name, row in progress.items():
+        print(
+            f"progress=True, log_every=100 on {name} ({row['us_per_step']:.1f} us/step, "
+            f"{row['num_steps']} steps): median {row['plain_median_s']:.3f} s -> "
+            f"{row['progress_log100_median_s']:.3f} s ({100 * row['overhead_median']:+.1f}%), "
+            f"min {row['plain_min_s']:.3f} s -> {row['progress_log100_min_s']:.3f} s "
+            f"({100 * row['overhead_min']:+.1f}%)"
+        )
+
+    out = {
+        **info,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "problems": n,
+        "num_steps_cap": args.num_steps,
+        "learning_rates": [float(lrs[0]), float(lrs[-1])],
+        "dtype": "float32",
+        "vmap_fit": {
+            "median_s": t_vmap,
+            "times_s": vmap_times,
+            "first_call_with_compile_s": first,
+            "steps_min": int(steps_fit.min()),
+            "steps_max": int(steps_fit.max()),
+            "steps_total": int(steps_fit.sum()),
+            "share_of_computed_steps_needed": float(useful),
+        },
+        "python_loop": {
+            "problems_timed": n_loop,
+            "median_s_timed": t_loop_subset,
+            "times_s_timed": loop_times,
+            "extrapolated": extrapolated,
+            "extrapolation": "by step count: timed subset / (its share of fit's total steps)",
+            "median_s_all": t_loop,
+            "stop_step_mismatches": mismatches,
+        },
+        "ratio": ratio,
+        "progress_overhead": progress,
+    }
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
