@@ -89,9 +89,13 @@ def check_learning_rate(learning_rate: Any) -> None:
 
 
 def check_scalar(name: str, value: Any) -> None:
-    """A scalar hyperparameter must have shape (); shapes are static, so tracers are checked too."""
-    if jnp.ndim(value) != 0:
-        raise ValueError(f"{name} must be a scalar, got an array of shape {jnp.shape(value)}")
+    """A scalar hyperparameter (or None) must have shape (); shapes are static, so
+    tracers are checked too."""
+    if value is not None and jnp.ndim(value) != 0:
+        raise ValueError(
+            f"{name} must be a scalar (vmap over it for one value per problem), "
+            f"got an array of shape {jnp.shape(value)}"
+        )
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -230,37 +234,41 @@ def ema(g: jax.Array, moment: jax.Array, decay: tuple[jax.Array, jax.Array]) -> 
 # --------------------------------------------------------------------------
 
 
-def check_same_tree(grads: Any, reference: Any, *, what: str = "grads") -> None:
+def check_same_tree(
+    tree: Any, reference: Any, *, what: str = "grads", reference_name: str = "the state"
+) -> None:
     """Raise ``ValueError`` naming the missing and extra keys when trees differ."""
-    t_grads = jax.tree.structure(grads)
+    t_tree = jax.tree.structure(tree)
     t_ref = jax.tree.structure(reference)
-    if t_grads == t_ref:
+    if t_tree == t_ref:
         return
-    paths_g = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(grads)[0]}
-    paths_r = {
-        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]
-    }
-    missing = sorted(paths_r - paths_g)
-    extra = sorted(paths_g - paths_r)
-    parts = [f"the {what} tree does not match the optimizer state's tree (built by init)."]
+
+    def paths(t):
+        return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
+
+    missing = sorted(paths(reference) - paths(tree))
+    extra = sorted(paths(tree) - paths(reference))
+    parts = [f"the {what} tree does not match {reference_name} (built by init)."]
     if missing:
         parts.append(f"Missing from {what}: {', '.join(missing)}.")
     if extra:
-        parts.append(f"Not in the state: {', '.join(extra)}.")
+        parts.append(f"Not in {reference_name}: {', '.join(extra)}.")
     if not missing and not extra:
-        parts.append(f"Same keys, different structure: {what} has {t_grads}, state has {t_ref}.")
+        parts.append(f"Same keys, different structure: {what} has {t_tree}, init had {t_ref}.")
     raise ValueError(" ".join(parts))
 
 
-def check_leaf_shapes(grads: Any, reference: Any, *, what: str = "grads") -> None:
+def check_leaf_shapes(
+    tree: Any, reference: Any, *, what: str = "grads", reference_name: str = "the state"
+) -> None:
     """Raise ``ValueError`` naming the first leaf whose shape differs."""
-    for (path, g), r in zip(
-        jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(reference), strict=True
+    for (path, x), r in zip(
+        jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(reference), strict=True
     ):
-        if jnp.shape(g) != jnp.shape(r):
+        if jnp.shape(x) != jnp.shape(r):
             raise ValueError(
-                f"{what}{jax.tree_util.keystr(path)} has shape {jnp.shape(g)}, but the "
-                f"optimizer state was built for shape {jnp.shape(r)}"
+                f"{what}{jax.tree_util.keystr(path)} has shape {jnp.shape(x)}, but "
+                f"{reference_name} was built for shape {jnp.shape(r)}"
             )
 
 

@@ -59,28 +59,10 @@ class EarlyStopping(NamedTuple):
     update: Callable[..., EarlyStoppingState]
 
 
-def _check_scalar(name: str, value: Any) -> None:
-    if value is not None and jnp.ndim(value) != 0:
-        raise ValueError(
-            f"{name} must be a scalar (vmap over it for one value per problem), "
-            f"got shape {jnp.shape(value)}"
-        )
-
-
 def _check_like_init(params: Any, best_params: Any) -> None:
-    if jax.tree.structure(params) != jax.tree.structure(best_params):
-        raise ValueError(
-            "update's params must have the tree structure of the params given to init: "
-            f"got {jax.tree.structure(params)}, init had {jax.tree.structure(best_params)}"
-        )
-    for (path, p), b in zip(
-        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(best_params), strict=True
-    ):
-        if jnp.shape(p) != jnp.shape(b):
-            raise ValueError(
-                f"params{jax.tree_util.keystr(path)} has shape {jnp.shape(p)}, but init was "
-                f"given shape {jnp.shape(b)}"
-            )
+    names = dict(what="params", reference_name="the params given to init")
+    _common.check_same_tree(params, best_params, **names)
+    _common.check_leaf_shapes(params, best_params, **names)
 
 
 def _tree_where(cond: jax.Array, new: Any, old: Any) -> Any:
@@ -183,11 +165,11 @@ def early_stopping(
     """
     if patience is not None:
         _common.check_non_negative("patience", patience)
-        _check_scalar("patience", patience)
+        _common.check_scalar("patience", patience)
     _common.check_non_negative("min_delta", min_delta)
-    _check_scalar("min_delta", min_delta)
+    _common.check_scalar("min_delta", min_delta)
     _common.check_non_negative("start_step", start_step)
-    _check_scalar("start_step", start_step)
+    _common.check_scalar("start_step", start_step)
     _common.check_choice("mode", mode, ["min", "max"])
     for name, flag in [
         ("relative", relative),
@@ -197,7 +179,7 @@ def early_stopping(
         _common.check_bool(name, flag)
     for name, value in [("baseline", baseline), ("target", target), ("divergence", divergence)]:
         _common.check_interval(name, value, -jnp.inf, jnp.inf, high_open=False)
-        _check_scalar(name, value)
+        _common.check_scalar(name, value)
     minimize = mode == "min"
 
     def init_fn(params: Any = None) -> EarlyStoppingState:
