@@ -10,6 +10,7 @@ from adam_jax._early_stopping import (
     early_stopping,
 )
 from adam_jax._fit import FitResult, fit
+from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
 
 __version__ = "0.1.0"
 
@@ -26,9 +27,12 @@ __all__ = [
     "adamaxw",
     "adamw",
     "amsgrad",
+    "bytes_per_device",
     "early_stopping",
     "fit",
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_amsgrad",
+    "zero1_spec",
+    "zero1_state_shardings",
 ]

@@ -163,6 +163,12 @@ def zeros_like(params: Any, dtype: Any | None, *, real: bool = False) -> Any:
         dt = dtype if dtype is not None else p.dtype
         if real:
             dt = real_dtype(dt)
+        if isinstance(p, jax.core.Tracer):
+            # Under jit on a mesh with Auto axes a tracer carries no sharding, and
+            # zeros that do not depend on p would land on one device. Zeros computed
+            # from p inherit p's sharding through data flow.
+            zero = jnp.zeros((), dt)
+            return jnp.where(jnp.isnan(p), zero, zero)
         return jnp.zeros_like(p, dtype=dt)
 
     return jax.tree.map(leaf, params)
