@@ -52,8 +52,8 @@ def seed000_init(seed: int = 0) -> dict[str, np.ndarray]:
 
 def seed000_loss(params, x, y, xp=np):
     """Seed 000's model and loss: Linear, ReLU, Linear, ``MSELoss(reduction='sum')``."""
-    hidden = xp.maximum(x @ params["w1"] + params["b1"], 0.0)
-    pred = hidden @ params["w2"] + params["b2"]
+    hidden = xp.maximum(x @ params["w1"] + params["b1"][None, :], 0.0)
+    pred = hidden @ params["w2"] + params["b2"][None, :]
     return xp.sum((pred - y) ** 2)
 
 
@@ -198,3 +198,68 @@ def seed003_adamax(data, theta, lr=1e-2, beta1=0.9, beta2=0.999, epsilon=1e-6, n
         mt_hat = mt / (1.0 - beta1 ** (t + 1))
         theta = theta - ((lr / (vt + epsilon)) * mt_hat)
     return theta
+
+
+# --------------------------------------------------------------------------
+# Seed 002, second part: early stopping on a validation loss.
+# --------------------------------------------------------------------------
+
+SEED002_ES = dict(n_train=20, n_val=200, degree=12, noise=0.3, learning_rate=0.01, patience=200)
+
+
+def seed002_overfit_data(
+    n_train: int = SEED002_ES["n_train"],
+    n_val: int = SEED002_ES["n_val"],
+    degree: int = SEED002_ES["degree"],
+    noise: float = SEED002_ES["noise"],
+    seed: int = 3,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A regression that overfits, for seed 002's early stopping.
+
+    Seed 002 describes early stopping ("stop training the model when the
+    performance on the validation set is getting worse") without an example.
+    This one has 20 noisy samples of ``sin(πx)`` on [-1, 1] and a degree-12
+    Legendre polynomial model: trained long enough, the polynomial fits the
+    noise and the loss on 200 fresh samples rises again.
+
+    Returns:
+      ``(x_train, y_train, x_val, y_val)``; the ``x`` are Legendre features of
+      shape ``(n, degree + 1)``, float64.
+    """
+    rng = np.random.default_rng(seed)
+
+    def sample(n):
+        x = rng.uniform(-1.0, 1.0, n)
+        y = np.sin(np.pi * x) + noise * rng.standard_normal(n)
+        return np.polynomial.legendre.legvander(x, degree), y
+
+    x_train, y_train = sample(n_train)
+    x_val, y_val = sample(n_val)
+    return x_train, y_train, x_val, y_val
+
+
+class EarlyStoppingReference(NamedTuple):
+    stop_step: int | None  # index of the value at which the loop stopped; None if it never did
+    best_step: int  # index of the best value (-1 if none improved)
+    best_value: float
+
+
+def early_stopping_reference(
+    values, patience: int, min_delta: float = 0.0
+) -> EarlyStoppingReference:
+    """The patience rule, as a plain loop over monitored values (lower is better).
+
+    Keras's ``EarlyStopping`` rule: a value improves when it is below
+    ``best - min_delta``; otherwise a counter grows, and the loop stops when the
+    counter reaches ``patience``. (Keras also stops on an improving epoch when
+    ``patience=0``; that quirk is left out.)
+    """
+    best, best_step, wait = np.inf, -1, 0
+    for i, value in enumerate(values):
+        if value < best - min_delta:
+            best, best_step, wait = float(value), i, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return EarlyStoppingReference(i, best_step, best)
+    return EarlyStoppingReference(None, best_step, best)
