@@ -95,6 +95,9 @@ def scale_by_adam(
       nesterov: use Nesterov momentum (Nadam, as in ``optax.nadam``).
       mu_dtype: dtype to store ``m`` in; default the param dtype.
       nu_dtype: dtype to store ``v`` in; default the param dtype (its real part for complex).
+        With float16 params pass ``nu_dtype=jnp.float32``: ``(1-b2)·g²`` underflows
+        float16 for ``|g| ≲ 8e-3``, so a float16 ``v`` becomes 0 and the steps
+        come out ~30× too large. bfloat16 has float32's range and is fine.
 
     Any numeric hyperparameter may be a Python number or a JAX array, traced too
     (so it can be vmapped over); only concrete values are range-checked.

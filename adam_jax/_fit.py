@@ -19,21 +19,30 @@ from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState, StopReas
 class FitResult(NamedTuple):
     """What :func:`fit` returns (a NamedTuple, so a pytree that vmap can batch).
 
+    Steps are numbered globally, from ``initial_step`` (0 unless the fit resumes
+    a saved run); ``losses`` and ``num_steps`` cover the steps of this call only.
+
     Attributes:
       params: the final params. After a stop, the params at which the stopping
         value was measured (that step's update is not applied).
       best_params: the params of the best step when early stopping has
         ``restore_best=True``; otherwise the final params.
       opt_state: the final optimizer state.
-      losses: ``(num_steps,)``, the monitored value at each step (the loss, or
-        the metric with ``has_aux=True``); NaN from the step after a stop.
-      num_steps: int32, the number of updates applied.
+      losses: ``(num_steps,)``, the monitored value at each step of this call
+        (the loss, or the metric with ``has_aux=True``): ``losses[k]`` is step
+        ``initial_step + k``; NaN from the step after a stop.
+      num_steps: int32, the number of updates this call applied. The next
+        step to take is ``initial_step + num_steps``, the ``initial_step`` a
+        resumed fit gets.
       stop_reason: int32 holding a :class:`StopReason`; ``NONE`` if the run
         did not stop early.
       best_step: int32, the step of the best value (so ``best_params`` are the
         params after ``best_step`` updates); -1 without early stopping or if
         nothing improved.
       best_value: the best monitored value; NaN without early stopping.
+      early_stopping_state: the final :class:`EarlyStoppingState` (``wait``,
+        the best so far, ...), to save with ``params`` and ``opt_state`` and
+        pass back to a resumed fit; None without early stopping.
     """
 
     params: Any
@@ -44,6 +53,7 @@ class FitResult(NamedTuple):
     stop_reason: jax.Array
     best_step: jax.Array
     best_value: jax.Array
+    early_stopping_state: EarlyStoppingState | None = None
 
 
 class _Carry(NamedTuple):
@@ -119,6 +129,59 @@ def _check_loss_output(out: Any, has_aux: bool) -> jax.ShapeDtypeStruct:
     return named[-1][1]
 
 
+def _check_initial_step(initial_step: Any, num_steps: int) -> None:
+    if isinstance(initial_step, jax.core.Tracer):
+        if jnp.ndim(initial_step) != 0 or not jnp.issubdtype(initial_step.dtype, jnp.integer):
+            raise TypeError(f"initial_step must be an int scalar, got {initial_step.aval}")
+        return
+    if isinstance(initial_step, bool | np.bool_) or not (
+        isinstance(initial_step, int | np.integer)
+        or (
+            isinstance(initial_step, np.ndarray | jax.Array)
+            and initial_step.ndim == 0
+            and jnp.issubdtype(initial_step.dtype, jnp.integer)
+        )
+    ):
+        raise TypeError(f"initial_step must be an int, got initial_step={initial_step!r}")
+    value = int(initial_step)
+    if value < 0:
+        raise ValueError(f"initial_step must be >= 0, got initial_step={value}")
+    # Steps are counted in int32, like optax's and early stopping's counts.
+    if value + num_steps > np.iinfo(np.int32).max:
+        raise ValueError(
+            f"initial_step + num_steps must stay below 2**31, got {value} + {num_steps}"
+        )
+
+
+def _checked_state(name: str, state: Any, template: Any) -> Any:
+    """``state`` as arrays, after checking it against a fresh ``init``'s (tree, shapes, dtypes).
+
+    A restored state is never cast: a dtype that differs from what ``init`` gives
+    is an error, not a silent change of the trajectory.
+    """
+    _common.check_same_tree(state, template, what=name, reference_name="a fresh state")
+    leaves = []
+    for (path, x), t in zip(
+        jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(template), strict=True
+    ):
+        x = jnp.asarray(x)
+        where = name + jax.tree_util.keystr(path)
+        if x.shape != t.shape:
+            raise ValueError(f"{where} has shape {x.shape}, but init gives shape {t.shape}")
+        if x.dtype != t.dtype:
+            raise ValueError(f"{where} has dtype {x.dtype}, but init gives dtype {t.dtype}")
+        leaves.append(x)
+    return jax.tree.structure(template).unflatten(leaves)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """One bool: no NaN or ±inf in any floating leaf."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.ones([], bool)
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
 def _import_tqdm() -> Any:
     try:
         from tqdm import tqdm
@@ -146,9 +209,14 @@ class _Reporter:
     A host round trip costs tens of microseconds, more than a small step, so
     the loop does not call back every ``log_every`` steps. Each call returns the
     step of the next one, about ``interval`` seconds of steps ahead, and gets
-    the values measured at steps 0, ``log_every``, 2·``log_every``, ... so far,
-    from which it prints every line that has come due. Under vmap the loop calls
-    back after every chunk of steps, and the printing is throttled here instead.
+    the values measured so far at the steps that are multiples of ``log_every``
+    (counted globally, from ``initial_step``), from which it prints every line
+    that has come due. Under vmap the loop calls back after every chunk of
+    steps, and the printing is throttled here instead.
+
+    Arguments of a call: ``start, i, due, last`` (the first step, the steps
+    taken, the values at the due steps, the latest value), then ``running`` and
+    whether this is the first chunk (``_REPORT``) or the stop reason (``_END``).
     """
 
     interval = 0.1  # seconds between reports, as tqdm's default mininterval
@@ -159,40 +227,52 @@ class _Reporter:
         self.every = every
         self.tqdm = _import_tqdm() if progress else None
         self.bar = None
+        self.active = False
         self._reset()
 
     def _reset(self) -> None:
-        self.printed = 0  # lines printed so far
+        self.next_line = 0  # the first step whose line is not printed yet
         self.t_shown = time.monotonic()
         self.t_last = None  # time and step of the previous call, for the rate
         self.i_last = 0
         self.shown_once = False
 
+    def _begin(self, start: np.ndarray) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = None
+        if self.tqdm is not None:
+            first = int(start.max())
+            self.bar = self.tqdm(
+                total=first + self.num_steps, initial=first, unit="step", desc="fit"
+            )
+        self._reset()
+        self.active = True
+
     def __call__(self, kind: int, *args: np.ndarray) -> np.ndarray:
         # The arguments may arrive as jax Arrays; NumPy is much cheaper here.
         args = [np.asarray(a) for a in args]
         batch_shape = args[0].shape
-        i = args[0].reshape(-1)
-        if kind == _REPORT and args[4].any():  # the first chunk: a new run
-            if self.bar is not None:
-                self.bar.close()
-            self.bar = None
-            if self.tqdm is not None:
-                self.bar = self.tqdm(total=self.num_steps, unit="step", desc="fit")
-            self._reset()
-        due_values = args[1].reshape(i.size, -1)
-        last = args[2].reshape(-1)
+        start = args[0].reshape(-1).astype(np.int64)
+        i = args[1].reshape(-1).astype(np.int64)
+        # A new run: its first chunk, or its end when it took no chunk at all
+        # (it resumed an early-stopping state that had already stopped).
+        if not self.active or (kind == _REPORT and args[5].any()):
+            self._begin(start)
+        due_values = args[2].reshape(i.size, -1)
+        last = args[3].reshape(-1)
         steps = int(i.max())
         now = time.monotonic()
         if kind == _END:
-            self._show(steps, i, due_values, last, reason=args[3].reshape(-1))
+            self._show(start, i, due_values, last, reason=args[4].reshape(-1))
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
+            self.active = False
             return np.zeros(batch_shape, np.int32)
-        running = args[3].reshape(-1)
+        running = args[4].reshape(-1).astype(bool)
         if not self.shown_once or now - self.t_shown >= self.interval / 2:
-            self._show(steps, i, due_values, last, running=running)
+            self._show(start, i, due_values, last, running=running)
             self.t_shown, self.shown_once = now, True
         if self.t_last is None:  # the first call: measure the rate over the next chunk
             ahead = 1
@@ -202,27 +282,42 @@ class _Reporter:
         self.t_last, self.i_last = now, steps
         return np.full(batch_shape, min(steps + ahead, self.num_steps), np.int32)
 
-    def _show(self, steps, i, due_values, last, *, running=None, reason=None) -> None:
+    def _lines(self, start, i, due_values, running) -> None:
+        """Print the due lines no problem can still add a value to, in step order."""
+        batch, every = i.size, self.every
+        reached = start + i  # each problem's next step
+        # Lines before `limit` are final: every running problem is past them.
+        limit = int(reached[running].min()) if running is not None and running.any() else None
+        first = start + (-start) % every  # each problem's first due step
+        k_lo = max(0, (self.next_line - int(first.max())) // every)
+        steps = first[:, None] + every * np.arange(k_lo, due_values.shape[1])[None]
+        values = due_values[:, k_lo:]
+        new = (steps < reached[:, None]) & (steps >= self.next_line)
+        if limit is not None:
+            new &= steps < limit
+        if batch == 1:
+            for step, value in zip(steps[0, new[0]], values[0, new[0]], strict=True):
+                # `!s`: the shortest repr in the value's own dtype.
+                self._write(f"epoch {step} loss {value!s}")
+        else:
+            for step in np.unique(steps[new]):
+                at = new & (steps == step)  # at most one entry per problem
+                v = values[at]
+                self._write(
+                    f"epoch {step} loss min {np.nanmin(v)!s} mean {np.nanmean(v)!s} "
+                    f"max {np.nanmax(v)!s} ({at.any(axis=1).sum()} of {batch} running)"
+                )
+        if new.any():
+            self.next_line = int(steps[new].max()) + 1
+        if limit is not None:
+            self.next_line = max(self.next_line, limit)
+
+    def _show(self, start, i, due_values, last, *, running=None, reason=None) -> None:
         batch = i.size
-        if self.bar is not None:
-            self.bar.n = min(steps, self.num_steps)  # before any line: write() redraws it
+        if self.bar is not None:  # before any line: write() redraws it
+            self.bar.n = min(int((start + i).max()), self.bar.total)
         if self.log_every is not None:
-            # Lines for every multiple of log_every measured so far (step < steps).
-            # Values print with `!s`: the shortest repr in their own dtype.
-            while self.printed * self.every < steps:
-                k = self.printed
-                step = k * self.every
-                if batch == 1:
-                    line = f"epoch {step} loss {due_values[0, k]!s}"
-                else:
-                    at = i > step  # the problems that measured this step
-                    v = due_values[at, k]
-                    line = (
-                        f"epoch {step} loss min {np.nanmin(v)!s} mean {np.nanmean(v)!s} "
-                        f"max {np.nanmax(v)!s} ({at.sum()} of {batch} running)"
-                    )
-                self._write(line)
-                self.printed += 1
+            self._lines(start, i, due_values, running)
         if self.bar is None:
             return
         if reason is not None:  # the end: close() draws the bar
@@ -266,6 +361,9 @@ def _report(reporter: _Reporter, kind: int, *args: jax.Array) -> jax.Array:
 def _run(
     params: Any,
     data: Any,
+    opt_state: Any,
+    es_state: EarlyStoppingState | None,
+    initial_step: jax.Array,
     *,
     loss_fn: Any,
     optimizer: Any,
@@ -278,6 +376,17 @@ def _run(
 ) -> FitResult:
     # Strip weak types so the loop carry keeps one type across iterations.
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), params)
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    else:
+        opt_state = _checked_state("opt_state", opt_state, jax.eval_shape(optimizer.init, params))
+    if early_stopping is not None:
+        if es_state is None:
+            es_state = early_stopping.init(params)
+        else:
+            es_state = _checked_state(
+                "early_stopping_state", es_state, jax.eval_shape(early_stopping.init, params)
+            )
 
     def call(p, batch):
         return loss_fn(p) if n_data is None else loss_fn(p, batch)
@@ -295,13 +404,20 @@ def _run(
     n_chunks = -(-num_steps // chunk)
 
     def step(c: _Carry) -> _Carry:
-        batch = None if n_data is None else _batch_at(data, c.i % n_data)
+        batch = None if n_data is None else _batch_at(data, (initial_step + c.i) % n_data)
         out, grads = value_and_grad(c.params, batch)
         metric = out[1] if has_aux else out
         buffer = c.losses.at[c.i % chunk].set(metric.astype(c.losses.dtype))
         es_state, stop = c.es_state, c.stop
         if early_stopping is not None:
-            es_state = early_stopping.update(es_state, metric, c.params)
+            # A step whose gradient (or, with has_aux, training loss) is not
+            # finite counts as a non-finite value, which the metric alone may
+            # not show: with check_finite it stops before m and v take it in.
+            finite = _all_finite(grads)
+            if has_aux:
+                finite &= jnp.isfinite(out[0])
+            value = metric
+            es_state = early_stopping.update(es_state, value, c.params)
             stop = es_state.should_stop
         updates, opt_state = optimizer.update(grads, c.opt_state, c.params)
         new_params = optax.apply_updates(c.params, updates)
@@ -325,19 +441,23 @@ def _run(
         i=jnp.zeros([], jnp.int32),
         applied=jnp.zeros([], jnp.int32),
         params=params,
-        opt_state=optimizer.init(params),
-        es_state=None if early_stopping is None else early_stopping.init(params),
+        opt_state=opt_state,
+        es_state=es_state,
         losses=empty_buffer,
-        stop=jnp.zeros([], bool),
+        # A resumed state that has already stopped takes no step.
+        stop=jnp.zeros([], bool) if es_state is None else es_state.should_stop,
     )
     losses = jnp.full((n_chunks * chunk,), jnp.nan, metric_shape.dtype)
 
     every = log_every if log_every is not None else max(1, num_steps // 100)
     reporter = _Reporter(num_steps, log_every, progress, every) if log_every or progress else None
+    # Lines are due at the multiples of `every` counted from step 0, so a
+    # resumed run logs the steps the uninterrupted one would have.
+    due = (-initial_step) % every + every * jnp.arange(-(-num_steps // every))
+    due = jnp.minimum(due, losses.shape[0] - 1)
 
     def report_args(c: _Carry, losses: jax.Array) -> tuple[jax.Array, ...]:
-        # The values at steps 0, every, 2·every, ... (the log lines) and the latest.
-        return c.i, losses[:num_steps:every], losses[jnp.maximum(c.i - 1, 0)]
+        return initial_step, c.i, losses[due], losses[jnp.maximum(c.i - 1, 0)]
 
     def run_chunk(state: tuple[_Carry, jax.Array, jax.Array]) -> tuple[Any, ...]:
         c, losses, next_report = state
@@ -390,6 +510,7 @@ def _run(
         stop_reason=stop_reason,
         best_step=best_step,
         best_value=best_value,
+        early_stopping_state=es_state,
     )
 
 
@@ -417,10 +538,14 @@ def fit(
     has_aux: bool = False,
     log_every: int | None = None,
     progress: bool = False,
+    opt_state: Any = None,
+    early_stopping_state: EarlyStoppingState | None = None,
+    initial_step: Any = 0,
 ) -> FitResult:
     r"""Train ``params`` with ``optimizer`` for up to ``num_steps`` steps in one compiled loop.
 
-    Step :math:`i = 0, 1, \dots` computes the loss and its gradient at the
+    Step :math:`i = s, s + 1, \dots` (:math:`s` is ``initial_step``, 0 unless
+    the fit resumes a saved run) computes the loss and its gradient at the
     current params :math:`p_i` (``jax.value_and_grad`` inside the loop), gives
     the monitored value to the early-stopping state, and then, unless that
     says stop, applies the optimizer's update:
@@ -432,7 +557,35 @@ def fit(
 
     If step :math:`i` stops, its update is not applied: ``params`` is
     :math:`p_i`, the point where the stopping value was measured, and
-    ``num_steps`` (updates applied) is :math:`i`. From then on nothing changes.
+    ``num_steps`` (updates applied) is :math:`i - s`. From then on nothing changes.
+
+    **Non-finite values.** Without early stopping, a NaN or ±inf gradient flows
+    into the optimizer state and the params, as in optax and ``torch.optim``,
+    and ``losses`` shows NaN from then on. Two guards:
+
+    * ``early_stopping`` with ``check_finite=True`` (its default) stops with
+      ``NONFINITE`` at the first step whose monitored value, training loss or
+      gradient holds a NaN or ±inf. That step's update is not applied, so the
+      returned ``params`` and ``opt_state`` are those from before it, with no
+      NaN in them. ``fit`` checks the gradient itself (one fused
+      ``isfinite`` reduction per step) because a gradient can overflow while
+      the loss stays finite: such a step is given to early stopping as a NaN
+      value, while ``losses`` keeps the finite value measured. With
+      ``check_finite=False`` the step only counts as not improving.
+    * ``optax.apply_if_finite(optimizer, max_consecutive_errors)`` skips the
+      bad update and leaves the params and the inner state as they were; the
+      run goes on. (With early stopping too, pass ``check_finite=False``, or
+      the run stops at the bad step instead.)
+
+    **Checkpoint and resume.** The params, ``opt_state`` and
+    ``early_stopping_state`` of a :class:`FitResult` are plain pytrees of
+    arrays: save them with the next step, ``initial_step + num_steps``. A fit
+    given them continues the run: the states replace ``init``'s, and steps are
+    numbered from ``initial_step``, so batches (``data[i % n]``), early
+    stopping's ``wait``, best and count, and the log lines pick up where the
+    saved run left off, and the trajectory is bit-identical to an uninterrupted
+    run's on the same machine. A resumed early-stopping state that has already
+    stopped takes no step.
 
     All steps run in one ``lax.while_loop``, with no Python dispatch per step,
     and ``fit`` is jitted (cached on ``loss_fn``, ``optimizer`` and
@@ -460,9 +613,24 @@ def fit(
       log_every: print ``epoch {i} loss {value}`` for steps 0, ``log_every``,
         2·``log_every``, ..., as seed 001 prints ``epoch {i} RMSE Error {mse}``
         (its "RMSE" is the MSE; here the word is "loss", and the value is
-        whatever ``losses`` holds).
+        whatever ``losses`` holds). The steps are the multiples of
+        ``log_every`` from ``initial_step`` on, so a resumed fit logs the
+        lines the uninterrupted run would have.
       progress: show a tqdm progress bar with the step and the latest value
         (needs ``pip install adam_jax[progress]``).
+      opt_state: the optimizer state to start from, e.g. a saved
+        ``FitResult.opt_state``, instead of ``optimizer.init(params)``. It must
+        have the tree, shapes and dtypes ``init`` gives; nothing is cast.
+      early_stopping_state: the early-stopping state to start from, e.g. a
+        saved ``FitResult.early_stopping_state``, instead of
+        ``early_stopping.init(params)``; needs ``early_stopping``.
+      initial_step: the number of the first step, >= 0, as Keras's
+        ``initial_epoch``: a resumed fit passes the saved run's
+        ``initial_step + num_steps``. It picks the batches and the logged
+        steps; ``losses[k]`` is step ``initial_step + k``. (Early stopping
+        counts in its own state; its ``start_step`` is a warm-up, in the same
+        numbering.) An int, or an int array, also traced: under vmap each
+        problem may resume at its own step. A new value does not recompile.
 
     Logging and the bar are driven from inside the compiled loop, through
     ``jax.pure_callback``. A host round trip costs tens of microseconds, more
@@ -485,7 +653,10 @@ def fit(
 
     Raises:
       ValueError: ``num_steps <= 0``, ``loss_fn`` not returning a scalar, data
-        leaves disagreeing on the leading axis.
+        leaves disagreeing on the leading axis, ``initial_step < 0``, a given
+        state that does not match what ``init`` builds for ``params``,
+        ``early_stopping_state`` without ``early_stopping``.
+      TypeError: ``num_steps``, ``log_every`` or ``initial_step`` not an int.
 
     Example:
       Seed 001: Adam on a linear regression, stopping once the MSE falls below 1.
@@ -503,6 +674,21 @@ def fit(
       ...     has_aux=True, early_stopping=adam_jax.early_stopping(None, target=1.0))
       >>> print(int(result.num_steps), adam_jax.StopReason(int(result.stop_reason)).name)
       436 TARGET
+
+      The same run in two parts, 200 steps and then the rest, with the states
+      saved in between; the second part ends on the same bits:
+
+      >>> es = adam_jax.early_stopping(None, target=1.0)
+      >>> part = adam_jax.fit(
+      ...     loss_fn, jnp.zeros((1, 4)), adam_jax.adam(0.01), num_steps=200,
+      ...     has_aux=True, early_stopping=es)
+      >>> rest = adam_jax.fit(
+      ...     loss_fn, part.params, adam_jax.adam(0.01), num_steps=100_000 - 200,
+      ...     has_aux=True, early_stopping=es, opt_state=part.opt_state,
+      ...     early_stopping_state=part.early_stopping_state,
+      ...     initial_step=part.num_steps)
+      >>> print(200 + int(rest.num_steps), bool((rest.params == result.params).all()))
+      436 True
     """
     _check_positive_int("num_steps", num_steps)
     if log_every is not None:
@@ -520,6 +706,12 @@ def fit(
             "early_stopping must be the object adam_jax.early_stopping(...) returns, "
             f"got {early_stopping!r}"
         )
+    if early_stopping_state is not None and early_stopping is None:
+        raise ValueError(
+            "early_stopping_state needs early_stopping: pass the early_stopping(...) "
+            "object that made it"
+        )
+    _check_initial_step(initial_step, num_steps)
     static = dict(
         loss_fn=loss_fn,
         optimizer=optimizer,
@@ -533,5 +725,8 @@ def fit(
     try:
         hash(tuple(static.values()))
     except TypeError:
-        return jax.jit(functools.partial(_run, **static))(params, data)
-    return _run_jit(params, data, **static)
+        run = jax.jit(functools.partial(_run, **static))
+    else:
+        run = functools.partial(_run_jit, **static)
+    initial_step = jnp.asarray(initial_step).astype(jnp.int32)
+    return run(params, data, opt_state, early_stopping_state, initial_step)
