@@ -175,7 +175,7 @@ def _checked_state(name: str, state: Any, template: Any) -> Any:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    """One bool: no NaN or ±inf in any floating leaf."""
+    """One bool: no NaN or ±inf in any floating leaf (one read of each leaf)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     if not leaves:
         return jnp.ones([], bool)
@@ -416,7 +416,7 @@ def _run(
             finite = _all_finite(grads)
             if has_aux:
                 finite &= jnp.isfinite(out[0])
-            value = metric
+            value = jnp.where(finite, metric, jnp.nan)
             es_state = early_stopping.update(es_state, value, c.params)
             stop = es_state.should_stop
         updates, opt_state = optimizer.update(grads, c.opt_state, c.params)
@@ -567,11 +567,13 @@ def fit(
       ``NONFINITE`` at the first step whose monitored value, training loss or
       gradient holds a NaN or ±inf. That step's update is not applied, so the
       returned ``params`` and ``opt_state`` are those from before it, with no
-      NaN in them. ``fit`` checks the gradient itself (one fused
-      ``isfinite`` reduction per step) because a gradient can overflow while
-      the loss stays finite: such a step is given to early stopping as a NaN
-      value, while ``losses`` keeps the finite value measured. With
-      ``check_finite=False`` the step only counts as not improving.
+      NaN in them. ``fit`` checks the gradient itself, because a gradient can
+      overflow while the loss stays finite: such a step is given to early
+      stopping as a NaN value, while ``losses`` keeps the finite value
+      measured. The check is one ``isfinite`` reduction per step, a read of
+      the gradient (Adam's own update reads and writes seven arrays of that
+      size); it runs only with early stopping. With ``check_finite=False``
+      the step only counts as not improving.
     * ``optax.apply_if_finite(optimizer, max_consecutive_errors)`` skips the
       bad update and leaves the params and the inner state as they were; the
       run goes on. (With early stopping too, pass ``check_finite=False``, or

@@ -395,6 +395,7 @@ def test_result_is_a_named_pytree():
         "stop_reason",
         "best_step",
         "best_value",
+        "early_stopping_state",
     )
     result = adam_jax.fit(lambda p: p**2, jnp.asarray(1.0), optax.sgd(0.1), num_steps=4)
     assert len(jax.tree.leaves(result)) > 6
