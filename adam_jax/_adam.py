@@ -94,10 +94,10 @@ def scale_by_adam(
       bias_correction: apply the ``1 - β^t`` corrections.
       nesterov: use Nesterov momentum (Nadam, as in ``optax.nadam``).
       mu_dtype: dtype to store ``m`` in; default the param dtype.
-      nu_dtype: dtype to store ``v`` in; default the param dtype (its real part for complex).
-        With float16 params pass ``nu_dtype=jnp.float32``: ``(1-b2)·g²`` underflows
-        float16 for ``|g| ≲ 8e-3``, so a float16 ``v`` becomes 0 and the steps
-        come out ~30× too large. bfloat16 has float32's range and is fine.
+      nu_dtype: dtype to store ``v`` in; default the param dtype (its real part for
+        complex), except float32 for float16 params: ``(1-b2)·g²`` underflows float16
+        for ``|g| ≲ 8e-3``, so a float16 ``v`` would become 0 and the steps ~30× too
+        large. Pass ``nu_dtype=jnp.float16`` to force it. bfloat16 has float32's range.
 
     Any numeric hyperparameter may be a Python number or a JAX array, traced too
     (so it can be vmapped over); only concrete values are range-checked.
@@ -121,19 +121,19 @@ def scale_by_adam(
     check_adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
     _common.check_bool("bias_correction", bias_correction)
     _common.check_bool("nesterov", nesterov)
-    mu_dtype = _common.canonical_dtype(mu_dtype)
-    nu_dtype = _common.canonical_dtype(nu_dtype)
+    mu_dtype = _common.canonical_dtype("mu_dtype", mu_dtype)
+    nu_dtype = _common.canonical_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params):
         return AdamState(
             count=_common.init_count(),
             m=_common.zeros_like(params, mu_dtype),
-            v=_common.zeros_like(params, nu_dtype, real=True),
+            v=_common.zeros_like(params, nu_dtype, real=True, squares=True),
         )
 
     def update_fn(updates, state, params=None):
         del params
-        _common.prepare_update(updates, state.m)
+        _common.prepare_update(updates, state, AdamState, "scale_by_adam")
         count = _common.increment(state.count)
 
         def leaf(g, m, v):
@@ -148,7 +148,7 @@ def scale_by_adam(
                 jnp.asarray(eps_root, mo.dtype),
                 eps_hat=eps_hat,
             )
-            return u.astype(g.dtype), mo.m.astype(m.dtype), mo.v.astype(v.dtype)
+            return u.astype(g.dtype), _common.store(mo.m, m), mo.v.astype(v.dtype)
 
         u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
         return u, AdamState(count=count, m=m, v=v)

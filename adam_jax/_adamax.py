@@ -85,7 +85,7 @@ def scale_by_adamax(
     _common.check_decay("b2", b2)
     _common.check_non_negative("eps", eps)
     _common.check_bool("eps_in_max", eps_in_max)
-    mu_dtype = _common.canonical_dtype(mu_dtype)
+    mu_dtype = _common.canonical_dtype("mu_dtype", mu_dtype)
 
     def init_fn(params):
         return AdamaxState(
@@ -96,7 +96,7 @@ def scale_by_adamax(
 
     def update_fn(updates, state, params=None):
         del params
-        _common.prepare_update(updates, state.m)
+        _common.prepare_update(updates, state, AdamaxState, "scale_by_adamax")
         count = _common.increment(state.count)
 
         def leaf(g, m, u):
@@ -106,14 +106,16 @@ def scale_by_adamax(
             eps_ = jnp.asarray(eps, rdt)
             g_ = g.astype(cdt)
             m_new = _common.ema(g_, m.astype(cdt), b1_)
-            m_hat = m_new / _common.correction(b1_, count)
+            m_hat = _common.no_overflow(
+                _common.divide(m_new, _common.correction(b1_, count)), m_new
+            )
             if eps_in_max:
-                u_new = jnp.maximum(jnp.abs(g_) + eps_, b2_[0] * u.astype(rdt))
-                d = m_hat / u_new
+                u_new = jnp.maximum(jnp.abs(g_) + eps_, _common.decayed(b2_[0], u.astype(rdt)))
+                d = _common.divide(m_hat, u_new)
             else:
-                u_new = jnp.maximum(b2_[0] * u.astype(rdt), jnp.abs(g_))
-                d = m_hat / (u_new + eps_)
-            return d.astype(g.dtype), m_new.astype(m.dtype), u_new.astype(u.dtype)
+                u_new = jnp.maximum(_common.decayed(b2_[0], u.astype(rdt)), jnp.abs(g_))
+                d = _common.divide(m_hat, u_new + eps_)
+            return d.astype(g.dtype), _common.store(m_new, m), u_new.astype(u.dtype)
 
         d, m, u = _common.map_leaves(leaf, 3, updates, state.m, state.u)
         return d, AdamaxState(count=count, m=m, u=u)

@@ -19,7 +19,7 @@ from adam_jax import _common
 def _check(learning_rate: Any, weight_decay: Any, maximize: Any) -> Any:
     """Check the alias arguments; return the learning rate (a schedule gets a shape check)."""
     _common.check_learning_rate(learning_rate)
-    _common.check_non_negative("weight_decay", weight_decay)
+    _common.check_non_negative("weight_decay", weight_decay, schedule_ok=True)
     _common.check_bool("maximize", maximize)
     if not callable(learning_rate):
         _common.check_scalar("learning_rate", learning_rate)
@@ -28,6 +28,10 @@ def _check(learning_rate: Any, weight_decay: Any, maximize: Any) -> Any:
 
     def checked_schedule(count):
         lr = schedule(count)
+        if lr is None:
+            raise TypeError(
+                f"the learning_rate schedule must return a scalar, but {schedule!r} returned {lr!r}"
+            )
         # Shapes are static, so this check is safe under jit and costs nothing at run time.
         if jnp.ndim(lr) != 0:
             raise ValueError(
@@ -37,6 +41,41 @@ def _check(learning_rate: Any, weight_decay: Any, maximize: Any) -> Any:
         return lr
 
     return checked_schedule
+
+
+def _checked(
+    parts: list[optax.GradientTransformation], scaler: int, mask: Any = None
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.chain(*parts)`` whose ``update`` first names mismatched trees.
+
+    Without this, grads or params whose tree differs from the state's would fail
+    deep inside ``optax.add_decayed_weights`` with a bare tree-mismatch trace.
+    The chain and its state are optax's own; only ``update`` checks first.
+    ``scaler`` is the index of the ``scale_by_*`` piece, whose state holds ``m``.
+    """
+    chain = optax.chain(*parts)
+
+    def check_mask(params):
+        if mask is not None and not callable(mask):
+            _common.check_same_tree(mask, params, what="mask", reference_name="the params")
+
+    def init_fn(params):
+        check_mask(params)
+        return chain.init(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        inner = state[scaler] if isinstance(state, tuple) and len(state) == len(parts) else None
+        if hasattr(inner, "m"):
+            _common.check_same_tree(updates, inner.m)
+            _common.check_leaf_shapes(updates, inner.m)
+        if params is not None:  # optax's own NO_PARAMS_MSG names missing params
+            names = dict(what="params", reference_name="the grads")
+            _common.check_same_tree(params, updates, **names)
+            _common.check_leaf_shapes(params, updates, **names)
+            check_mask(params)
+        return chain.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def coupled(
@@ -59,7 +98,7 @@ def coupled(
         scaler,
         optax.scale_by_learning_rate(learning_rate),
     ]
-    return optax.chain(*parts)
+    return _checked(parts, parts.index(scaler))
 
 
 def decoupled(
@@ -81,4 +120,4 @@ def decoupled(
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     ]
-    return optax.chain(*parts)
+    return _checked(parts, parts.index(scaler), mask)

@@ -74,7 +74,8 @@ def scale_by_amsgrad(
       b1, b2, eps, eps_root, eps_hat, bias_correction, mu_dtype: as in
         :func:`adam_jax.scale_by_adam`.
       max_of: ``"raw"`` or ``"corrected"``, which second moment the maximum is over.
-      nu_dtype: dtype to store ``v`` and ``v_max`` in; default the param dtype.
+      nu_dtype: dtype to store ``v`` and ``v_max`` in; default as in
+        :func:`adam_jax.scale_by_adam` (the param dtype, float32 for float16 params).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`AMSGradState`.
@@ -93,21 +94,21 @@ def scale_by_amsgrad(
     check_adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
     _common.check_choice("max_of", max_of, MAX_OF)
     _common.check_bool("bias_correction", bias_correction)
-    mu_dtype = _common.canonical_dtype(mu_dtype)
-    nu_dtype = _common.canonical_dtype(nu_dtype)
+    mu_dtype = _common.canonical_dtype("mu_dtype", mu_dtype)
+    nu_dtype = _common.canonical_dtype("nu_dtype", nu_dtype)
     corrected = max_of == "corrected"
 
     def init_fn(params):
         return AMSGradState(
             count=_common.init_count(),
             m=_common.zeros_like(params, mu_dtype),
-            v=_common.zeros_like(params, nu_dtype, real=True),
-            v_max=_common.zeros_like(params, nu_dtype, real=True),
+            v=_common.zeros_like(params, nu_dtype, real=True, squares=True),
+            v_max=_common.zeros_like(params, nu_dtype, real=True, squares=True),
         )
 
     def update_fn(updates, state, params=None):
         del params
-        _common.prepare_update(updates, state.m)
+        _common.prepare_update(updates, state, AMSGradState, "scale_by_amsgrad")
         count = _common.increment(state.count)
 
         def leaf(g, m, v, v_max):
@@ -125,7 +126,7 @@ def scale_by_amsgrad(
             )
             return (
                 u.astype(g.dtype),
-                mo.m.astype(m.dtype),
+                _common.store(mo.m, m),
                 mo.v.astype(v.dtype),
                 v_max_new.astype(v_max.dtype),
             )

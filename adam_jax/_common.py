@@ -7,6 +7,7 @@ its own per-leaf arithmetic and calls into this module for the rest.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -27,9 +28,19 @@ def _is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def _concrete_values(name: str, value: Any) -> np.ndarray | None:
-    """The value as a float64 NumPy array, or None when it cannot be inspected."""
-    if _is_traced(value) or value is None or callable(value):
+def _concrete_values(name: str, value: Any, *, schedule_ok: bool = False) -> np.ndarray | None:
+    """The value as a float64 NumPy array, or None when it cannot be inspected
+    (a tracer, or a schedule where ``schedule_ok``). Wrong types raise TypeError."""
+    if value is None:
+        raise TypeError(f"{name} must be a real number or a scalar array, got {name}=None")
+    if callable(value) and not isinstance(value, jax.Array | np.ndarray | np.generic):
+        if schedule_ok:
+            return None
+        raise TypeError(
+            f"{name} must be a real number or a scalar array, not a function: got {name}={value!r}"
+        )
+    check_scalar(name, value)
+    if _is_traced(value):
         return None
     if isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be a real number, got the bool {value!r}")
@@ -44,7 +55,7 @@ def _concrete_values(name: str, value: Any) -> np.ndarray | None:
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
-        raise TypeError(f"{name} must be a real number or array, got {value!r}")
+        raise TypeError(f"{name} must be a real number or array, got {name}={value!r}")
     return arr.astype(np.float64)
 
 
@@ -55,13 +66,15 @@ def check_interval(
     high: float = math.inf,
     *,
     high_open: bool = True,
+    schedule_ok: bool = False,
 ) -> None:
     """Raise ``ValueError`` if a concrete ``value`` lies outside ``[low, high)``.
 
     With ``high_open=False`` the interval is ``[low, high]``. NaN is always out of
-    range. Traced values are not checked.
+    range. Traced values are not checked (their shape is: it is static). With
+    ``schedule_ok`` a callable (an optax schedule) passes unchecked.
     """
-    arr = _concrete_values(name, value)
+    arr = _concrete_values(name, value, schedule_ok=schedule_ok)
     if arr is None:
         return
     upper_ok = arr < high if high_open else arr <= high
@@ -72,8 +85,8 @@ def check_interval(
         raise ValueError(f"{name} must be in [{low!r}, {hi}{bracket}, got {name}={_show(value)}")
 
 
-def check_non_negative(name: str, value: Any) -> None:
-    check_interval(name, value, 0.0)
+def check_non_negative(name: str, value: Any, *, schedule_ok: bool = False) -> None:
+    check_interval(name, value, 0.0, schedule_ok=schedule_ok)
 
 
 def check_decay(name: str, value: Any) -> None:
@@ -82,19 +95,20 @@ def check_decay(name: str, value: Any) -> None:
 
 
 def check_learning_rate(learning_rate: Any) -> None:
-    """A learning rate is a non-negative number or array, or an optax schedule."""
-    if callable(learning_rate):
-        return
-    check_non_negative("learning_rate", learning_rate)
+    """A learning rate is a non-negative number or scalar array, or an optax schedule."""
+    check_non_negative("learning_rate", learning_rate, schedule_ok=True)
 
 
 def check_scalar(name: str, value: Any) -> None:
     """A scalar hyperparameter (or None) must have shape (); shapes are static, so
     tracers are checked too."""
-    if value is not None and jnp.ndim(value) != 0:
+    if value is None:
+        return
+    shape = value.shape if isinstance(value, jax.Array) else np.shape(value)
+    if shape != ():
         raise ValueError(
             f"{name} must be a scalar (vmap over it for one value per problem), "
-            f"got an array of shape {jnp.shape(value)}"
+            f"got an array of shape {shape}: {name}={_show(value)}"
         )
 
 
@@ -143,26 +157,56 @@ def real_dtype(dtype: Any) -> jnp.dtype:
     return jnp.finfo(jnp.dtype(dtype)).dtype
 
 
-def canonical_dtype(dtype: Any) -> jnp.dtype | None:
-    return None if dtype is None else jax.dtypes.canonicalize_dtype(dtype)
+def canonical_dtype(name: str, dtype: Any) -> jnp.dtype | None:
+    """A storage dtype argument (``mu_dtype``, ``nu_dtype``): None or an inexact dtype."""
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"{name} must be a floating-point dtype, got {name}={dtype!r}") from e
+    if not jnp.issubdtype(dt, jnp.inexact):
+        raise TypeError(f"{name} must be a floating-point dtype, got {name}={dt.name}")
+    return jax.dtypes.canonicalize_dtype(dt)
 
 
-def _check_leaf_dtype(x: jax.Array) -> None:
-    compute_dtype(x.dtype)
+def check_leaf(x: Any, where: str) -> None:
+    """An array leaf of a floating-point or complex dtype, or a clear TypeError."""
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(
+            f"{where} is a {type(x).__name__} ({x!r}); adam_jax needs array leaves "
+            f"(wrap it with jnp.asarray)"
+        )
+    try:
+        compute_dtype(x.dtype)
+    except TypeError as e:
+        raise TypeError(f"{where}: {e}") from None
 
 
-def zeros_like(params: Any, dtype: Any | None, *, real: bool = False) -> Any:
+def _leaves_with_paths(tree: Any, what: str) -> list[tuple[str, Any]]:
+    return [
+        (f"{what}{jax.tree_util.keystr(path)}", x)
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def zeros_like(params: Any, dtype: Any | None, *, real: bool = False, squares: bool = False) -> Any:
     """Zeros shaped like ``params``; in ``dtype`` or else the leaf's own dtype.
 
-    With ``real=True`` a complex leaf gets the matching real dtype: second
-    moments of complex numbers (|g|²) are real.
+    With ``real=True`` a complex leaf gets the matching real dtype (|g|² and |g|
+    are real). With ``squares=True`` (a second moment) a float16 leaf defaults
+    to float32: ``(1-b2)·g²`` underflows float16 for ``|g| ≲ 8e-3``, which would
+    make ``v`` 0 and the steps ~30× too large.
     """
+    for where, p in _leaves_with_paths(params, "params"):
+        check_leaf(p, where)
 
     def leaf(p):
-        _check_leaf_dtype(p)
         dt = dtype if dtype is not None else p.dtype
         if real:
             dt = real_dtype(dt)
+        if squares and dtype is None and dt == jnp.float16:
+            dt = jnp.dtype(jnp.float32)
         if isinstance(p, jax.core.Tracer):
             # Under jit on a mesh with Auto axes a tracer carries no sharding, and
             # zeros that do not depend on p would land on one device. Zeros computed
@@ -200,7 +244,10 @@ def correction(decay: tuple[jax.Array, jax.Array], count: jax.Array) -> jax.Arra
     it to float32 rounding. float64 runs are float64 throughout.
     """
     d, one_minus_d = decay
-    return -jnp.expm1(count.astype(d.dtype) * jnp.log1p(-one_minus_d))
+    # log1p is only needed where 1-d is small; XLA:CPU's float64 log1p loses
+    # ~8 bits on [-0.41, -0.35], where log(d) is exact enough.
+    log_d = jnp.where(one_minus_d < 0.25, jnp.log1p(-one_minus_d), jnp.log(d))
+    return -jnp.expm1(count.astype(d.dtype) * log_d)
 
 
 def decay_pair(decay: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -232,7 +279,17 @@ def ema(g: jax.Array, moment: jax.Array, decay: tuple[jax.Array, jax.Array]) -> 
     ``decay`` is the pair from :func:`decay_pair`.
     """
     d, one_minus_d = decay
-    return one_minus_d * g + d * moment
+    return one_minus_d * g + decayed(d, moment)
+
+
+def decayed(d: jax.Array, x: jax.Array) -> jax.Array:
+    """``d·x``, but 0 when ``d`` is 0 even if ``x`` is inf.
+
+    Once |g|² overflows (|g| > 1.8e19 in float32) ``v`` is inf, as in torch and
+    optax, and every later update of that element is 0. With ``b2 = 0`` there is
+    no memory, so the next step must not see ``0·inf = NaN``.
+    """
+    return jnp.where(d == 0, jnp.zeros((), x.dtype), d * x)
 
 
 # --------------------------------------------------------------------------
@@ -241,7 +298,11 @@ def ema(g: jax.Array, moment: jax.Array, decay: tuple[jax.Array, jax.Array]) -> 
 
 
 def check_same_tree(
-    tree: Any, reference: Any, *, what: str = "grads", reference_name: str = "the state"
+    tree: Any,
+    reference: Any,
+    *,
+    what: str = "grads",
+    reference_name: str = "the state",
 ) -> None:
     """Raise ``ValueError`` naming the missing and extra keys when trees differ."""
     t_tree = jax.tree.structure(tree)
@@ -254,7 +315,10 @@ def check_same_tree(
 
     missing = sorted(paths(reference) - paths(tree))
     extra = sorted(paths(tree) - paths(reference))
-    parts = [f"the {what} tree does not match {reference_name} (built by init)."]
+    parts = [
+        f"the {what} tree does not match {reference_name}"
+        + (" built by init." if reference_name == "the state" else ".")
+    ]
     if missing:
         parts.append(f"Missing from {what}: {', '.join(missing)}.")
     if extra:
@@ -294,12 +358,24 @@ def map_leaves(
     )
 
 
-def prepare_update(grads: Any, state_m: Any) -> None:
+def prepare_update(grads: Any, state: Any, state_cls: type, owner: str) -> None:
     """The checks every ``update`` runs at trace time (never on values)."""
-    check_same_tree(grads, state_m)
-    check_leaf_shapes(grads, state_m)
-    for g in jax.tree.leaves(grads):
-        _check_leaf_dtype(g)
+    if not isinstance(state, state_cls):
+        raise TypeError(
+            f"{owner}'s update expects the {state_cls.__name__} its init returns, "
+            f"got {type(state).__name__}"
+        )
+    check_same_tree(grads, state.m)
+    check_leaf_shapes(grads, state.m)
+    for (where, g), m in zip(
+        _leaves_with_paths(grads, "grads"), jax.tree.leaves(state.m), strict=True
+    ):
+        check_leaf(g, where)
+        if jnp.iscomplexobj(g) and not jnp.iscomplexobj(m):
+            raise TypeError(
+                f"{where} is {jnp.dtype(g.dtype).name} but the state was built for real "
+                f"params ({jnp.dtype(m.dtype).name}); the imaginary part would be lost"
+            )
 
 
 class Moments(NamedTuple):
@@ -341,10 +417,45 @@ def adam_moments(
     c1 = correction(b1_, count)
     if nesterov:
         c1_next = correction(b1_, increment(count))
-        m_hat = b1_[0] * (m_new / c1_next) + b1_[1] * (g / c1)
+        # Each term is kept finite before it is scaled: for complex values jnp
+        # multiplies by the real b1 as by b1+0j, and 0·inf would be NaN.
+        m_term = no_overflow(divide(m_new, c1_next), m_new)
+        g_term = no_overflow(divide(g, c1), g)
+        m_hat = no_overflow(b1_[0] * m_term + b1_[1] * g_term, m_new, g)
     else:
-        m_hat = m_new / c1
+        m_hat = no_overflow(divide(m_new, c1), m_new)
     return Moments(g, m_new, v_new, m_hat, correction(b2_, count), rdt)
+
+
+def no_overflow(x: jax.Array, *sources: jax.Array) -> jax.Array:
+    """``x``, with ±inf replaced by ±max where every one of ``sources`` is finite.
+
+    ``m/(1-b1^t)`` is at most ``max|g|`` in exact arithmetic, but at gradients
+    near the dtype's maximum rounding can push it to inf, and then the update
+    would be inf/inf = NaN for a finite gradient. Infinite or NaN gradients
+    still propagate, as in torch and optax.
+    """
+    if jnp.iscomplexobj(x):
+        re = no_overflow(jnp.real(x), *(jnp.real(s) for s in sources))
+        im = no_overflow(jnp.imag(x), *(jnp.imag(s) for s in sources))
+        return jax.lax.complex(re, im)
+    finite = functools.reduce(jnp.logical_and, [jnp.isfinite(s) for s in sources])
+    big = jnp.finfo(x.dtype).max
+    return jnp.where(jnp.isinf(x) & finite, jnp.copysign(big, x), x)
+
+
+def store(x: jax.Array, like: jax.Array) -> jax.Array:
+    """A first moment cast to ``like``'s dtype, saturating rather than overflowing.
+
+    A narrower ``mu_dtype`` (bfloat16 for float32 params, say) would turn a finite
+    ``m`` above its maximum into inf, and the next update into inf/inf = NaN.
+    Non-finite values are stored as they are. Second moments are cast plainly: an
+    overflowed ``v`` is inf, which makes the update 0, as in torch and optax.
+    """
+    dtype = jnp.dtype(like.dtype)
+    if jnp.finfo(dtype).max >= jnp.finfo(x.dtype).max:
+        return x.astype(dtype)
+    return no_overflow(x.astype(dtype), x)
 
 
 def adam_direction(
@@ -368,9 +479,20 @@ def adam_direction(
       eps is added before the bias correction of ``s``.
     """
     if c2 is None:
-        return m_hat / (jnp.sqrt(s + eps_root) + eps)
+        return divide(m_hat, jnp.sqrt(s + eps_root) + eps)
     if eps_hat:
         s_raw = s * c2 if s_is_corrected else s
-        return m_hat * jnp.sqrt(c2) / (jnp.sqrt(s_raw + eps_root) + eps)
+        return divide(m_hat * jnp.sqrt(c2), jnp.sqrt(s_raw + eps_root) + eps)
     s_hat = s if s_is_corrected else s / c2
-    return m_hat / (jnp.sqrt(s_hat + eps_root) + eps)
+    return divide(m_hat, jnp.sqrt(s_hat + eps_root) + eps)
+
+
+def divide(x: jax.Array, den: jax.Array) -> jax.Array:
+    """``x / den`` for a real ``den``; a complex ``x`` is divided part by part.
+
+    jnp would promote ``den`` to complex and use complex division, for which a
+    denominator of inf gives NaN instead of 0.
+    """
+    if jnp.iscomplexobj(x):
+        return jax.lax.complex(jnp.real(x) / den, jnp.imag(x) / den)
+    return x / den

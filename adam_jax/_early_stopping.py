@@ -165,11 +165,8 @@ def early_stopping(
     """
     if patience is not None:
         _common.check_non_negative("patience", patience)
-        _common.check_scalar("patience", patience)
     _common.check_non_negative("min_delta", min_delta)
-    _common.check_scalar("min_delta", min_delta)
     _common.check_non_negative("start_step", start_step)
-    _common.check_scalar("start_step", start_step)
     _common.check_choice("mode", mode, ["min", "max"])
     for name, flag in [
         ("relative", relative),
@@ -178,8 +175,8 @@ def early_stopping(
     ]:
         _common.check_bool(name, flag)
     for name, value in [("baseline", baseline), ("target", target), ("divergence", divergence)]:
-        _common.check_interval(name, value, -jnp.inf, jnp.inf, high_open=False)
-        _common.check_scalar(name, value)
+        if value is not None:
+            _common.check_interval(name, value, -jnp.inf, jnp.inf, high_open=False)
     minimize = mode == "min"
 
     def init_fn(params: Any = None) -> EarlyStoppingState:

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import adam_jax
-from adam_jax import StopReason, _fit, _seeds
+from adam_jax import StopReason, _fit, _reporting, _seeds
 
 X, Y = _seeds.seed001_data()
 
@@ -326,13 +326,13 @@ def test_reports_do_not_cost_a_host_call_per_log_line(capsys, monkeypatch):
     # A host call costs tens of microseconds, more than this whole step: the
     # loop calls back about every 0.1 s and each call prints the lines due.
     calls = []
-    original = _fit._Reporter.__call__
+    original = _reporting.Reporter.__call__
 
     def counting(self, kind, *args):
         calls.append(kind)
         return original(self, kind, *args)
 
-    monkeypatch.setattr(_fit._Reporter, "__call__", counting)
+    monkeypatch.setattr(_reporting.Reporter, "__call__", counting)
     loss_fn = lambda p: jnp.sum((p - 3.0) ** 2)
     # The last step, 20000, is itself due for a line.
     result = adam_jax.fit(loss_fn, jnp.zeros(2), optax.sgd(1e-4), num_steps=20_001, log_every=10)

@@ -64,6 +64,8 @@ def test_dtype_matrix_state_and_updates_keep_their_dtypes(name, dtype):
     real = jnp.finfo(dtype).dtype
     for field, tree in _moment_fields(state).items():
         want = dtype if field == "m" else real
+        if field in ("v", "v_max") and dtype == jnp.float16:
+            want = jnp.dtype(jnp.float32)  # float16 squares underflow: see scale_by_adam
         for leaf in jax.tree.leaves(tree):
             assert leaf.dtype == want, (field, leaf.dtype, want)
     init_dtypes = jax.tree.map(lambda x: x.dtype, state)
@@ -113,6 +115,18 @@ def test_float16_zero_gradient_is_not_nan(name):
             jnp.zeros(5, jnp.float16), optax.scale_by_adam().init(params)
         )
         assert np.isnan(np.asarray(o_updates, np.float32)).all()
+
+
+def test_float16_small_gradients_give_unit_steps():
+    """A constant gradient of 1e-3 in float16: Adam's step is ~1, as in float32."""
+    opt = adam_jax.scale_by_adam()
+    state = opt.init(jnp.zeros(1, jnp.float16))
+    assert state.v.dtype == jnp.float32
+    for _ in range(50):
+        u, state = opt.update(jnp.full(1, 1e-3, jnp.float16), state)
+    np.testing.assert_allclose(float(u[0]), 1.0, rtol=2e-2)
+    forced = adam_jax.scale_by_adam(nu_dtype=jnp.float16)
+    assert forced.init(jnp.zeros(1, jnp.float16)).v.dtype == jnp.float16
 
 
 def test_float64_bias_correction_is_float64():
