@@ -135,17 +135,26 @@ def scale_by_adam(
         del params
         _common.prepare_update(updates, state, AdamState, "scale_by_adam")
         count = _common.increment(state.count)
+        memo = _common.Memo()
 
         def leaf(g, m, v):
             mo = _common.adam_moments(
-                g, m, v, b1, b2, count, bias_correction=bias_correction, nesterov=nesterov
+                g,
+                m,
+                v,
+                b1,
+                b2,
+                count,
+                bias_correction=bias_correction,
+                nesterov=nesterov,
+                memo=memo,
             )
             u = _common.adam_direction(
                 mo.m_hat,
                 mo.v,
                 mo.c2,
-                jnp.asarray(eps, mo.dtype),
-                jnp.asarray(eps_root, mo.dtype),
+                memo(("eps", mo.dtype), lambda: jnp.asarray(eps, mo.dtype)),
+                memo(("eps_root", mo.dtype), lambda: jnp.asarray(eps_root, mo.dtype)),
                 eps_hat=eps_hat,
             )
             return u.astype(g.dtype), _common.store(mo.m, m), mo.v.astype(v.dtype)

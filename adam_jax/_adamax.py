@@ -98,16 +98,19 @@ def scale_by_adamax(
         del params
         _common.prepare_update(updates, state, AdamaxState, "scale_by_adamax")
         count = _common.increment(state.count)
+        memo = _common.Memo()
 
         def leaf(g, m, u):
             cdt = _common.compute_dtype(g.dtype)
             rdt = _common.real_dtype(cdt)
-            b1_, b2_ = _common.decay_pair(b1, rdt), _common.decay_pair(b2, rdt)
-            eps_ = jnp.asarray(eps, rdt)
+            b1_ = memo(("b1", rdt), lambda: _common.decay_pair(b1, rdt))
+            b2_ = memo(("b2", rdt), lambda: _common.decay_pair(b2, rdt))
+            eps_ = memo(("eps", rdt), lambda: jnp.asarray(eps, rdt))
+            e1 = memo(("c1", rdt), lambda: _common.correction_exponent(b1_, count))
             g_ = g.astype(cdt)
             m_new = _common.ema(g_, m.astype(cdt), b1_)
             m_hat = _common.no_overflow(
-                _common.divide(m_new, _common.correction(b1_, count)), m_new
+                _common.divide(m_new, _common.correction(b1_, count, e1)), m_new
             )
             if eps_in_max:
                 u_new = jnp.maximum(jnp.abs(g_) + eps_, _common.decayed(b2_[0], u.astype(rdt)))

@@ -110,17 +110,20 @@ def scale_by_amsgrad(
         del params
         _common.prepare_update(updates, state, AMSGradState, "scale_by_amsgrad")
         count = _common.increment(state.count)
+        memo = _common.Memo()
 
         def leaf(g, m, v, v_max):
-            mo = _common.adam_moments(g, m, v, b1, b2, count, bias_correction=bias_correction)
+            mo = _common.adam_moments(
+                g, m, v, b1, b2, count, bias_correction=bias_correction, memo=memo
+            )
             candidate = mo.v / mo.c2 if (corrected and mo.c2 is not None) else mo.v
             v_max_new = jnp.maximum(v_max.astype(mo.dtype), candidate)
             u = _common.adam_direction(
                 mo.m_hat,
                 v_max_new,
                 mo.c2,
-                jnp.asarray(eps, mo.dtype),
-                jnp.asarray(eps_root, mo.dtype),
+                memo(("eps", mo.dtype), lambda: jnp.asarray(eps, mo.dtype)),
+                memo(("eps_root", mo.dtype), lambda: jnp.asarray(eps_root, mo.dtype)),
                 eps_hat=eps_hat,
                 s_is_corrected=corrected,
             )

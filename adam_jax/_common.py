@@ -232,7 +232,11 @@ def increment(count: jax.Array) -> jax.Array:
     return optax.safe_increment(count)
 
 
-def correction(decay: tuple[jax.Array, jax.Array], count: jax.Array) -> jax.Array:
+def correction(
+    decay: tuple[jax.Array, jax.Array],
+    count: jax.Array,
+    exponent: jax.Array | None = None,
+) -> jax.Array:
     """The bias correction ``1 - decay**count`` for a :func:`decay_pair`.
 
     Computed as ``-expm1(count·log1p(-(1-decay)))`` from ``1 - decay`` (formed in
@@ -243,11 +247,22 @@ def correction(decay: tuple[jax.Array, jax.Array], count: jax.Array) -> jax.Arra
     ``sign(g)``. torch forms the corrections in double on the host; this matches
     it to float32 rounding. float64 runs are float64 throughout.
     """
+    if exponent is None:
+        exponent = correction_exponent(decay, count)
+    # Only this step is repeated per leaf when the exponent is shared (see
+    # :class:`Memo`): XLA:CPU rewrites ``x / broadcast(c)`` as ``x * broadcast(1/c)``
+    # only for a scalar ``c`` with one user, so a ``c`` shared between leaves
+    # would move jitted results by an ulp.
+    return -jnp.expm1(exponent)
+
+
+def correction_exponent(decay: tuple[jax.Array, jax.Array], count: jax.Array) -> jax.Array:
+    """``count·log(decay)``: the part of :func:`correction` that leaves can share."""
     d, one_minus_d = decay
     # log1p is only needed where 1-d is small; XLA:CPU's float64 log1p loses
     # ~8 bits on [-0.41, -0.35], where log(d) is exact enough.
     log_d = jnp.where(one_minus_d < 0.25, jnp.log1p(-one_minus_d), jnp.log(d))
-    return -jnp.expm1(count.astype(d.dtype) * log_d)
+    return count.astype(d.dtype) * log_d
 
 
 def decay_pair(decay: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -378,6 +393,24 @@ def prepare_update(grads: Any, state: Any, state_cls: type, owner: str) -> None:
             )
 
 
+class Memo:
+    """Scalars shared by every leaf of one ``update`` call, each built on first use.
+
+    The decay pairs, the eps casts and most of each bias correction depend only on
+    the hyperparameters, the step count and the dtype. Built again for every leaf
+    they were most of the tracing work of a many-leaf update, and of XLA's work
+    before its CSE pass merged the copies.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[Any, Any] = {}
+
+    def __call__(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key not in self._values:
+            self._values[key] = make()
+        return self._values[key]
+
+
 class Moments(NamedTuple):
     """One leaf's Adam moments after a step, in compute precision."""
 
@@ -399,24 +432,29 @@ def adam_moments(
     *,
     bias_correction: bool,
     nesterov: bool = False,
+    memo: Memo | None = None,
 ) -> Moments:
     """Adam's moment updates for one leaf, shared by Adam and AMSGrad.
 
     ``m = b1·m + (1-b1)·g``, ``v = b2·v + (1-b2)·|g|²``, ``m̂ = m/(1-b1^t)``; with
     ``nesterov``, ``m̂ = b1·m/(1-b1^(t+1)) + (1-b1)·g/(1-b1^t)`` (optax.nadam).
     """
+    memo = Memo() if memo is None else memo
     cdt = compute_dtype(g.dtype)
     rdt = real_dtype(cdt)
-    b1_, b2_ = decay_pair(b1, rdt), decay_pair(b2, rdt)
+    b1_ = memo(("b1", rdt), lambda: decay_pair(b1, rdt))
+    b2_ = memo(("b2", rdt), lambda: decay_pair(b2, rdt))
     g = g.astype(cdt)
     m_new = ema(g, m.astype(cdt), b1_)
     v_new = ema(abs_sq(g), v.astype(rdt), b2_)
     if not bias_correction:
         m_hat = b1_[0] * m_new + b1_[1] * g if nesterov else m_new
         return Moments(g, m_new, v_new, m_hat, None, rdt)
-    c1 = correction(b1_, count)
+    c1 = correction(b1_, count, memo(("c1", rdt), lambda: correction_exponent(b1_, count)))
     if nesterov:
-        c1_next = correction(b1_, increment(count))
+        count_next = memo("count_next", lambda: increment(count))
+        e1_next = memo(("c1_next", rdt), lambda: correction_exponent(b1_, count_next))
+        c1_next = correction(b1_, count_next, e1_next)
         # Each term is kept finite before it is scaled: for complex values jnp
         # multiplies by the real b1 as by b1+0j, and 0·inf would be NaN.
         m_term = no_overflow(divide(m_new, c1_next), m_new)
@@ -424,7 +462,8 @@ def adam_moments(
         m_hat = no_overflow(b1_[0] * m_term + b1_[1] * g_term, m_new, g)
     else:
         m_hat = no_overflow(divide(m_new, c1), m_new)
-    return Moments(g, m_new, v_new, m_hat, correction(b2_, count), rdt)
+    c2 = correction(b2_, count, memo(("c2", rdt), lambda: correction_exponent(b2_, count)))
+    return Moments(g, m_new, v_new, m_hat, c2, rdt)
 
 
 def no_overflow(x: jax.Array, *sources: jax.Array) -> jax.Array:

@@ -8,10 +8,17 @@
 
 from __future__ import annotations
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+# Property tests draw the same examples on every run, so CI is reproducible; explore
+# new ones with `pytest --hypothesis-profile=explore` (or --hypothesis-seed=N).
+hypothesis.settings.register_profile("default", derandomize=True, database=None)
+hypothesis.settings.register_profile("explore", derandomize=False)
+hypothesis.settings.load_profile("default")
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")

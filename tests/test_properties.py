@@ -217,20 +217,20 @@ def _ref_scale(spec: Spec, g, gabs, st: dict, t: int):
     """
     b1, b2, eps, eps_root, o = spec.b1, spec.b2, spec.eps, spec.eps_root, spec.opts
     c1 = _one_minus_pow(b1, t)
-    m = b1 * st["m"] + (1 - b1) * g
+    m = _decayed(b1, st["m"]) + (1 - b1) * g
     mabs = b1 * st["mabs"] + (1 - b1) * gabs
     new = {"m": m, "mabs": mabs}
     sizes = {"m": mabs}
     if spec.family == "adamax":
         # u = max(b2·u, |g|), Δ = m̂/(u + eps); eps_in_max: u = max(b2·u, |g| + eps), Δ = m̂/u.
-        u = np.maximum(b2 * st["u"], np.abs(g) + (eps if o["eps_in_max"] else 0.0))
+        u = np.maximum(_decayed(b2, st["u"]), np.abs(g) + (eps if o["eps_in_max"] else 0.0))
         den = u if o["eps_in_max"] else u + eps
         new["u"] = sizes["u"] = u
         gain = 1 / (c1 * den)
         return m * gain, mabs * gain, gain, new, sizes
     bc = o["bias_correction"]
     c2 = _one_minus_pow(b2, t)
-    v = b2 * st["v"] + (1 - b2) * np.abs(g) ** 2
+    v = _decayed(b2, st["v"]) + (1 - b2) * np.abs(g) ** 2
     new["v"] = sizes["v"] = v
     if o.get("nesterov"):
         # m̂ = b1·m/(1-b1^(t+1)) + (1-b1)·g/(1-b1^t); without bias correction both divisors are 1.
@@ -260,6 +260,11 @@ def _ref_scale(spec: Spec, g, gabs, st: dict, t: int):
         factor, den = 1.0, np.sqrt(s_hat + eps_root) + eps
     gain = factor / den
     return m_hat * gain, m_hat_abs * gain, unit * gain, new, sizes
+
+
+def _decayed(b, x):
+    """``b·x``, documented as 0 for ``b = 0`` even where ``x`` is inf (no memory)."""
+    return np.zeros_like(x) if b == 0 else b * x
 
 
 def _ref_alias(spec: Spec, g, p, st: dict, t: int, dtype):
