@@ -25,6 +25,4 @@ def test_readme_example_runs(source, capsys):
         assert int(results.num_steps.min()) < int(results.num_steps.max())
     else:  # the quickstart: training lowered the loss
         start = {k: 0 * v for k, v in namespace["params"].items()}
-        assert float(namespace["loss_fn"](namespace["params"])) < float(
-            namespace["loss_fn"](start)
-        )
+        assert float(namespace["loss_fn"](namespace["params"])) < float(namespace["loss_fn"](start))
