@@ -41,41 +41,19 @@ import numpy as np
 import optax
 
 import adam_jax
-from adam_jax import _seeds
+from adam_jax import _bench, _seeds
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "jax_devices": [str(d) for d in jax.devices()],
-        "platform": platform.platform(),
-    }
+    """The benchmark suite's machine record, plus the load at the start of this run."""
+    info = _bench.machine_info()
+    del info["versions"]  # reported on their own, by versions()
+    info["load_average_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return info
 
 
 def versions() -> dict:
-    import jaxlib
-
-    return {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "adam_jax": adam_jax.__version__,
-    }
+    return {"python": platform.python_version()} | _bench.machine_info()["versions"]
 
 
 def problems(n: int, lr_min: float, lr_max: float) -> tuple[np.ndarray, ...]:

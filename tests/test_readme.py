@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 
+import jax.numpy as jnp
 import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -19,7 +20,10 @@ def test_readme_has_examples():
 def test_readme_example_runs(source, capsys):
     namespace: dict = {}
     exec(compile(source, str(README), "exec"), namespace)
-    if "results" in namespace:  # the batched fit: 64 runs, each stopped on its own
+    if "train_step" in namespace:  # the donation recipe: one step moved the params
+        assert int(namespace["opt_state"][1].count) == 1
+        assert float(jnp.abs(namespace["params"]["w"]).min()) > 0
+    elif "results" in namespace:  # the batched fit: 64 runs, each stopped on its own
         results = namespace["results"]
         assert results.num_steps.shape == (64,)
         assert int(results.num_steps.min()) < int(results.num_steps.max())
