@@ -189,40 +189,13 @@ def seed000_mlp(use_torch: bool = True) -> tuple[Row, dict[str, Any]]:
 
 
 def _torch_mlp(x_np, y_np, p_np) -> np.ndarray | None:
-    """Seed 000's loop in PyTorch, completed: it never builds the optimizer nor calls backward."""
     try:
-        import torch
+        import torch  # noqa: F401
     except ImportError:
         return None
     from adam_jax import _seeds
 
-    s = _seeds.SEED000
-    model = torch.nn.Sequential(
-        torch.nn.Linear(s["D_in"], s["H"]), torch.nn.ReLU(), torch.nn.Linear(s["H"], s["D_out"])
-    )
-    with torch.no_grad():  # torch stores Linear weights as (out, in)
-        model[0].weight.copy_(torch.from_numpy(p_np["w1"].T))
-        model[0].bias.copy_(torch.from_numpy(p_np["b1"]))
-        model[2].weight.copy_(torch.from_numpy(p_np["w2"].T))
-        model[2].bias.copy_(torch.from_numpy(p_np["b2"]))
-    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
-    loss_fn = torch.nn.MSELoss(reduction="sum")
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=s["learning_rate"], eps=s["eps"], amsgrad=True
-    )
-    losses = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # matrices this small only pay for threading, badly on a busy CPU
-    try:
-        for _ in range(s["steps"]):
-            loss = loss_fn(model(x), y)
-            losses.append(loss.item())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    return np.asarray(losses)
+    return _seeds.seed000_torch_losses(p_np, x_np, y_np)
 
 
 def seed003_adamax() -> tuple[Row, dict[str, Any]]:

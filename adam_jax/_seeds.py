@@ -57,6 +57,44 @@ def seed000_loss(params, x, y, xp=np):
     return xp.sum((pred - y) ** 2)
 
 
+def seed000_torch_losses(params, x, y) -> np.ndarray:
+    """Seed 000's PyTorch loop: AMSGrad (lr 1e-4, eps 1e-8) for 500 steps from ``params``.
+
+    ``params`` is a dict in :func:`seed000_init`'s layout (weights ``(in, out)``);
+    ``x`` and ``y`` are float32 NumPy arrays. Returns the loss before each step.
+    Needs torch (imported here, so the rest of this module does not).
+    """
+    import torch
+
+    s = SEED000
+    model = torch.nn.Sequential(
+        torch.nn.Linear(s["D_in"], s["H"]), torch.nn.ReLU(), torch.nn.Linear(s["H"], s["D_out"])
+    )
+    with torch.no_grad():  # torch stores Linear weights as (out, in)
+        model[0].weight.copy_(torch.from_numpy(np.ascontiguousarray(params["w1"].T)))
+        model[0].bias.copy_(torch.from_numpy(np.asarray(params["b1"])))
+        model[2].weight.copy_(torch.from_numpy(np.ascontiguousarray(params["w2"].T)))
+        model[2].bias.copy_(torch.from_numpy(np.asarray(params["b2"])))
+    x, y = torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y))
+    loss_fn = torch.nn.MSELoss(reduction="sum")
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=s["learning_rate"], eps=s["eps"], amsgrad=True
+    )
+    losses = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matrices this small only pay for threading, badly on a busy CPU
+    try:
+        for _ in range(s["steps"]):
+            loss = loss_fn(model(x), y)
+            losses.append(loss.item())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return np.asarray(losses)
+
+
 # --------------------------------------------------------------------------
 # Seed 001: Adam on linear regression, written out in NumPy.
 # --------------------------------------------------------------------------

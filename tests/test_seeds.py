@@ -37,38 +37,21 @@ SEED000_RTOL = 5e-3
 
 @pytest.fixture(scope="module")
 def seed000_torch():
-    """Seed 000's script run with torch: initial weights, data and the loss curve."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many threads only contend on a small shared machine
-    try:
-        torch.manual_seed(0)
-        x = torch.randn(S0["N"], S0["D_in"])
-        y = torch.randn(S0["N"], S0["D_out"])
-        model = torch.nn.Sequential(
-            torch.nn.Linear(S0["D_in"], S0["H"]),
-            torch.nn.ReLU(),
-            torch.nn.Linear(S0["H"], S0["D_out"]),
-        )
-        init = {
-            "w1": model[0].weight.detach().numpy().T.copy(),
-            "b1": model[0].bias.detach().numpy().copy(),
-            "w2": model[2].weight.detach().numpy().T.copy(),
-            "b2": model[2].bias.detach().numpy().copy(),
-        }
-        loss_fn = torch.nn.MSELoss(reduction="sum")
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=S0["learning_rate"], eps=S0["eps"], amsgrad=True
-        )
-        losses = []
-        for _ in range(S0["steps"]):
-            loss = loss_fn(model(x), y)
-            losses.append(loss.item())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    return init, x.numpy(), y.numpy(), np.asarray(losses)
+    """Seed 000's script run with torch: torch's own initial weights, data and loss curve."""
+    torch.manual_seed(0)
+    x = torch.randn(S0["N"], S0["D_in"])
+    y = torch.randn(S0["N"], S0["D_out"])
+    model = torch.nn.Sequential(
+        torch.nn.Linear(S0["D_in"], S0["H"]), torch.nn.ReLU(), torch.nn.Linear(S0["H"], S0["D_out"])
+    )
+    init = {
+        "w1": model[0].weight.detach().numpy().T.copy(),
+        "b1": model[0].bias.detach().numpy().copy(),
+        "w2": model[2].weight.detach().numpy().T.copy(),
+        "b2": model[2].bias.detach().numpy().copy(),
+    }
+    losses = _seeds.seed000_torch_losses(init, x.numpy(), y.numpy())
+    return init, x.numpy(), y.numpy(), losses
 
 
 def seed000_jax_losses(opt, init, x, y) -> np.ndarray:
