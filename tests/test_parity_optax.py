@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import _gradients
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,7 @@ import adam_jax
 
 STEPS = 120
 LR = 1e-2
-SHAPES = {"w": (3, 4), "b": (4,)}
+SHAPES = _gradients.SHAPES
 TARGET = np.array([1.0, -2.0, 0.5])
 
 # Normwise relative tolerance: |ours - ref| <= RTOL * (|ref| + max|ref|).
@@ -136,9 +137,7 @@ OPTAX_STATES = (optax.ScaleByAdamState, optax.ScaleByAmsgradState)
 
 
 def scale_schedule(steps: int = STEPS) -> np.ndarray:
-    t = np.arange(steps)
-    scale = np.where(t % 17 == 5, 100.0, np.where(t % 13 == 9, 0.01, 1.0))
-    return np.where(t % 7 == 3, -scale, scale)
+    return _gradients.scale_schedule(steps)
 
 
 def gradient_sequence(dtype, steps: int = STEPS, seed: int = 0) -> dict[str, jax.Array]:

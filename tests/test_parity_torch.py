@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import _gradients
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +29,7 @@ import adam_jax
 
 STEPS = 120
 LR = 1e-2
-SHAPES = {"w": (3, 4), "b": (4,)}
+SHAPES = _gradients.SHAPES
 PARAM_ATOL = 1e-12
 MOMENT_RTOL = 1e-12
 
@@ -113,24 +114,15 @@ FOREACH = [pytest.param(False, id="single_tensor"), pytest.param(True, id="forea
 STATE_TYPES = (adam_jax.AdamState, adam_jax.AMSGradState, adam_jax.AdamaxState)
 
 
-def scale_schedule(steps: int) -> np.ndarray:
-    """Per-step gradient scale: 100x spikes, 0.01x lulls and sign flips."""
-    t = np.arange(steps)
-    scale = np.where(t % 17 == 5, 100.0, np.where(t % 13 == 9, 0.01, 1.0))
-    return np.where(t % 7 == 3, -scale, scale)
+def scale_schedule(steps: int = STEPS) -> np.ndarray:
+    return _gradients.scale_schedule(steps)
 
 
 def gradient_sequence(steps: int = STEPS, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    return [
-        {k: s * rng.standard_normal(shape) for k, shape in SHAPES.items()}
-        for s in scale_schedule(steps)
-    ]
+    return _gradients.gradient_sequence(steps, seed)
 
 
-def initial_params(seed: int = 1) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(shape) for k, shape in SHAPES.items()}
+initial_params = _gradients.initial_params
 
 
 TARGET = np.array([1.0, -2.0, 0.5])
