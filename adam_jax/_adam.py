@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _alias, _common
+from adam_jax import _alias, _checks, _common
 
 
 class AdamState(NamedTuple):
@@ -26,11 +26,11 @@ class AdamState(NamedTuple):
 
 
 def check_adam_hyperparams(b1: Any, b2: Any, eps: Any, eps_root: Any, eps_hat: Any) -> None:
-    _common.check_decay("b1", b1)
-    _common.check_decay("b2", b2)
-    _common.check_non_negative("eps", eps)
-    _common.check_non_negative("eps_root", eps_root)
-    _common.check_bool("eps_hat", eps_hat)
+    _checks.check_decay("b1", b1)
+    _checks.check_decay("b2", b2)
+    _checks.check_non_negative("eps", eps)
+    _checks.check_non_negative("eps_root", eps_root)
+    _checks.check_bool("eps_hat", eps_hat)
 
 
 def scale_by_adam(
@@ -119,10 +119,10 @@ def scale_by_adam(
       Dozat, *Incorporating Nesterov Momentum into Adam*, ICLR 2016 workshop.
     """
     check_adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
-    _common.check_bool("bias_correction", bias_correction)
-    _common.check_bool("nesterov", nesterov)
-    mu_dtype = _common.canonical_dtype("mu_dtype", mu_dtype)
-    nu_dtype = _common.canonical_dtype("nu_dtype", nu_dtype)
+    _checks.check_bool("bias_correction", bias_correction)
+    _checks.check_bool("nesterov", nesterov)
+    mu_dtype = _checks.canonical_dtype("mu_dtype", mu_dtype)
+    nu_dtype = _checks.canonical_dtype("nu_dtype", nu_dtype)
 
     def init_fn(params):
         return AdamState(
@@ -133,7 +133,7 @@ def scale_by_adam(
 
     def update_fn(updates, state, params=None):
         del params
-        _common.prepare_update(updates, state, AdamState, "scale_by_adam")
+        _checks.prepare_update(updates, state, AdamState, "scale_by_adam")
         count = _common.increment(state.count)
         memo = _common.Memo()
 

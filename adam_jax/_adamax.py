@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _alias, _common
+from adam_jax import _alias, _checks, _common
 
 
 class AdamaxState(NamedTuple):
@@ -81,11 +81,11 @@ def scale_by_adamax(
     References:
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015, section 7.1.
     """
-    _common.check_decay("b1", b1)
-    _common.check_decay("b2", b2)
-    _common.check_non_negative("eps", eps)
-    _common.check_bool("eps_in_max", eps_in_max)
-    mu_dtype = _common.canonical_dtype("mu_dtype", mu_dtype)
+    _checks.check_decay("b1", b1)
+    _checks.check_decay("b2", b2)
+    _checks.check_non_negative("eps", eps)
+    _checks.check_bool("eps_in_max", eps_in_max)
+    mu_dtype = _checks.canonical_dtype("mu_dtype", mu_dtype)
 
     def init_fn(params):
         return AdamaxState(
@@ -96,7 +96,7 @@ def scale_by_adamax(
 
     def update_fn(updates, state, params=None):
         del params
-        _common.prepare_update(updates, state, AdamaxState, "scale_by_adamax")
+        _checks.prepare_update(updates, state, AdamaxState, "scale_by_adamax")
         count = _common.increment(state.count)
         memo = _common.Memo()
 

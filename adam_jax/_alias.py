@@ -13,16 +13,16 @@ from typing import Any
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _common
+from adam_jax import _checks
 
 
 def _check(learning_rate: Any, weight_decay: Any, maximize: Any) -> Any:
     """Check the alias arguments; return the learning rate (a schedule gets a shape check)."""
-    _common.check_learning_rate(learning_rate)
-    _common.check_non_negative("weight_decay", weight_decay, schedule_ok=True)
-    _common.check_bool("maximize", maximize)
+    _checks.check_learning_rate(learning_rate)
+    _checks.check_non_negative("weight_decay", weight_decay, schedule_ok=True)
+    _checks.check_bool("maximize", maximize)
     if not callable(learning_rate):
-        _common.check_scalar("learning_rate", learning_rate)
+        _checks.check_scalar("learning_rate", learning_rate)
         return learning_rate
     schedule = learning_rate
 
@@ -57,7 +57,7 @@ def _checked(
 
     def check_mask(params):
         if mask is not None and not callable(mask):
-            _common.check_same_tree(mask, params, what="mask", reference_name="the params")
+            _checks.check_same_tree(mask, params, what="mask", reference_name="the params")
 
     def init_fn(params):
         check_mask(params)
@@ -66,12 +66,12 @@ def _checked(
     def update_fn(updates, state, params=None, **extra_args):
         inner = state[scaler] if isinstance(state, tuple) and len(state) == len(parts) else None
         if hasattr(inner, "m"):
-            _common.check_same_tree(updates, inner.m)
-            _common.check_leaf_shapes(updates, inner.m)
+            _checks.check_same_tree(updates, inner.m)
+            _checks.check_leaf_shapes(updates, inner.m)
         if params is not None:  # optax's own NO_PARAMS_MSG names missing params
             names = dict(what="params", reference_name="the grads")
-            _common.check_same_tree(params, updates, **names)
-            _common.check_leaf_shapes(params, updates, **names)
+            _checks.check_same_tree(params, updates, **names)
+            _checks.check_leaf_shapes(params, updates, **names)
             check_mask(params)
         return chain.update(updates, state, params, **extra_args)
 

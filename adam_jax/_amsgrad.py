@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _alias, _common
+from adam_jax import _alias, _checks, _common
 from adam_jax._adam import check_adam_hyperparams
 
 MAX_OF = ("raw", "corrected")
@@ -92,10 +92,10 @@ def scale_by_amsgrad(
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
     """
     check_adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
-    _common.check_choice("max_of", max_of, MAX_OF)
-    _common.check_bool("bias_correction", bias_correction)
-    mu_dtype = _common.canonical_dtype("mu_dtype", mu_dtype)
-    nu_dtype = _common.canonical_dtype("nu_dtype", nu_dtype)
+    _checks.check_choice("max_of", max_of, MAX_OF)
+    _checks.check_bool("bias_correction", bias_correction)
+    mu_dtype = _checks.canonical_dtype("mu_dtype", mu_dtype)
+    nu_dtype = _checks.canonical_dtype("nu_dtype", nu_dtype)
     corrected = max_of == "corrected"
 
     def init_fn(params):
@@ -108,7 +108,7 @@ def scale_by_amsgrad(
 
     def update_fn(updates, state, params=None):
         del params
-        _common.prepare_update(updates, state, AMSGradState, "scale_by_amsgrad")
+        _checks.prepare_update(updates, state, AMSGradState, "scale_by_amsgrad")
         count = _common.increment(state.count)
         memo = _common.Memo()
 

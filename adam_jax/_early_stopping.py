@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from adam_jax import _common
+from adam_jax import _checks, _common
 
 
 class StopReason(enum.IntEnum):
@@ -61,8 +61,8 @@ class EarlyStopping(NamedTuple):
 
 def _check_like_init(params: Any, best_params: Any) -> None:
     names = dict(what="params", reference_name="the params given to init")
-    _common.check_same_tree(params, best_params, **names)
-    _common.check_leaf_shapes(params, best_params, **names)
+    _checks.check_same_tree(params, best_params, **names)
+    _checks.check_leaf_shapes(params, best_params, **names)
 
 
 def _tree_where(cond: jax.Array, new: Any, old: Any) -> Any:
@@ -164,19 +164,19 @@ def early_stopping(
       Prechelt, *Early Stopping — But When?*, in Neural Networks: Tricks of the Trade, 1998.
     """
     if patience is not None:
-        _common.check_non_negative("patience", patience)
-    _common.check_non_negative("min_delta", min_delta)
-    _common.check_non_negative("start_step", start_step)
-    _common.check_choice("mode", mode, ["min", "max"])
+        _checks.check_non_negative("patience", patience)
+    _checks.check_non_negative("min_delta", min_delta)
+    _checks.check_non_negative("start_step", start_step)
+    _checks.check_choice("mode", mode, ["min", "max"])
     for name, flag in [
         ("relative", relative),
         ("check_finite", check_finite),
         ("restore_best", restore_best),
     ]:
-        _common.check_bool(name, flag)
+        _checks.check_bool(name, flag)
     for name, value in [("baseline", baseline), ("target", target), ("divergence", divergence)]:
         if value is not None:
-            _common.check_interval(name, value, -jnp.inf, jnp.inf, high_open=False)
+            _checks.check_interval(name, value, -jnp.inf, jnp.inf, high_open=False)
     minimize = mode == "min"
 
     def init_fn(params: Any = None) -> EarlyStoppingState:

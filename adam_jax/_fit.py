@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adam_jax import _common, _reporting
+from adam_jax import _checks, _reporting
 from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState, StopReason, _tree_where
 
 
@@ -158,7 +158,7 @@ def _checked_state(name: str, state: Any, template: Any) -> Any:
     A restored state is never cast: a dtype that differs from what ``init`` gives
     is an error, not a silent change of the trajectory.
     """
-    _common.check_same_tree(state, template, what=name, reference_name="a fresh state")
+    _checks.check_same_tree(state, template, what=name, reference_name="a fresh state")
     leaves = []
     for (path, x), t in zip(
         jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(template), strict=True
@@ -529,8 +529,8 @@ def fit(
     _check_positive_int("num_steps", num_steps)
     if log_every is not None:
         _check_positive_int("log_every", log_every)
-    _common.check_bool("has_aux", has_aux)
-    _common.check_bool("progress", progress)
+    _checks.check_bool("has_aux", has_aux)
+    _checks.check_bool("progress", progress)
     if progress:
         _reporting.import_tqdm()
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):

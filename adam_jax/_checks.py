@@ -1,0 +1,235 @@
+"""Argument checks shared by every public entry point.
+
+Hyperparameters: only concrete values are range-checked; a traced value (inside
+jit/vmap/grad) is never branched on, though its shape, which is static, is checked.
+Trees: grads, params and masks that differ from the state name the differing keys.
+Every failure is a ``TypeError`` or ``ValueError`` that names the argument or the
+tree path, raised before anything is computed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _is_traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _concrete_values(name: str, value: Any, *, schedule_ok: bool = False) -> np.ndarray | None:
+    """The value as a float64 NumPy array, or None when it cannot be inspected
+    (a tracer, or a schedule where ``schedule_ok``). Wrong types raise TypeError."""
+    if value is None:
+        raise TypeError(f"{name} must be a real number or a scalar array, got {name}=None")
+    if callable(value) and not isinstance(value, jax.Array | np.ndarray | np.generic):
+        if schedule_ok:
+            return None
+        raise TypeError(
+            f"{name} must be a real number or a scalar array, not a function: got {name}={value!r}"
+        )
+    check_scalar(name, value)
+    if _is_traced(value):
+        return None
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a real number, got the bool {value!r}")
+    if isinstance(value, str | bytes):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if isinstance(value, numbers.Real):
+        return np.asarray(float(value))
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # e.g. a jax array that is being sharded lazily
+        raise TypeError(f"{name} must be a real number or array, got {value!r}") from e
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise TypeError(f"{name} must be a real number or array, got {name}={value!r}")
+    return arr.astype(np.float64)
+
+
+def check_interval(
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    high_open: bool = True,
+    schedule_ok: bool = False,
+) -> None:
+    """Raise ``ValueError`` if a concrete ``value`` lies outside ``[low, high)``.
+
+    With ``high_open=False`` the interval is ``[low, high]``. NaN is always out of
+    range. Traced values are not checked (their shape is: it is static). With
+    ``schedule_ok`` a callable (an optax schedule) passes unchecked.
+    """
+    arr = _concrete_values(name, value, schedule_ok=schedule_ok)
+    if arr is None:
+        return
+    upper_ok = arr < high if high_open else arr <= high
+    ok = np.all((arr >= low) & upper_ok)
+    if not ok:
+        bracket = ")" if high_open else "]"
+        hi = "inf" if math.isinf(high) else repr(high)
+        raise ValueError(f"{name} must be in [{low!r}, {hi}{bracket}, got {name}={_show(value)}")
+
+
+def check_non_negative(name: str, value: Any, *, schedule_ok: bool = False) -> None:
+    check_interval(name, value, 0.0, schedule_ok=schedule_ok)
+
+
+def check_decay(name: str, value: Any) -> None:
+    """A decay rate (``b1``, ``b2``) must lie in ``[0, 1)``."""
+    check_interval(name, value, 0.0, 1.0)
+
+
+def check_learning_rate(learning_rate: Any) -> None:
+    """A learning rate is a non-negative number or scalar array, or an optax schedule."""
+    check_non_negative("learning_rate", learning_rate, schedule_ok=True)
+
+
+def check_scalar(name: str, value: Any) -> None:
+    """A scalar hyperparameter (or None) must have shape (); shapes are static, so
+    tracers are checked too."""
+    if value is None:
+        return
+    shape = value.shape if isinstance(value, jax.Array) else np.shape(value)
+    if shape != ():
+        raise ValueError(
+            f"{name} must be a scalar (vmap over it for one value per problem), "
+            f"got an array of shape {shape}: {name}={_show(value)}"
+        )
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)!r}, got {name}={value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {name}={value!r}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, numbers.Real):
+        return repr(value)
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        return repr(arr.item())
+    return np.array2string(arr, threshold=8)
+
+
+def canonical_dtype(name: str, dtype: Any) -> jnp.dtype | None:
+    """A storage dtype argument (``mu_dtype``, ``nu_dtype``): None or an inexact dtype."""
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"{name} must be a floating-point dtype, got {name}={dtype!r}") from e
+    if not jnp.issubdtype(dt, jnp.inexact):
+        raise TypeError(f"{name} must be a floating-point dtype, got {name}={dt.name}")
+    return jax.dtypes.canonicalize_dtype(dt)
+
+
+def check_inexact(dtype: Any) -> jnp.dtype:
+    """A floating-point or complex dtype, or a TypeError that says why."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"adam_jax optimizers need floating-point or complex params and grads, "
+            f"got dtype {dtype}: Adam on integer params is meaningless"
+        )
+    return dtype
+
+
+def check_leaf(x: Any, where: str) -> None:
+    """An array leaf of a floating-point or complex dtype, or a clear TypeError."""
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(
+            f"{where} is a {type(x).__name__} ({x!r}); adam_jax needs array leaves "
+            f"(wrap it with jnp.asarray)"
+        )
+    try:
+        check_inexact(x.dtype)
+    except TypeError as e:
+        raise TypeError(f"{where}: {e}") from None
+
+
+def leaves_with_paths(tree: Any, what: str) -> list[tuple[str, Any]]:
+    return [
+        (f"{what}{jax.tree_util.keystr(path)}", x)
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def check_same_tree(
+    tree: Any,
+    reference: Any,
+    *,
+    what: str = "grads",
+    reference_name: str = "the state",
+) -> None:
+    """Raise ``ValueError`` naming the missing and extra keys when trees differ."""
+    t_tree = jax.tree.structure(tree)
+    t_ref = jax.tree.structure(reference)
+    if t_tree == t_ref:
+        return
+
+    def paths(t):
+        return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
+
+    missing = sorted(paths(reference) - paths(tree))
+    extra = sorted(paths(tree) - paths(reference))
+    parts = [
+        f"the {what} tree does not match {reference_name}"
+        + (" built by init." if reference_name == "the state" else ".")
+    ]
+    if missing:
+        parts.append(f"Missing from {what}: {', '.join(missing)}.")
+    if extra:
+        parts.append(f"Not in {reference_name}: {', '.join(extra)}.")
+    if not missing and not extra:
+        parts.append(f"Same keys, different structure: {what} has {t_tree}, init had {t_ref}.")
+    raise ValueError(" ".join(parts))
+
+
+def check_leaf_shapes(
+    tree: Any, reference: Any, *, what: str = "grads", reference_name: str = "the state"
+) -> None:
+    """Raise ``ValueError`` naming the first leaf whose shape differs."""
+    for (path, x), r in zip(
+        jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(reference), strict=True
+    ):
+        if jnp.shape(x) != jnp.shape(r):
+            raise ValueError(
+                f"{what}{jax.tree_util.keystr(path)} has shape {jnp.shape(x)}, but "
+                f"{reference_name} was built for shape {jnp.shape(r)}"
+            )
+
+
+def prepare_update(grads: Any, state: Any, state_cls: type, owner: str) -> None:
+    """The checks every ``update`` runs at trace time (never on values)."""
+    if not isinstance(state, state_cls):
+        raise TypeError(
+            f"{owner}'s update expects the {state_cls.__name__} its init returns, "
+            f"got {type(state).__name__}"
+        )
+    check_same_tree(grads, state.m)
+    check_leaf_shapes(grads, state.m)
+    for (where, g), m in zip(
+        leaves_with_paths(grads, "grads"), jax.tree.leaves(state.m), strict=True
+    ):
+        check_leaf(g, where)
+        if jnp.iscomplexobj(g) and not jnp.iscomplexobj(m):
+            raise TypeError(
+                f"{where} is {jnp.dtype(g.dtype).name} but the state was built for real "
+                f"params ({jnp.dtype(m.dtype).name}); the imaginary part would be lost"
+            )
