@@ -97,7 +97,11 @@ def scale_by_adam(
       nu_dtype: dtype to store ``v`` in; default the param dtype (its real part for
         complex), except float32 for float16 params: ``(1-b2)·g²`` underflows float16
         for ``|g| ≲ 8e-3``, so a float16 ``v`` would become 0 and the steps ~30× too
-        large. Pass ``nu_dtype=jnp.float16`` to force it. bfloat16 has float32's range.
+        large. Pass ``nu_dtype=jnp.float16`` to force it. bfloat16 has float32's range
+        but 8 significant bits: with ``b2=0.999`` an increment ``(1-b2)·g²`` is below
+        half an ulp of ``v`` once ``v`` is ~256× larger, so a bfloat16 ``v`` stalls
+        (a constant gradient's steps drift up to ~2× too large); it saves memory at
+        that price.
 
     Any numeric hyperparameter may be a Python number or a JAX array, traced too
     (so it can be vmapped over); only concrete values are range-checked.
@@ -256,8 +260,9 @@ def adamw(
 
       p_t = p_{t-1} - \eta_t \left(\mathrm{scale\_by\_adam}(\pm g_t) + \lambda p_{t-1}\right)
 
-    This is ``optax.adamw`` (the same chain) and ``torch.optim.AdamW``, whose
-    ``p ← p(1-ηλ) - η·adam`` is the same update.
+    This is ``optax.adamw`` (the same chain, and its default ``weight_decay=1e-4``)
+    and ``torch.optim.AdamW``, whose ``p ← p(1-ηλ) - η·adam`` is the same update
+    (torch's default ``weight_decay`` is 1e-2: pass it to match torch's defaults).
 
     Args:
       learning_rate: a number, an array or an optax schedule; >= 0.

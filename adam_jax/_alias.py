@@ -57,7 +57,7 @@ def _checked(
 
     def check_mask(params):
         if mask is not None and not callable(mask):
-            _checks.check_same_tree(mask, params, what="mask", reference_name="the params")
+            _checks.check_prefix_tree(mask, params, what="mask", reference_name="the params")
 
     def init_fn(params):
         check_mask(params)

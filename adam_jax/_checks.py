@@ -48,7 +48,7 @@ def _concrete_values(name: str, value: Any, *, schedule_ok: bool = False) -> np.
     except Exception as e:  # e.g. a jax array that is being sharded lazily
         raise TypeError(f"{name} must be a real number or array, got {value!r}") from e
     if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+        jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)
     ):
         raise TypeError(f"{name} must be a real number or array, got {name}={value!r}")
     return arr.astype(np.float64)
@@ -197,7 +197,38 @@ def check_same_tree(
     if extra:
         parts.append(f"Not in {reference_name}: {', '.join(extra)}.")
     if not missing and not extra:
-        parts.append(f"Same keys, different structure: {what} has {t_tree}, init had {t_ref}.")
+        parts.append(
+            f"Same keys, different structure: {what} has {t_tree}, {reference_name} has {t_ref}."
+        )
+    raise ValueError(" ".join(parts))
+
+
+def check_prefix_tree(tree: Any, reference: Any, *, what: str, reference_name: str) -> None:
+    """Raise ``ValueError`` unless ``tree`` is a tree prefix of ``reference`` (as optax
+    masks are), naming the uncovered and the unknown key paths."""
+    try:
+        jax.tree.structure(tree).flatten_up_to(reference)
+        return
+    except (ValueError, TypeError):
+        pass
+
+    def paths(t):
+        return [p for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]]
+
+    prefixes, full = paths(tree), paths(reference)
+
+    def covered(path):
+        return any(path[: len(p)] == p for p in prefixes)
+
+    missing = sorted({jax.tree_util.keystr(p) for p in full if not covered(p)})
+    extra = sorted(
+        jax.tree_util.keystr(p) for p in prefixes if not any(q[: len(p)] == p for q in full)
+    )
+    parts = [f"the {what} tree must be a prefix of {reference_name}."]
+    if missing:
+        parts.append(f"Missing from {what}: {', '.join(missing)}.")
+    if extra:
+        parts.append(f"Not in {reference_name}: {', '.join(extra)}.")
     raise ValueError(" ".join(parts))
 
 

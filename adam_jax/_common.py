@@ -36,7 +36,14 @@ def real_dtype(dtype: Any) -> jnp.dtype:
     return jnp.finfo(jnp.dtype(dtype)).dtype
 
 
-def zeros_like(params: Any, dtype: Any | None, *, real: bool = False, squares: bool = False) -> Any:
+def zeros_like(
+    params: Any,
+    dtype: Any | None,
+    *,
+    real: bool = False,
+    squares: bool = False,
+    dtype_name: str = "mu_dtype",
+) -> Any:
     """Zeros shaped like ``params``; in ``dtype`` or else the leaf's own dtype.
 
     With ``real=True`` a complex leaf gets the matching real dtype (|g|² and |g|
@@ -46,6 +53,12 @@ def zeros_like(params: Any, dtype: Any | None, *, real: bool = False, squares: b
     """
     for where, p in _checks.leaves_with_paths(params, "params"):
         _checks.check_leaf(p, where)
+        if dtype is not None and not real and jnp.iscomplexobj(p):
+            if not jnp.issubdtype(dtype, jnp.complexfloating):
+                raise TypeError(
+                    f"{dtype_name}={jnp.dtype(dtype).name} is real, but {where} is "
+                    f"{jnp.dtype(p.dtype).name}: the moment would lose the imaginary part"
+                )
 
     def leaf(p):
         dt = dtype if dtype is not None else p.dtype
@@ -87,6 +100,10 @@ def correction(
     ``1 - 0.999``): optax's float32 Adam step 1 is ``0.9999934·sign(g)`` instead of
     ``sign(g)``. torch forms the corrections in double on the host; this matches
     it to float32 rounding. float64 runs are float64 throughout.
+
+    For ``decay < 0.5`` the literal ``1 - decay**count`` is already accurate, and
+    it is used there: its derivative with respect to ``decay`` is right down to
+    ``decay = 0``, where the logarithm is singular.
     """
     if exponent is None:
         exponent = correction_exponent(decay, count)
@@ -94,7 +111,10 @@ def correction(
     # :class:`Memo`): XLA:CPU rewrites ``x / broadcast(c)`` as ``x * broadcast(1/c)``
     # only for a scalar ``c`` with one user, so a ``c`` shared between leaves
     # would move jitted results by an ulp.
-    return -jnp.expm1(exponent)
+    d = decay[0]
+    small = d < 0.5
+    direct = 1 - jnp.where(small, d, 0.25) ** count.astype(d.dtype)
+    return jnp.where(small, direct, -jnp.expm1(exponent))
 
 
 def correction_exponent(decay: tuple[jax.Array, jax.Array], count: jax.Array) -> jax.Array:
@@ -102,7 +122,11 @@ def correction_exponent(decay: tuple[jax.Array, jax.Array], count: jax.Array) ->
     d, one_minus_d = decay
     # log1p is only needed where 1-d is small; XLA:CPU's float64 log1p loses
     # ~8 bits on [-0.41, -0.35], where log(d) is exact enough.
-    log_d = jnp.where(one_minus_d < 0.25, jnp.log1p(-one_minus_d), jnp.log(d))
+    # Below 0.5 :func:`correction` does not use the exponent; safe inputs there
+    # keep its (unused) branch and its gradient finite.
+    large = d >= 0.5
+    om = jnp.where(large, one_minus_d, 0.25)
+    log_d = jnp.where(om < 0.25, jnp.log1p(-om), jnp.log(jnp.where(large, d, 0.75)))
     return count.astype(d.dtype) * log_d
 
 
@@ -140,7 +164,8 @@ def decayed(d: jax.Array, x: jax.Array) -> jax.Array:
     optax, and every later update of that element is 0. With ``b2 = 0`` there is
     no memory, so the next step must not see ``0·inf = NaN``.
     """
-    return jnp.where(d == 0, jnp.zeros((), x.dtype), d * x)
+    # Masking x (not the product) keeps the derivative in d, x, right at d = 0.
+    return d * jnp.where((d == 0) & jnp.isinf(x), jnp.zeros((), x.dtype), x)
 
 
 def map_leaves(

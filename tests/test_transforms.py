@@ -389,3 +389,54 @@ def test_maximize_ascends():
 def test_aliases_return_extra_args_transformations():
     for name, alias in ALIASES.items():
         assert isinstance(alias(), optax.GradientTransformationExtraArgs), name
+
+
+def test_bfloat16_hyperparameters_are_accepted():
+    opt = adam_jax.scale_by_adam(b1=jnp.asarray(0.9, jnp.bfloat16))
+    u, _ = opt.update(jnp.ones(2), opt.init(jnp.zeros(2)))
+    chex.assert_tree_all_finite(u)
+    adam_jax.adam(jnp.asarray(0.1, jnp.bfloat16))
+
+
+def test_adamw_mask_may_be_a_prefix_tree_as_in_optax():
+    params = {"enc": {"w": jnp.ones(3), "b": jnp.ones(3)}, "head": jnp.ones(2)}
+    grads = jax.tree.map(jnp.ones_like, params)
+    mask = {"enc": False, "head": True}
+    ours = adam_jax.adamw(0.1, weight_decay=0.5, mask=mask)
+    ref = optax.adamw(0.1, weight_decay=0.5, mask=mask)
+    u, _ = ours.update(grads, ours.init(params), params)
+    u_ref, _ = ref.update(grads, ref.init(params), params)
+    chex.assert_trees_all_close(u, u_ref, rtol=1e-5)
+    # Inside optax.masked the inner params carry MaskedNodes where masked out.
+    outer = {"enc": True, "head": False}
+    wrapped = optax.masked(adam_jax.adamw(0.1, mask=outer), outer)
+    u, _ = wrapped.update(grads, wrapped.init(params), params)
+    chex.assert_tree_all_finite(u)
+
+
+def test_real_mu_dtype_for_complex_params_is_named_at_init():
+    with pytest.raises(TypeError, match=r"mu_dtype=float32 is real, but params\['z'\]"):
+        adam_jax.scale_by_adam(mu_dtype=jnp.float32).init({"z": jnp.zeros(2, jnp.complex64)})
+
+
+@pytest.mark.parametrize("name", ["adam", "amsgrad", "adamax"])
+def test_gradient_with_respect_to_b1_at_zero_matches_optax(name):
+    """Meta-gradients: the bias correction and the zero-decay guard keep d/db1 exact at 0."""
+    ref = {"adam": optax.adam, "amsgrad": optax.amsgrad, "adamax": optax.adamax}[name]
+    ours = {"adam": adam_jax.adam, "amsgrad": adam_jax.amsgrad, "adamax": adam_jax.adamax}[name]
+    extra = {"adamax": {"eps_in_max": True}, "amsgrad": {"max_of": "corrected"}}.get(name, {})
+
+    def final_loss(b1, make, **kw):
+        opt = make(0.1, b1=b1, **kw)
+        p = jnp.array([1.0, -2.0])
+        s = opt.init(p)
+        for _ in range(3):
+            g = jax.grad(lambda q: jnp.sum(q**2))(p)
+            u, s = opt.update(g, s, p)
+            p = optax.apply_updates(p, u)
+        return jnp.sum(p**2)
+
+    got = jax.grad(lambda b: final_loss(b, ours, **extra))(0.0)
+    want = jax.grad(lambda b: final_loss(b, ref))(0.0)
+    assert np.isfinite(float(got))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
