@@ -158,7 +158,7 @@ def scale_by_adam(
                 mo.v,
                 mo.c2,
                 memo(("eps", mo.dtype), lambda: jnp.asarray(eps, mo.dtype)),
-                memo(("eps_root", mo.dtype), lambda: jnp.asarray(eps_root, mo.dtype)),
+                _common.offset("eps_root", eps_root, mo.dtype, memo),
                 eps_hat=eps_hat,
             )
             return u.astype(g.dtype), _common.store(mo.m, m), mo.v.astype(v.dtype)

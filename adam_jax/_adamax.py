@@ -113,10 +113,10 @@ def scale_by_adamax(
                 _common.divide(m_new, _common.correction(b1_, count, e1)), m_new
             )
             if eps_in_max:
-                u_new = jnp.maximum(jnp.abs(g_) + eps_, _common.decayed(b2_[0], u.astype(rdt)))
+                u_new = jnp.maximum(jnp.abs(g_) + eps_, _common.decayed(b2_, u.astype(rdt)))
                 d = _common.divide(m_hat, u_new)
             else:
-                u_new = jnp.maximum(_common.decayed(b2_[0], u.astype(rdt)), jnp.abs(g_))
+                u_new = jnp.maximum(_common.decayed(b2_, u.astype(rdt)), jnp.abs(g_))
                 d = _common.divide(m_hat, u_new + eps_)
             return d.astype(g.dtype), _common.store(m_new, m), u_new.astype(u.dtype)
 

@@ -123,7 +123,7 @@ def scale_by_amsgrad(
                 v_max_new,
                 mo.c2,
                 memo(("eps", mo.dtype), lambda: jnp.asarray(eps, mo.dtype)),
-                memo(("eps_root", mo.dtype), lambda: jnp.asarray(eps_root, mo.dtype)),
+                _common.offset("eps_root", eps_root, mo.dtype, memo),
                 eps_hat=eps_hat,
                 s_is_corrected=corrected,
             )

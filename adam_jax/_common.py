@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adam_jax import _checks
@@ -86,11 +87,19 @@ def increment(count: jax.Array) -> jax.Array:
     return optax.safe_increment(count)
 
 
-def correction(
-    decay: tuple[jax.Array, jax.Array],
-    count: jax.Array,
-    exponent: jax.Array | None = None,
-) -> jax.Array:
+class Decay(NamedTuple):
+    """A decay rate ``d`` and ``1 - d`` in the compute dtype (see :func:`decay_pair`)."""
+
+    d: jax.Array
+    one_minus_d: jax.Array
+    # The Python value when the hyperparameter is a plain number, else None. Branches
+    # that only guard traced decays (d = 0, d < 0.5) are then settled while tracing:
+    # a many-leaf update stages about half as many operations, and the values
+    # computed are the same.
+    value: float | None = None
+
+
+def correction(decay: Decay, count: jax.Array, exponent: jax.Array | None = None) -> jax.Array:
     """The bias correction ``1 - decay**count`` for a :func:`decay_pair`.
 
     Computed as ``-expm1(count·log1p(-(1-decay)))`` from ``1 - decay`` (formed in
@@ -111,34 +120,46 @@ def correction(
     # :class:`Memo`): XLA:CPU rewrites ``x / broadcast(c)`` as ``x * broadcast(1/c)``
     # only for a scalar ``c`` with one user, so a ``c`` shared between leaves
     # would move jitted results by an ulp.
-    d = decay[0]
+    d = decay.d
+    if decay.value is not None:
+        if decay.value < 0.5:
+            return 1 - d ** count.astype(d.dtype)
+        return -jnp.expm1(exponent)
     small = d < 0.5
     direct = 1 - jnp.where(small, d, 0.25) ** count.astype(d.dtype)
     return jnp.where(small, direct, -jnp.expm1(exponent))
 
 
-def correction_exponent(decay: tuple[jax.Array, jax.Array], count: jax.Array) -> jax.Array:
+def correction_exponent(decay: Decay, count: jax.Array) -> jax.Array:
     """``count·log(decay)``: the part of :func:`correction` that leaves can share."""
-    d, one_minus_d = decay
+    d, one_minus_d, value = decay
+    t = count.astype(d.dtype)
     # log1p is only needed where 1-d is small; XLA:CPU's float64 log1p loses
     # ~8 bits on [-0.41, -0.35], where log(d) is exact enough.
+    if value is not None:
+        if value < 0.5:
+            return t  # unused by :func:`correction`
+        if np.asarray(1.0 - value, d.dtype) < 0.25:
+            return t * jnp.log1p(-one_minus_d)
+        return t * jnp.log(d)
     # Below 0.5 :func:`correction` does not use the exponent; safe inputs there
     # keep its (unused) branch and its gradient finite.
     large = d >= 0.5
     om = jnp.where(large, one_minus_d, 0.25)
     log_d = jnp.where(om < 0.25, jnp.log1p(-om), jnp.log(jnp.where(large, d, 0.75)))
-    return count.astype(d.dtype) * log_d
+    return t * log_d
 
 
-def decay_pair(decay: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def decay_pair(decay: Any, dtype: Any) -> Decay:
     """``(decay, 1 - decay)`` in ``dtype``, with ``1 - decay`` formed in the
     hyperparameter's own precision (double for a Python float), as optax and
     torch do. Forming it after the cast would change float32 results by an ulp.
     """
-    if isinstance(decay, numbers.Real):
-        return jnp.asarray(decay, dtype), jnp.asarray(1.0 - float(decay), dtype)
+    if isinstance(decay, numbers.Real) and not isinstance(decay, bool):
+        value = float(decay)
+        return Decay(jnp.asarray(value, dtype), jnp.asarray(1.0 - value, dtype), value)
     decay = jnp.asarray(decay)
-    return decay.astype(dtype), (1 - decay).astype(dtype)
+    return Decay(decay.astype(dtype), (1 - decay).astype(dtype))
 
 
 def abs_sq(g: jax.Array) -> jax.Array:
@@ -148,22 +169,21 @@ def abs_sq(g: jax.Array) -> jax.Array:
     return g * g
 
 
-def ema(g: jax.Array, moment: jax.Array, decay: tuple[jax.Array, jax.Array]) -> jax.Array:
-    """``decay·moment + (1-decay)·g`` in the order optax uses, for bit-parity.
-
-    ``decay`` is the pair from :func:`decay_pair`.
-    """
-    d, one_minus_d = decay
-    return one_minus_d * g + decayed(d, moment)
+def ema(g: jax.Array, moment: jax.Array, decay: Decay) -> jax.Array:
+    """``decay·moment + (1-decay)·g`` in the order optax uses, for bit-parity."""
+    return decay.one_minus_d * g + decayed(decay, moment)
 
 
-def decayed(d: jax.Array, x: jax.Array) -> jax.Array:
+def decayed(decay: Decay, x: jax.Array) -> jax.Array:
     """``d·x``, but 0 when ``d`` is 0 even if ``x`` is inf.
 
     Once |g|² overflows (|g| > 1.8e19 in float32) ``v`` is inf, as in torch and
     optax, and every later update of that element is 0. With ``b2 = 0`` there is
     no memory, so the next step must not see ``0·inf = NaN``.
     """
+    d = decay.d
+    if decay.value is not None and decay.value != 0:
+        return d * x
     # Masking x (not the product) keeps the derivative in d, x, right at d = 0.
     return d * jnp.where((d == 0) & jnp.isinf(x), jnp.zeros((), x.dtype), x)
 
@@ -239,7 +259,7 @@ def adam_moments(
     m_new = ema(g, m.astype(cdt), b1_)
     v_new = ema(abs_sq(g), v.astype(rdt), b2_)
     if not bias_correction:
-        m_hat = b1_[0] * m_new + b1_[1] * g if nesterov else m_new
+        m_hat = b1_.d * m_new + b1_.one_minus_d * g if nesterov else m_new
         return Moments(g, m_new, v_new, m_hat, None, rdt)
     c1 = correction(b1_, count, memo(("c1", rdt), lambda: correction_exponent(b1_, count)))
     if nesterov:
@@ -250,7 +270,7 @@ def adam_moments(
         # multiplies by the real b1 as by b1+0j, and 0·inf would be NaN.
         m_term = no_overflow(divide(m_new, c1_next), m_new)
         g_term = no_overflow(divide(g, c1), g)
-        m_hat = no_overflow(b1_[0] * m_term + b1_[1] * g_term, m_new, g)
+        m_hat = no_overflow(b1_.d * m_term + b1_.one_minus_d * g_term, m_new, g)
     else:
         m_hat = no_overflow(divide(m_new, c1), m_new)
     c2 = correction(b2_, count, memo(("c2", rdt), lambda: correction_exponent(b2_, count)))
@@ -270,8 +290,11 @@ def no_overflow(x: jax.Array, *sources: jax.Array) -> jax.Array:
         im = no_overflow(jnp.imag(x), *(jnp.imag(s) for s in sources))
         return jax.lax.complex(re, im)
     finite = functools.reduce(jnp.logical_and, [jnp.isfinite(s) for s in sources])
-    big = jnp.finfo(x.dtype).max
-    return jnp.where(jnp.isinf(x) & finite, jnp.copysign(big, x), x)
+    # clamp leaves finite values alone and maps ±inf to ±max: the same values as
+    # a select on isinf with copysign, in a third of the staged operations.
+    big = float(jnp.finfo(x.dtype).max)
+    clamped = jax.lax.clamp(jnp.asarray(-big, x.dtype), x, jnp.asarray(big, x.dtype))
+    return jax.lax.select(finite, clamped, x)
 
 
 def store(x: jax.Array, like: jax.Array) -> jax.Array:
@@ -293,7 +316,7 @@ def adam_direction(
     s: jax.Array,
     c2: jax.Array | None,
     eps: jax.Array,
-    eps_root: jax.Array,
+    eps_root: jax.Array | None,
     *,
     eps_hat: bool,
     s_is_corrected: bool = False,
@@ -302,6 +325,7 @@ def adam_direction(
 
     ``c2 = 1 - b2**t`` (``None`` when bias correction is off). ``s`` is the raw
     second moment, or the already-corrected one when ``s_is_corrected``.
+    ``eps_root=None`` (see :func:`offset`) adds nothing inside the square root.
 
     * ``eps_hat=False`` (Kingma & Ba, PyTorch, optax): ``m̂ / (sqrt(ŝ + eps_root) + eps)``
       with ``ŝ = s / c2``.
@@ -309,12 +333,27 @@ def adam_direction(
       eps is added before the bias correction of ``s``.
     """
     if c2 is None:
-        return divide(m_hat, jnp.sqrt(s + eps_root) + eps)
+        return divide(m_hat, jnp.sqrt(_plus(s, eps_root)) + eps)
     if eps_hat:
         s_raw = s * c2 if s_is_corrected else s
-        return divide(m_hat * jnp.sqrt(c2), jnp.sqrt(s_raw + eps_root) + eps)
+        return divide(m_hat * jnp.sqrt(c2), jnp.sqrt(_plus(s_raw, eps_root)) + eps)
     s_hat = s if s_is_corrected else s / c2
-    return divide(m_hat, jnp.sqrt(s_hat + eps_root) + eps)
+    return divide(m_hat, jnp.sqrt(_plus(s_hat, eps_root)) + eps)
+
+
+def offset(name: str, value: Any, dtype: Any, memo: Memo) -> jax.Array | None:
+    """An additive hyperparameter (``eps_root``) in ``dtype``, or None for a plain 0.
+
+    Adding a literal 0 changes nothing here (second moments are never -0.0), so it
+    is left out rather than staged once per leaf.
+    """
+    if isinstance(value, numbers.Real) and value == 0:
+        return None
+    return memo((name, dtype), lambda: jnp.asarray(value, dtype))
+
+
+def _plus(x: jax.Array, c: jax.Array | None) -> jax.Array:
+    return x if c is None else x + c
 
 
 def divide(x: jax.Array, den: jax.Array) -> jax.Array:
