@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 import adam_jax
-from adam_jax import _bench, _common
+from adam_jax import _bench, _bench_inspect, _common
 
 HERE = Path(__file__).resolve().parent
 TARGET = "adam_jax_proto_adam_f32"
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=HERE.parent / "results" / "proto_ffi.json")
     args = ap.parse_args(argv)
     register()
-    report: dict = {"machine": _bench.machine_info(), "load_before": _bench._loadavg()}
+    report: dict = {"machine": _bench.machine_info(), "load_before": _bench_inspect.loadavg()}
     report["bitwise_one_leaf"] = check_bitwise([(4099,)])
     report["bitwise_many_leaves"] = check_bitwise([(7,), (3, 5), (300,), ()] + [(64,)] * 50)
     print(
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     gs = {k: jnp.asarray(rng.standard_normal(4096).astype(np.float32)) for k in ps}
     report["many_leaves"] = time_case(ps, gs, args.reps)
     print("many leaves", L, json.dumps(report["many_leaves"], indent=1))
-    report["load_after"] = _bench._loadavg()
+    report["load_after"] = _bench_inspect.loadavg()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
