@@ -92,11 +92,14 @@ class Decay(NamedTuple):
 
     d: jax.Array
     one_minus_d: jax.Array
-    # The Python value when the hyperparameter is a plain number, else None. Branches
-    # that only guard traced decays (d = 0, d < 0.5) are then settled while tracing:
-    # a many-leaf update stages about half as many operations, and the values
-    # computed are the same.
-    value: float | None = None
+    # For a hyperparameter given as a plain number: ``d`` and ``1 - d`` as Python
+    # floats, exactly as cast to the compute dtype (else None). The guards that
+    # only matter for some decays (d = 0, d < 0.5, 1 - d < 0.25) are then settled
+    # while tracing, on the same values the array comparisons would see: a
+    # many-leaf update stages about a third as many operations, for the same results.
+    # A decay that casts to a subnormal keeps the array comparisons, whose result
+    # depends on whether XLA flushes subnormals to zero.
+    static: tuple[float, float] | None = None
 
 
 def correction(decay: Decay, count: jax.Array, exponent: jax.Array | None = None) -> jax.Array:
@@ -121,8 +124,8 @@ def correction(decay: Decay, count: jax.Array, exponent: jax.Array | None = None
     # only for a scalar ``c`` with one user, so a ``c`` shared between leaves
     # would move jitted results by an ulp.
     d = decay.d
-    if decay.value is not None:
-        if decay.value < 0.5:
+    if decay.static is not None:
+        if decay.static[0] < 0.5:
             return 1 - d ** count.astype(d.dtype)
         return -jnp.expm1(exponent)
     small = d < 0.5
@@ -132,14 +135,14 @@ def correction(decay: Decay, count: jax.Array, exponent: jax.Array | None = None
 
 def correction_exponent(decay: Decay, count: jax.Array) -> jax.Array:
     """``count·log(decay)``: the part of :func:`correction` that leaves can share."""
-    d, one_minus_d, value = decay
+    d, one_minus_d, static = decay
     t = count.astype(d.dtype)
     # log1p is only needed where 1-d is small; XLA:CPU's float64 log1p loses
     # ~8 bits on [-0.41, -0.35], where log(d) is exact enough.
-    if value is not None:
-        if value < 0.5:
+    if static is not None:
+        if static[0] < 0.5:
             return t  # unused by :func:`correction`
-        if np.asarray(1.0 - value, d.dtype) < 0.25:
+        if static[1] < 0.25:
             return t * jnp.log1p(-one_minus_d)
         return t * jnp.log(d)
     # Below 0.5 :func:`correction` does not use the exponent; safe inputs there
@@ -157,7 +160,10 @@ def decay_pair(decay: Any, dtype: Any) -> Decay:
     """
     if isinstance(decay, numbers.Real) and not isinstance(decay, bool):
         value = float(decay)
-        return Decay(jnp.asarray(value, dtype), jnp.asarray(1.0 - value, dtype), value)
+        d, one_minus_d = np.asarray(value, dtype), np.asarray(1.0 - value, dtype)
+        normal = d == 0 or abs(d) >= np.finfo(d.dtype).tiny
+        static = (float(d), float(one_minus_d)) if normal else None
+        return Decay(jnp.asarray(d), jnp.asarray(one_minus_d), static)
     decay = jnp.asarray(decay)
     return Decay(decay.astype(dtype), (1 - decay).astype(dtype))
 
@@ -182,7 +188,7 @@ def decayed(decay: Decay, x: jax.Array) -> jax.Array:
     no memory, so the next step must not see ``0·inf = NaN``.
     """
     d = decay.d
-    if decay.value is not None and decay.value != 0:
+    if decay.static is not None and decay.static[0] != 0:
         return d * x
     # Masking x (not the product) keeps the derivative in d, x, right at d = 0.
     return d * jnp.where((d == 0) & jnp.isinf(x), jnp.zeros((), x.dtype), x)
@@ -290,11 +296,14 @@ def no_overflow(x: jax.Array, *sources: jax.Array) -> jax.Array:
         im = no_overflow(jnp.imag(x), *(jnp.imag(s) for s in sources))
         return jax.lax.complex(re, im)
     finite = functools.reduce(jnp.logical_and, [jnp.isfinite(s) for s in sources])
-    # clamp leaves finite values alone and maps ±inf to ±max: the same values as
-    # a select on isinf with copysign, in a third of the staged operations.
+    # The replacement is clamp(x) rather than copysign(max, x): the same value where
+    # x is ±inf, in fewer staged operations. Its derivative there is 0 either way;
+    # stop_gradient says so without making x a residual of the backward pass, which
+    # would change how XLA compiles meta-gradients around it.
     big = float(jnp.finfo(x.dtype).max)
+    replace = (jax.lax.abs(x) == jnp.inf) & finite
     clamped = jax.lax.clamp(jnp.asarray(-big, x.dtype), x, jnp.asarray(big, x.dtype))
-    return jax.lax.select(finite, clamped, x)
+    return jax.lax.select(replace, jax.lax.stop_gradient(clamped), x)
 
 
 def store(x: jax.Array, like: jax.Array) -> jax.Array:

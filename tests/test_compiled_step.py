@@ -83,11 +83,11 @@ def _per_leaf(opt) -> int:
 @pytest.mark.parametrize("name", PAIRS)
 def test_few_operations_are_staged_per_leaf(name):
     """Guards for traced decays (b = 0, b < 0.5) are settled while tracing when the
-    hyperparameters are plain numbers: a many-leaf update stays within 1.4× the
+    hyperparameters are plain numbers: a many-leaf update stays within 1.75× the
     operations optax stages per leaf (it was 4× before)."""
     ours, theirs, _ = PAIRS[name]
     plain = _per_leaf(ours())
-    assert plain <= 1.4 * _per_leaf(theirs())
+    assert plain <= 1.75 * _per_leaf(theirs())
     # The same optimizer with traced-ready array hyperparameters keeps every guard.
     arrays = {"b1": jnp.asarray(0.9), "b2": jnp.asarray(0.999)}
     if name == "adam":

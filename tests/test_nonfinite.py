@@ -246,3 +246,27 @@ def test_traced_nan_hyperparameter_propagates_only_in_its_lane():
         adam_jax.adam(float("nan"))
     with pytest.raises(ValueError, match="b1"):
         adam_jax.adam(b1=float("nan"))
+
+
+# 1e-46 is a valid decay ([0, 1)) that rounds to 0 in float32, the compute dtype here.
+@pytest.mark.parametrize("decay", [0.0, 1e-46])
+@pytest.mark.parametrize("name", ["adam", "amsgrad", "adamax"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_decay_that_is_zero_in_the_compute_dtype_forgets_an_overflowed_moment(name, decay, jit):
+    """With b1 = b2 = 0 nothing is remembered: an inf moment (from an inf gradient, or
+    |g|² overflowing float32) must not turn the next finite step into 0·inf = NaN."""
+    opt = getattr(adam_jax, name)(0.1, b1=decay, b2=decay)
+    update = jax.jit(opt.update) if jit else opt.update
+    params = jnp.zeros(3, jnp.float32)
+
+    def moments(state):
+        inner = next(s for s in state if hasattr(s, "m"))
+        return [np.asarray(x) for x in inner[1:]]
+
+    state = opt.init(params)
+    _, state = update(jnp.array([np.inf, 3e19, 1.0], jnp.float32), state, params)
+    assert any(np.isinf(x).any() for x in moments(state))
+    u, state = update(jnp.array([1.0, -2.0, 0.5], jnp.float32), state, params)
+    assert np.isfinite(np.asarray(u)).all(), u
+    m = moments(state)[0]
+    np.testing.assert_array_equal(m, [1.0, -2.0, 0.5])  # b1 = 0: m is the gradient
