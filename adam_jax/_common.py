@@ -158,7 +158,7 @@ def decay_pair(decay: Any, dtype: Any) -> Decay:
     hyperparameter's own precision (double for a Python float), as optax and
     torch do. Forming it after the cast would change float32 results by an ulp.
     """
-    if isinstance(decay, numbers.Real) and not isinstance(decay, bool):
+    if isinstance(decay, numbers.Real):
         value = float(decay)
         d, one_minus_d = np.asarray(value, dtype), np.asarray(1.0 - value, dtype)
         normal = d == 0 or abs(d) >= np.finfo(d.dtype).tiny
