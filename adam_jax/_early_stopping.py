@@ -65,6 +65,11 @@ def _check_like_init(params: Any, best_params: Any) -> None:
     _checks.check_leaf_shapes(params, best_params, **names)
 
 
+def _without_weak_types(tree: Any) -> Any:
+    """``tree`` as arrays of their own dtypes, so a loop carry keeps one type."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), tree)
+
+
 def _tree_where(cond: jax.Array, new: Any, old: Any) -> Any:
     """``new`` where ``cond`` else ``old``, leaf by leaf, in ``old``'s dtypes."""
     return jax.tree.map(lambda n, o: jnp.where(cond, n, o).astype(jnp.result_type(o)), new, old)
@@ -194,12 +199,7 @@ def early_stopping(
             step=jnp.zeros([], jnp.int32),
             best_value=best,
             best_step=jnp.full([], -1, jnp.int32),
-            # Without weak types, so the state keeps one type through a loop.
-            best_params=(
-                jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), params)
-                if restore_best
-                else None
-            ),
+            best_params=_without_weak_types(params) if restore_best else None,
             wait=jnp.zeros([], jnp.int32),
             should_stop=jnp.zeros([], bool),
             reason=jnp.full([], StopReason.NONE, jnp.int32),

@@ -11,7 +11,13 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax import _checks, _fit_checks, _reporting
-from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState, StopReason, _tree_where
+from adam_jax._early_stopping import (
+    EarlyStopping,
+    EarlyStoppingState,
+    StopReason,
+    _tree_where,
+    _without_weak_types,
+)
 
 
 class FitResult(NamedTuple):
@@ -94,8 +100,7 @@ def _run(
     log_every: int | None,
     progress: bool,
 ) -> FitResult:
-    # Strip weak types so the loop carry keeps one type across iterations.
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), params)
+    params = _without_weak_types(params)
     if opt_state is None:
         opt_state = optimizer.init(params)
     else:
