@@ -66,12 +66,9 @@ def _checked(
     def update_fn(updates, state, params=None, **extra_args):
         inner = state[scaler] if isinstance(state, tuple) and len(state) == len(parts) else None
         if hasattr(inner, "m"):
-            _checks.check_same_tree(updates, inner.m)
-            _checks.check_leaf_shapes(updates, inner.m)
+            _checks.check_like(updates, inner.m)
         if params is not None:  # optax's own NO_PARAMS_MSG names missing params
-            names = dict(what="params", reference_name="the grads")
-            _checks.check_same_tree(params, updates, **names)
-            _checks.check_leaf_shapes(params, updates, **names)
+            _checks.check_like(params, updates, what="params", reference_name="the grads")
             check_mask(params)
         return chain.update(updates, state, params, **extra_args)
 

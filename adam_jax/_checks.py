@@ -232,10 +232,12 @@ def check_prefix_tree(tree: Any, reference: Any, *, what: str, reference_name: s
     raise ValueError(" ".join(parts))
 
 
-def check_leaf_shapes(
+def check_like(
     tree: Any, reference: Any, *, what: str = "grads", reference_name: str = "the state"
 ) -> None:
-    """Raise ``ValueError`` naming the first leaf whose shape differs."""
+    """Raise ``ValueError`` unless ``tree`` has ``reference``'s structure (see
+    :func:`check_same_tree`) and leaf shapes, naming the first leaf whose shape differs."""
+    check_same_tree(tree, reference, what=what, reference_name=reference_name)
     for (path, x), r in zip(
         jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(reference), strict=True
     ):
@@ -253,8 +255,7 @@ def prepare_update(grads: Any, state: Any, state_cls: type, owner: str) -> None:
             f"{owner}'s update expects the {state_cls.__name__} its init returns, "
             f"got {type(state).__name__}"
         )
-    check_same_tree(grads, state.m)
-    check_leaf_shapes(grads, state.m)
+    check_like(grads, state.m)
     for (where, g), m in zip(
         leaves_with_paths(grads, "grads"), jax.tree.leaves(state.m), strict=True
     ):

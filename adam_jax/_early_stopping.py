@@ -59,12 +59,6 @@ class EarlyStopping(NamedTuple):
     update: Callable[..., EarlyStoppingState]
 
 
-def _check_like_init(params: Any, best_params: Any) -> None:
-    names = dict(what="params", reference_name="the params given to init")
-    _checks.check_same_tree(params, best_params, **names)
-    _checks.check_leaf_shapes(params, best_params, **names)
-
-
 def _without_weak_types(tree: Any) -> Any:
     """``tree`` as arrays of their own dtypes, so a loop carry keeps one type."""
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), tree)
@@ -212,7 +206,9 @@ def early_stopping(
                     "early_stopping(restore_best=True).update needs params: "
                     "update(state, value, params)"
                 )
-            _check_like_init(params, state.best_params)
+            _checks.check_like(
+                params, state.best_params, what="params", reference_name="the params given to init"
+            )
         value = jnp.asarray(value)
         if value.ndim != 0:
             raise ValueError(f"the monitored value must be a scalar, got shape {value.shape}")
