@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
@@ -103,20 +102,10 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def machine_info() -> dict:
-    import jax
-    import numpy as np
+    """The step benchmark's machine record (CPU, cores, versions), plus the load now."""
+    from adam_jax import _bench_inspect
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "numpy": np.__version__,
-        "cpu_count": os.cpu_count(),
-        "usable_cores": cores,
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
+    return _bench_inspect.machine_info() | {"load_average_at_start": _bench_inspect.loadavg()}
 
 
 def main() -> None:
@@ -183,7 +172,8 @@ def main() -> None:
     )
     load = info["load_average_at_start"]
     print(
-        f"{info['processor']}, {info['usable_cores']} usable cores, jax {info['jax']}, "
+        f"{info['cpu']}, {info['usable_cores']} usable cores, "
+        f"jax {info['versions']['jax']}, optax {info['versions']['optax']}, "
         f"load average at start {load[0]:.1f}"
         if load
         else ""
