@@ -45,15 +45,12 @@ from adam_jax import _bench, _seeds
 
 
 def machine() -> dict:
-    """The benchmark suite's machine record, plus the load at the start of this run."""
+    """The benchmark suite's machine record, plus the load at the start of this run,
+    with the versions (and Python's) on their own."""
     info = _bench.machine_info()
-    del info["versions"]  # reported on their own, by versions()
+    versions = {"python": platform.python_version()} | info.pop("versions")
     info["load_average_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return info
-
-
-def versions() -> dict:
-    return {"python": platform.python_version()} | _bench.machine_info()["versions"]
+    return {"machine": info, "versions": versions}
 
 
 def problems(n: int, lr_min: float, lr_max: float) -> tuple[np.ndarray, ...]:
@@ -204,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.quick else 5)
     xs, ys, lrs = problems(n, args.lr_min, args.lr_max)
 
-    info = {"machine": machine(), "versions": versions()}
+    info = machine()
     print(
         f"machine: {info['machine']['cpu']}, {info['machine']['cores']} cores "
         f"({info['machine']['usable_cores']} usable), load {info['machine']['load_average_1min']}, "
