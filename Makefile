@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11 and pip:
-#   make demo   creates .venv, installs adam_jax, runs `adam-jax demo`
+#   make demo   creates .venv, installs adam_jax, runs examples/demo.py
 #   make test   creates .venv, installs adam_jax[test], runs the whole suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -20,19 +20,19 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/adam-jax demo
+	$(BIN)/python examples/demo.py
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 bench: $(VENV)/.installed-test
-	$(BIN)/adam-jax bench
+	$(BIN)/python benchmarks/bench_update.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

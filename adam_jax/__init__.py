@@ -1,5 +1,7 @@
 """adam_jax: Adam, AMSGrad and Adamax for JAX, exact against PyTorch, optax and Keras."""
 
+import importlib.metadata
+
 from adam_jax._adam import AdamState, adam, adamw, scale_by_adam
 from adam_jax._adamax import AdamaxState, adamax, adamaxw, scale_by_adamax
 from adam_jax._amsgrad import AMSGradState, amsgrad, scale_by_amsgrad
@@ -12,7 +14,7 @@ from adam_jax._early_stopping import (
 from adam_jax._fit import FitResult, fit
 from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("adam_jax")  # set in pyproject.toml only
 
 __all__ = [
     "AMSGradState",

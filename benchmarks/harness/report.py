@@ -1,25 +1,30 @@
-"""The benchmark's report as Markdown tables, from the JSON it writes."""
+"""Markdown tables: the one formatter every benchmark prints with, and the step report."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
-from adam_jax._bench_cases import ratio
-from adam_jax._bench_inspect import REGION_ANALYSIS
+from harness.cases import ratio
+from harness.hlo import REGION_ANALYSIS
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _table(header: list[str], rows: Iterable[list[str]]) -> str:
-    rows = [header, *rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+def table(header: list[str], rows: Iterable[list[str]], right: Iterable[int] = ()) -> str:
+    """A Markdown table with padded columns; the columns numbered in ``right`` align right."""
+    cells = [header, *rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    right = set(right)
+
+    def pad(c: str, i: int) -> str:
+        return c.rjust(widths[i]) if i in right else c.ljust(widths[i])
+
+    lines = ["| " + " | ".join(pad(c, i) for i, c in enumerate(r)) + " |" for r in cells]
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i in right else "-") for i, w in enumerate(widths))
+    lines.insert(1, rule + "|")
     return "\n".join(lines)
 
 
@@ -80,7 +85,7 @@ def format_report(report: dict[str, Any]) -> str:
         out += [
             "",
             "Step time",
-            _table(
+            table(
                 [
                     "case",
                     "optimizer",
@@ -118,7 +123,7 @@ def format_report(report: dict[str, Any]) -> str:
         out += [
             "",
             "Compile time, many leaves (s)",
-            _table(
+            table(
                 [
                     "optimizer",
                     "leaves",
@@ -150,7 +155,7 @@ def format_report(report: dict[str, Any]) -> str:
         out += [
             "",
             "vmap over many small problems (ms)",
-            _table(
+            table(
                 [
                     "optimizer",
                     "problems x params",
@@ -188,7 +193,7 @@ def format_report(report: dict[str, Any]) -> str:
         "",
         "Optimized HLO and memory (kernels over parameter-sized arrays; "
         "peak = XLA arguments + outputs - donated + temporaries; budget = params + grads + state)",
-        _table(
+        table(
             [
                 "case",
                 "optimizer",

@@ -1,8 +1,9 @@
-"""The four seed documents' own code and numbers against adam_jax.
+"""Four classic Adam exercises, their own code and numbers against adam_jax.
 
-The references are the seeds' algorithms as transcribed in ``adam_jax._seeds``
-(seed 001's NumPy loop, seed 002's hand arithmetic, seed 003's ``Adamax``) and,
-for seed 000, the seed's model trained by live ``torch.optim.Adam(amsgrad=True)``.
+The references are the exercises' algorithms as transcribed in ``tests/references``
+(the NumPy Adam loop on a linear regression, the worked example's arithmetic, the
+``Adamax`` function) and, for the MLP, the model trained by live
+``torch.optim.Adam(amsgrad=True)``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import adam_jax
-from adam_jax import _seeds
+from references import adamax, amsgrad_mlp, linear_regression, worked_example
 
 
 def find_state(state, types):
@@ -25,19 +26,19 @@ def find_state(state, types):
 
 
 # --------------------------------------------------------------------------
-# Seed 000: Linear(1000→100), ReLU, Linear(100→10), sum-MSE, AMSGrad, float32.
+# The MLP: Linear(1000→100), ReLU, Linear(100→10), sum-MSE, AMSGrad, float32.
 # --------------------------------------------------------------------------
 
-S0 = _seeds.SEED000
+S0 = amsgrad_mlp.SETTINGS
 # float32 reduction-order noise between torch and XLA reaches ~6e-4 relative late
 # in the run, where the loss has fallen by eight orders of magnitude; the wrong
 # formulas below are off by 0.75 (Adam) and 1e4 (corrected maximum).
-SEED000_RTOL = 5e-3
+MLP_RTOL = 5e-3
 
 
 @pytest.fixture(scope="module")
-def seed000_torch():
-    """Seed 000's script run with torch: torch's own initial weights, data and loss curve."""
+def mlp_torch():
+    """The tutorial's script run with torch: torch's own initial weights, data and loss curve."""
     torch.manual_seed(0)
     x = torch.randn(S0["N"], S0["D_in"])
     y = torch.randn(S0["N"], S0["D_out"])
@@ -50,17 +51,17 @@ def seed000_torch():
         "w2": model[2].weight.detach().numpy().T.copy(),
         "b2": model[2].bias.detach().numpy().copy(),
     }
-    losses = _seeds.seed000_torch_losses(init, x.numpy(), y.numpy())
+    losses = amsgrad_mlp.torch_losses(init, x.numpy(), y.numpy())
     return init, x.numpy(), y.numpy(), losses
 
 
-def seed000_jax_losses(opt, init, x, y) -> np.ndarray:
+def mlp_jax_losses(opt, init, x, y) -> np.ndarray:
     x, y = jnp.asarray(x), jnp.asarray(y)
 
     def loss_fn(params):
-        # The seed's biases broadcast over the batch, as in torch.nn.Linear.
+        # The biases broadcast over the batch, as in torch.nn.Linear.
         with jax.numpy_rank_promotion("allow"):
-            return _seeds.seed000_loss(params, x, y, jnp)
+            return amsgrad_mlp.loss(params, x, y, jnp)
 
     @jax.jit
     def train(params):
@@ -79,11 +80,11 @@ def seed000_jax_losses(opt, init, x, y) -> np.ndarray:
     return losses.astype(np.float64)
 
 
-def test_seed000_amsgrad_tracks_torch(seed000_torch):
-    init, x, y, torch_losses = seed000_torch
-    ours = seed000_jax_losses(adam_jax.amsgrad(S0["learning_rate"], eps=S0["eps"]), init, x, y)
+def test_mlp_amsgrad_tracks_torch(mlp_torch):
+    init, x, y, torch_losses = mlp_torch
+    ours = mlp_jax_losses(adam_jax.amsgrad(S0["learning_rate"], eps=S0["eps"]), init, x, y)
     assert ours[0] == pytest.approx(torch_losses[0], rel=1e-6)  # same model, same start
-    np.testing.assert_allclose(ours, torch_losses, rtol=SEED000_RTOL)
+    np.testing.assert_allclose(ours, torch_losses, rtol=MLP_RTOL)
     # The run trains: the loss falls by orders of magnitude, so the whole curve is tested.
     assert torch_losses[-1] < 1e-3 * torch_losses[0]
 
@@ -98,24 +99,24 @@ def test_seed000_amsgrad_tracks_torch(seed000_torch):
         pytest.param(adam_jax.adam(S0["learning_rate"], eps=S0["eps"]), id="adam-no-amsgrad"),
     ],
 )
-def test_seed000_wrong_formulas_do_not_track_torch(seed000_torch, opt):
+def test_mlp_wrong_formulas_do_not_track_torch(mlp_torch, opt):
     """Negative control: the tolerance above is tight enough to catch a wrong formula."""
-    init, x, y, torch_losses = seed000_torch
-    ours = seed000_jax_losses(opt, init, x, y)
+    init, x, y, torch_losses = mlp_torch
+    ours = mlp_jax_losses(opt, init, x, y)
     rel = np.abs(ours - torch_losses) / torch_losses
-    assert np.max(rel) > 20 * SEED000_RTOL
+    assert np.max(rel) > 20 * MLP_RTOL
 
 
 # --------------------------------------------------------------------------
-# Seed 001: the NumPy Adam loop on linear regression.
+# Adam from scratch: the NumPy loop on a linear regression, stopping at MSE < 1.
 # --------------------------------------------------------------------------
 
 
-def test_seed001_loop_with_adam_jax():
-    """adam_jax.adam driven in the seed's own loop: same stop and same weights."""
-    x_np, y_np = _seeds.seed001_data()
-    ref = _seeds.seed001_numpy_adam(x_np, y_np)
-    s = _seeds.SEED001
+def test_linear_regression_loop_with_adam_jax():
+    """adam_jax.adam driven in the NumPy loop's own iteration: same stop and same weights."""
+    x_np, y_np = linear_regression.data()
+    ref = linear_regression.numpy_adam(x_np, y_np)
+    s = linear_regression.SETTINGS
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     opt = adam_jax.adam(s["alpha"], s["beta1"], s["beta2"], s["epsilon"])
 
@@ -147,12 +148,12 @@ def test_seed001_loop_with_adam_jax():
 
 
 # --------------------------------------------------------------------------
-# Seed 002: the one-step worked example.
+# The one-step worked example.
 # --------------------------------------------------------------------------
 
 
-def test_seed002_worked_example():
-    s = _seeds.SEED002
+def test_worked_example():
+    s = worked_example.SETTINGS
     opt = adam_jax.adam(s["learning_rate"])
     w = jnp.asarray(s["w"], jnp.float64)
     grad = jax.grad(lambda w: (w * s["x"] - s["y"]) ** 2)(w)
@@ -163,38 +164,38 @@ def test_seed002_worked_example():
     w = optax.apply_updates(w, updates)
     inner = find_state(state, adam_jax.AdamState)
 
-    # The seed's numbers: m = -1.5, v = 0.225, m̂ = -15, v̂ = 225, w = 0.6.
+    # The example's numbers: m = -1.5, v = 0.225, m̂ = -15, v̂ = 225, w = 0.6.
     assert float(inner.m) == pytest.approx(-1.5, rel=1e-14)
     assert float(inner.v) == pytest.approx(0.225, rel=1e-14)
     assert float(inner.m) / (1 - s["beta1"]) == pytest.approx(-15.0, rel=1e-14)
     assert float(inner.v) / (1 - s["beta2"]) == pytest.approx(225.0, rel=1e-12)
     assert float(w) == pytest.approx(0.6, abs=1e-9)
 
-    by_hand = _seeds.seed002_by_hand(t=1)
+    by_hand = worked_example.by_hand(t=1)
     assert (by_hand.g, by_hand.m, by_hand.v) == pytest.approx((-15.0, -1.5, 0.225))
     assert float(w) == pytest.approx(by_hand.w, rel=1e-14)
 
 
-def test_seed002_slip_is_not_adam():
-    """The seed corrects its first step with t = 2; that gives ≈ 0.5744, not 0.6."""
-    slip = _seeds.seed002_by_hand(t=2)
+def test_worked_example_slip_is_not_adam():
+    """The example corrects its first step with t = 2; that gives ≈ 0.5744, not 0.6."""
+    slip = worked_example.by_hand(t=2)
     assert slip.w == pytest.approx(0.5744, abs=1e-4)
     assert abs(slip.w - 0.6) > 0.02
 
 
 # --------------------------------------------------------------------------
-# Seed 003: Adamax.
+# Adamax with eps outside the max.
 # --------------------------------------------------------------------------
 
 
-def seed003_jax(opt, theta0, num_iterations=1000):
-    x, y = (jnp.asarray(a) for a in _seeds.seed003_data())
+def adamax_jax(opt, theta0, num_iterations=1000):
+    x, y = (jnp.asarray(a) for a in adamax.data())
 
     @jax.jit
     def run(theta):
         def body(carry, _):
             theta, state = carry
-            gradients = _seeds.seed003_compute_gradients((x, y), theta)
+            gradients = adamax.compute_gradients((x, y), theta)
             updates, state = opt.update(gradients, state, theta)
             return (optax.apply_updates(theta, updates), state), None
 
@@ -210,15 +211,15 @@ THETA0 = [
 
 
 @pytest.mark.parametrize("theta0", THETA0)
-def test_seed003_adamax(theta0):
-    ref = _seeds.seed003_adamax(_seeds.seed003_data(), theta0)
-    ours = seed003_jax(adam_jax.adamax(1e-2, eps=1e-6), theta0)
+def test_adamax_function(theta0):
+    ref = adamax.adamax(adamax.data(), theta0)
+    ours = adamax_jax(adam_jax.adamax(1e-2, eps=1e-6), theta0)
     np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("theta0", THETA0)
-def test_seed003_is_not_eps_in_max(theta0):
+def test_adamax_function_is_not_eps_in_max(theta0):
     """torch's and optax's form (eps inside the max) is a different algorithm."""
-    ref = _seeds.seed003_adamax(_seeds.seed003_data(), theta0)
-    other = seed003_jax(adam_jax.adamax(1e-2, eps=1e-6, eps_in_max=True), theta0)
+    ref = adamax.adamax(adamax.data(), theta0)
+    other = adamax_jax(adam_jax.adamax(1e-2, eps=1e-6, eps_in_max=True), theta0)
     assert np.max(np.abs(other - ref)) > 1e-12

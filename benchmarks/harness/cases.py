@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import adam_jax
-from adam_jax._bench_inspect import REGION_ANALYSIS, hlo_stats, memory_row, tree_bytes
+from harness.hlo import REGION_ANALYSIS, hlo_stats, memory_row, tree_bytes
 
 
 @dataclasses.dataclass(frozen=True)
