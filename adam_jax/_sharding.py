@@ -13,7 +13,7 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> from jax.sharding import NamedSharding, PartitionSpec as P
   >>> import adam_jax
-  >>> from adam_jax._sharding import bytes_per_device, zero1_state_shardings
+  >>> from adam_jax import bytes_per_device, zero1_state_shardings
   >>> mesh = jax.make_mesh((1,), ("data",))
   >>> params = {"w": jnp.zeros((4, 3), jnp.float32), "b": jnp.zeros(3, jnp.float32)}
   >>> opt = adam_jax.adam(1e-3)
@@ -55,6 +55,8 @@ def zero1_spec(shape: Sequence[int], axis_size: int, axis: str) -> PartitionSpec
       A ``PartitionSpec`` naming ``axis`` at most once, or ``PartitionSpec()``.
 
     Example:
+      >>> from jax.sharding import PartitionSpec
+      >>> from adam_jax import zero1_spec
       >>> zero1_spec((6, 16), 4, "data") == PartitionSpec(None, "data")
       True
       >>> zero1_spec((3, 5), 4, "data") == PartitionSpec()
@@ -115,6 +117,18 @@ def zero1_state_shardings(
     References:
       Rajbhandari, Rasley, Ruwase and He, `ZeRO: Memory Optimizations Toward
       Training Trillion Parameter Models <https://arxiv.org/abs/1910.02054>`_, 2020.
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import adam_jax
+      >>> mesh = jax.make_mesh((1,), ("data",))
+      >>> params = {"w": jnp.zeros((4, 2), jnp.float32)}
+      >>> opt = adam_jax.adam(1e-3)
+      >>> shardings = adam_jax.zero1_state_shardings(opt, params, mesh, axis="data")
+      >>> [tuple(s.spec) for s in jax.tree.leaves(shardings)]  # the count, then m and v
+      [(), ('data', None), ('data', None)]
+      >>> state = jax.jit(opt.init, out_shardings=shardings)(params)
+      >>> adam_jax.bytes_per_device(state)  # one device: 2 moments * 8 floats * 4 B + the count
+      68
     """
     if axis not in mesh.axis_names:
         raise ValueError(
@@ -141,6 +155,12 @@ def bytes_per_device(tree: Any, shardings: Any = None) -> int:
 
     Returns:
       The number of bytes, an ``int``.
+
+    Example:
+      >>> import numpy as np
+      >>> from adam_jax import bytes_per_device
+      >>> bytes_per_device({"w": np.zeros((4, 3), np.float32), "step": np.int32(0)})
+      52
     """
     leaves = jax.tree.leaves(tree)
     if shardings is None:

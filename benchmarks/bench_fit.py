@@ -1,14 +1,15 @@
 """Benchmark: many small trainings as one jit(vmap(fit)) call vs. a Python loop of optax steps.
 
-The problems are seed 001's: Adam on a linear regression (200 samples, 4 weights
-including the intercept), stopping at the first step whose MSE is at most 1.
+The problems are "Adam from scratch on a linear regression" (200 samples, 4 weights
+including the intercept; ``tests/references/linear_regression.py``), stopping at the
+first step whose MSE is at most 1.
 Each problem has its own data and its own learning rate (log-spaced).
 
 * ``fit``: one ``jax.jit(jax.vmap(...))`` call over a function calling
   ``adam_jax.fit``; every problem stops on its own.
 * ``loop``: the usual way, one problem at a time: a jitted optax training step
-  called from Python, checking the MSE on the host at every step as the seed
-  does. Only a subset of the problems (spread over the learning rates) is
+  called from Python, checking the MSE on the host at every step as the NumPy
+  loop does. Only a subset of the problems (spread over the learning rates) is
   timed; the time for all is extrapolated by step count, and the output says so.
 
 Also measured: what ``progress=True, log_every=100`` costs a single fit.
@@ -39,39 +40,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from harness.machine import machine_info
 
 import adam_jax
-from adam_jax import _bench, _seeds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from references import linear_regression
 
 
 def machine() -> dict:
     """The benchmark suite's machine record, plus the load at the start of this run,
     with the versions (and Python's) on their own."""
-    info = _bench.machine_info()
+    info = machine_info()
     versions = {"python": platform.python_version()} | info.pop("versions")
     info["load_average_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"machine": info, "versions": versions}
 
 
 def problems(n: int, lr_min: float, lr_max: float) -> tuple[np.ndarray, ...]:
-    xs, ys = zip(*(_seeds.seed001_data(n=200, seed=k) for k in range(n)), strict=True)
+    xs, ys = zip(*(linear_regression.data(n=200, seed=k) for k in range(n)), strict=True)
     lrs = np.geomspace(lr_min, lr_max, n)
     return np.stack(xs).astype(np.float32), np.stack(ys).astype(np.float32), lrs.astype(np.float32)
 
 
-def seed001_loss(x, y):
-    # Seed 001's gradient -xᵀ(y - xwᵀ) is that of half the sum of squares; it
-    # stops on the MSE, which is therefore the metric.
-    def loss_fn(w):
-        error = y - x @ w.T
-        return 0.5 * jnp.sum(error**2), jnp.sum(error**2) / x.shape[0]
-
-    return loss_fn
-
-
 def fit_one(x, y, lr, num_steps):
     return adam_jax.fit(
-        seed001_loss(x, y),
+        lambda w: linear_regression.loss(w, x, y),
         jnp.zeros((1, x.shape[1]), x.dtype),
         adam_jax.adam(lr),
         num_steps=num_steps,
@@ -103,7 +97,7 @@ def bench_loop(xs, ys, lrs, num_steps, repeats):
 
     @jax.jit
     def step(w, opt_state, x, y, lr):
-        (_, mse), g = jax.value_and_grad(seed001_loss(x, y), has_aux=True)(w)
+        (_, mse), g = jax.value_and_grad(linear_regression.loss, has_aux=True)(w, x, y)
         updates, opt_state = optax.adam(lr).update(g, opt_state, w)
         return optax.apply_updates(w, updates), opt_state, mse
 
@@ -131,7 +125,7 @@ def bench_progress(num_steps: int, repeats: int) -> dict:
     """One fit with and without ``progress=True, log_every=100``, on two problem sizes."""
     out = {}
     rng = np.random.default_rng(0)
-    x1, y1 = (jnp.asarray(a, jnp.float32) for a in _seeds.seed001_data())
+    x1, y1 = (jnp.asarray(a, jnp.float32) for a in linear_regression.data())
     x2 = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)
     y2 = jnp.asarray(rng.standard_normal((256, 1)), jnp.float32)
     w2 = {
@@ -139,8 +133,8 @@ def bench_progress(num_steps: int, repeats: int) -> dict:
         "w2": jnp.asarray(rng.standard_normal((128, 1)) / 11, jnp.float32),
     }
     cases = {
-        "seed001_linear_regression": (
-            lambda w: jnp.mean((y1 - x1 @ w.T) ** 2),
+        "linear_regression": (
+            lambda w: linear_regression.loss(w, x1, y1)[1],
             jnp.zeros((1, 4), jnp.float32),
             num_steps,
         ),
@@ -209,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     print(
-        f"{n} seed-001 regressions, learning rates {lrs[0]:.3g}..{lrs[-1]:.3g}, float32, "
+        f"{n} linear regressions, learning rates {lrs[0]:.3g}..{lrs[-1]:.3g}, float32, "
         f"stop at MSE <= 1, at most {args.num_steps} steps"
     )
 

@@ -101,11 +101,11 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
-def machine_info() -> dict:
+def machine() -> dict:
     """The step benchmark's machine record (CPU, cores, versions), plus the load now."""
-    from adam_jax import _bench_inspect
+    from harness.machine import loadavg, machine_info  # imports jax: not in the workers
 
-    return _bench_inspect.machine_info() | {"load_average_at_start": _bench_inspect.loadavg()}
+    return machine_info() | {"load_average_at_start": loadavg()}
 
 
 def main() -> None:
@@ -128,7 +128,7 @@ def main() -> None:
 
     import numpy as np
 
-    info = machine_info()
+    info = machine()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         reference = None
@@ -180,22 +180,25 @@ def main() -> None:
     )
     print(f"{command}")
     print()
-    print(
-        "| devices | problems/device | compile s | best s | median s | speed-up (best) "
-        "| cores busy | max abs diff params | max rel diff final loss |"
-    )
-    print(
-        "|--------:|----------------:|----------:|-------:|---------:|----------------:"
-        "|-----------:|--------------------:|------------------------:|"
-    )
-    for r in rows:
-        print(
-            f"| {r['devices']:7d} | {r['problems_per_device'][0]:15d} | {r['compile_s']:9.2f} "
-            f"| {r['best_s']:6.3f} | {r['median_s']:8.3f} | {r['speedup_best']:14.2f}x "
-            f"| {r['cores_busy']:10.2f} "
-            f"| {r['max_abs_diff_params_vs_first']:19.1e} "
-            f"| {r['max_rel_diff_final_loss_vs_first']:23.1e} |"
-        )
+    from harness.report import table
+
+    header = ["devices", "problems/device", "compile s", "best s", "median s"]
+    header += ["speed-up (best)", "cores busy", "max abs diff params", "max rel diff final loss"]
+    cells = [
+        [
+            str(r["devices"]),
+            str(r["problems_per_device"][0]),
+            f"{r['compile_s']:.2f}",
+            f"{r['best_s']:.3f}",
+            f"{r['median_s']:.3f}",
+            f"{r['speedup_best']:.2f}x",
+            f"{r['cores_busy']:.2f}",
+            f"{r['max_abs_diff_params_vs_first']:.1e}",
+            f"{r['max_rel_diff_final_loss_vs_first']:.1e}",
+        ]
+        for r in rows
+    ]
+    print(table(header, cells, right=range(len(header))))
     print()
     note = (
         f"Fake CPU devices share the {info['usable_cores']} cores of this machine (and the "

@@ -30,7 +30,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adam_jax
-from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
+from adam_jax import bytes_per_device, zero1_spec, zero1_state_shardings
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")

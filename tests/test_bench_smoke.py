@@ -1,4 +1,4 @@
-"""The step benchmark (``adam-jax bench``) still runs end to end and writes its JSON.
+"""The step benchmark (``benchmarks/bench_update.py``) runs end to end and writes its JSON.
 
 Tiny sizes and two runs per contender: this checks the script, never a speed.
 """
@@ -6,10 +6,15 @@ Tiny sizes and two runs per contender: this checks the script, never a speed.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from adam_jax import _bench
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_update
+
+BENCHMARKS = Path(bench_update.__file__).parent
 
 TINY = [
     "--one-leaf-log2", "10",
@@ -25,14 +30,14 @@ TINY = [
 
 def test_bench_writes_every_case(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert _bench.main([*TINY, "--json", str(out)]) == 0
+    assert bench_update.main([*TINY, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {"schema", "machine", "settings", "method", "goals", "cases"} <= set(report)
     assert {"cpu", "cores", "versions"} <= set(report["machine"])
     assert {"jax", "jaxlib", "optax", "torch"} <= set(report["machine"]["versions"])
     assert report["settings"]["reps"] == 2
     by_case = {row["case"]: row for row in report["cases"]}
-    assert set(by_case) == set(_bench.CASES)
+    assert set(by_case) == set(bench_update.CASES)
     for row in report["cases"]:
         assert row["optimizer"] == "adam"
         for name in ("adam_jax", "optax"):
@@ -60,4 +65,18 @@ def test_bench_writes_every_case(tmp_path, capsys):
 
 def test_bench_rejects_unknown_case():
     with pytest.raises(SystemExit):
-        _bench.main(["--cases", "nope", "--no-json"])
+        bench_update.main(["--cases", "nope", "--no-json"])
+
+
+def test_results_go_beside_the_script_not_into_the_working_directory(tmp_path, monkeypatch, capsys):
+    assert bench_update.RESULTS == BENCHMARKS / "results"
+    results, cwd = tmp_path / "results", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(bench_update, "RESULTS", results)
+    tiny = [*TINY, "--cases", "one_leaf", "--no-torch"]
+    assert bench_update.main(tiny) == 0
+    assert bench_update.main([*tiny, "--quick"]) == 0
+    assert sorted(p.name for p in results.iterdir()) == ["update-quick.json", "update.json"]
+    assert list(cwd.iterdir()) == []
+    assert f"JSON: {results / 'update-quick.json'}" in capsys.readouterr().out

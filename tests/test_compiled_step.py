@@ -8,13 +8,19 @@ lowering and compile time grow with the operations staged per leaf.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 
 import adam_jax
-from adam_jax import _bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness.cases import user_step
+from harness.hlo import hlo_stats, tree_bytes
 
 LEAF = 4096
 
@@ -42,10 +48,10 @@ def _tree(n_leaves: int, value: float) -> dict[str, jax.Array]:
 def _compiled(opt, n_leaves: int):
     params, grads = _tree(n_leaves, 0.5), _tree(n_leaves, -0.25)
     state = opt.init(params)
-    step = jax.jit(_bench.user_step(opt), donate_argnums=(0, 1))
+    step = jax.jit(user_step(opt), donate_argnums=(0, 1))
     compiled = step.lower(params, state, grads).compile()
-    budget = _bench.tree_bytes(params) + _bench.tree_bytes(grads) + _bench.tree_bytes(state)
-    return _bench.hlo_stats(compiled, n_leaves * LEAF, LEAF), budget
+    budget = tree_bytes(params) + tree_bytes(grads) + tree_bytes(state)
+    return hlo_stats(compiled, n_leaves * LEAF, LEAF), budget
 
 
 @pytest.mark.parametrize("name", PAIRS)
@@ -56,8 +62,12 @@ def test_donated_step_has_no_hidden_copies(name):
     assert stats["copies"] == 0
     assert stats["temp_bytes"] < 4 * LEAF  # scalars only: no param-sized temporary
     assert stats["peak_bytes"] <= 1.10 * budget
-    # One loop fusion per output array: XLA:CPU does not fuse several outputs.
-    assert stats["kernels"] == outputs * 3
+    # One pass reads p, g and each state array once and writes p and the state once:
+    # 4 * (2 * outputs + 1) bytes per float32 param. XLA:CPU makes one loop fusion per
+    # output array, so the new moments and g are read again (40 B for Adam's floor of
+    # 28); a param-sized copy or an extra pass would add 8 B more and exceed 1.5x.
+    floor = 4 * (2 * outputs + 1)
+    assert stats["hlo_bytes_per_param"] <= 1.5 * floor
     assert stats["hlo_bytes_per_param"] <= reference["hlo_bytes_per_param"]
 
 
@@ -76,7 +86,7 @@ def _per_leaf(opt) -> int:
     def staged(n):
         params = _tree(n, 0.5)
         state = opt.init(params)
-        return _count_equations(jax.make_jaxpr(_bench.user_step(opt))(params, state, params).jaxpr)
+        return _count_equations(jax.make_jaxpr(user_step(opt))(params, state, params).jaxpr)
 
     return staged(3) - staged(2)
 

@@ -26,7 +26,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import adam_jax
-from adam_jax._sharding import bytes_per_device, zero1_spec
+from adam_jax import bytes_per_device, zero1_spec
 
 HERE = pathlib.Path(__file__).parent
 MODES = ["auto", "explicit"]

@@ -23,8 +23,8 @@ def table(header: list[str], rows: Iterable[list[str]], right: Iterable[int] = (
         return c.rjust(widths[i]) if i in right else c.ljust(widths[i])
 
     lines = ["| " + " | ".join(pad(c, i) for i, c in enumerate(r)) + " |" for r in cells]
-    rule = "|" + "|".join("-" * (w + 1) + (":" if i in right else "-") for i, w in enumerate(widths))
-    lines.insert(1, rule + "|")
+    rule = ("-" * (w + 1) + (":" if i in right else "-") for i, w in enumerate(widths))
+    lines.insert(1, "|" + "|".join(rule) + "|")
     return "\n".join(lines)
 
 
