@@ -14,7 +14,10 @@ from adam_jax._early_stopping import (
 from adam_jax._fit import FitResult, fit
 from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
 
-__version__ = importlib.metadata.version("adam_jax")  # set in pyproject.toml only
+try:
+    __version__ = importlib.metadata.version("adam_jax")  # set in pyproject.toml only
+except importlib.metadata.PackageNotFoundError:  # imported from a checkout, not installed
+    __version__ = "unknown"
 
 __all__ = [
     "AMSGradState",

@@ -14,9 +14,9 @@ import numpy as np
 import optax
 import pytest
 import torch
+from references import adamax, amsgrad_mlp, linear_regression, worked_example
 
 import adam_jax
-from references import adamax, amsgrad_mlp, linear_regression, worked_example
 
 
 def find_state(state, types):
