@@ -265,8 +265,11 @@ def main():
             "local_device_ids": [d.id for d in jax.local_devices()],
         },
     )
+    # Wall and CPU seconds since start, per phase: what the run costs.
     start = time.perf_counter()
-    lap = lambda what: info.setdefault("seconds", {}).update({what: time.perf_counter() - start})
+    lap = lambda what: info.setdefault("seconds", {}).update(
+        {what: [round(time.perf_counter() - start, 2), round(time.process_time(), 2)]}
+    )
     if ARGS.task == "compute":
         runs = {}
         for axis_type in AXIS_TYPES:

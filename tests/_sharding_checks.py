@@ -54,6 +54,16 @@ OPTIMIZERS = {
     "amsgrad": lambda: adam_jax.amsgrad(1e-2, weight_decay=1e-3),
     "adamax": lambda: adam_jax.adamax(1e-2, weight_decay=1e-3),
     "adamaxw": lambda: adam_jax.adamaxw(1e-2, weight_decay=1e-2),
+    # Options whose code paths differ: schedules, Nesterov, masks, the corrected max.
+    "adam_schedule": lambda: adam_jax.adam(
+        optax.exponential_decay(1e-2, transition_steps=2, decay_rate=0.8), weight_decay=1e-3
+    ),
+    "nadam": lambda: adam_jax.adam(1e-2, nesterov=True),
+    "adamw_masked": lambda: adam_jax.adamw(
+        1e-2, weight_decay=1e-2, mask={k: k != "b" for k in PARAM_SPECS}
+    ),
+    "amsgrad_corrected_maximize": lambda: adam_jax.amsgrad(1e-2, max_of="corrected", maximize=True),
+    "adamaxw_eps_in_max": lambda: adam_jax.adamaxw(2e-3, eps_in_max=True),
 }
 N_STEPS = 3
 STATE_TYPES = (adam_jax.AdamState, adam_jax.AMSGradState, adam_jax.AdamaxState)
