@@ -15,7 +15,6 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import contextlib
 import json
 import re
 import sys
@@ -30,7 +29,6 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adam_jax
-from adam_jax import bytes_per_device, zero1_spec, zero1_state_shardings
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -56,6 +54,16 @@ OPTIMIZERS = {
     "amsgrad": lambda: adam_jax.amsgrad(1e-2, weight_decay=1e-3),
     "adamax": lambda: adam_jax.adamax(1e-2, weight_decay=1e-3),
     "adamaxw": lambda: adam_jax.adamaxw(1e-2, weight_decay=1e-2),
+    # Options whose code paths differ: schedules, Nesterov, masks, the corrected max.
+    "adam_schedule": lambda: adam_jax.adam(
+        optax.exponential_decay(1e-2, transition_steps=2, decay_rate=0.8), weight_decay=1e-3
+    ),
+    "nadam": lambda: adam_jax.adam(1e-2, nesterov=True),
+    "adamw_masked": lambda: adam_jax.adamw(
+        1e-2, weight_decay=1e-2, mask={k: k != "b" for k in PARAM_SPECS}
+    ),
+    "amsgrad_corrected_maximize": lambda: adam_jax.amsgrad(1e-2, max_of="corrected", maximize=True),
+    "adamaxw_eps_in_max": lambda: adam_jax.adamaxw(2e-3, eps_in_max=True),
 }
 N_STEPS = 3
 STATE_TYPES = (adam_jax.AdamState, adam_jax.AMSGradState, adam_jax.AdamaxState)
@@ -87,8 +95,9 @@ def make_mesh(shape, names, mode):
 
 
 def mesh_context(mesh, mode):
-    """``jax.set_mesh`` for Explicit axes (JAX requires it there); nothing for Auto."""
-    return jax.set_mesh(mesh) if mode == "explicit" else contextlib.nullcontext()
+    """``jax.set_mesh`` on both axis types: Explicit axes need it, Auto axes allow it."""
+    del mode
+    return jax.set_mesh(mesh)
 
 
 def host_params(rng):
@@ -109,7 +118,16 @@ def inner_state(state):
     return found
 
 
-def moment_mismatches(state, shardings):
+def type_mismatch(x, want, mode):
+    """On Explicit axes the sharding is part of the type: ``jax.typeof(x)`` must name ``want``."""
+    if mode != "explicit":
+        return None
+    got = jax.typeof(x).sharding.spec
+    padded = P(*want.spec, *(None,) * (x.ndim - len(want.spec)))
+    return None if got == padded else f"typeof spec {got} != {padded}"
+
+
+def moment_mismatches(state, shardings, mode):
     """``field['leaf']`` for every moment leaf whose sharding differs from its param's."""
     inner = inner_state(state)
     bad = []
@@ -117,18 +135,18 @@ def moment_mismatches(state, shardings):
         if field == "count":
             continue
         for key, leaf in getattr(inner, field).items():
-            want = shardings[key]
-            if not leaf.sharding.is_equivalent_to(want, leaf.ndim):
-                bad.append(f"{field}[{key!r}]: {leaf.sharding} != {want}")
+            bad += tree_mismatches({key: leaf}, shardings, field, mode)
     return bad
 
 
-def tree_mismatches(tree, shardings, what):
-    return [
-        f"{what}[{k!r}]: {x.sharding} != {shardings[k]}"
-        for k, x in tree.items()
-        if not x.sharding.is_equivalent_to(shardings[k], x.ndim)
-    ]
+def tree_mismatches(tree, shardings, what, mode):
+    bad = []
+    for k, x in tree.items():
+        if not x.sharding.is_equivalent_to(shardings[k], x.ndim):
+            bad.append(f"{what}[{k!r}]: {x.sharding} != {shardings[k]}")
+        if (err := type_mismatch(x, shardings[k], mode)) is not None:
+            bad.append(f"{what}[{k!r}]: {err}")
+    return bad
 
 
 def leaf_errors(got, expected):
@@ -172,7 +190,7 @@ def check_param_sharded(mode, references):
         with mesh_context(mesh, mode):
             params = jax.device_put(params0, shardings)
             state = jax.jit(opt.init)(params)
-            after_init = moment_mismatches(state, shardings)
+            after_init = moment_mismatches(state, shardings, mode)
             grads = jax.device_put(host_grads(params0, 0), shardings)
             # The compiled update that runs is the one whose HLO is scanned.
             update = jax.jit(opt.update, donate_argnums=(1,)).lower(grads, state, params).compile()
@@ -180,9 +198,9 @@ def check_param_sharded(mode, references):
                 grads = jax.device_put(host_grads(jax.device_get(params), i), shardings)
                 updates, state = update(grads, state, params)
                 params = apply_updates(params, updates)
-            after_update = moment_mismatches(state, shardings)
-            after_update += tree_mismatches(params, shardings, "params")
-            after_update += tree_mismatches(updates, shardings, "updates")
+            after_update = moment_mismatches(state, shardings, mode)
+            after_update += tree_mismatches(params, shardings, "params", mode)
+            after_update += tree_mismatches(updates, shardings, "updates", mode)
             out[name] = {
                 "init_mismatches": after_init,
                 "update_mismatches": after_update,
@@ -217,7 +235,7 @@ def check_zero1(mode):
         expected = reference_run(opt, params0, N_STEPS)
         with mesh_context(mesh, mode):
             params = jax.device_put(params0, replicated)
-            state_sh = zero1_state_shardings(opt, params, mesh, axis="data")
+            state_sh = adam_jax.zero1_state_shardings(opt, params, mesh, axis="data")
             state = jax.jit(opt.init, out_shardings=state_sh)(params)
             got_init = jax.tree.map(lambda x: str(x.sharding.spec), state)
             want = jax.tree.map(lambda s: str(s.spec), state_sh)
@@ -248,9 +266,11 @@ def check_zero1(mode):
                 },
                 "n_moments": len(inner._fields) - 1,
                 "errors": leaf_errors(jax.device_get(params), expected),
-                "bytes_zero1": bytes_per_device(state),
-                "bytes_zero1_planned": bytes_per_device(jax.eval_shape(opt.init, params), state_sh),
-                "bytes_replicated": bytes_per_device(replicated_state),
+                "bytes_zero1": adam_jax.bytes_per_device(state),
+                "bytes_zero1_planned": adam_jax.bytes_per_device(
+                    jax.eval_shape(opt.init, params), state_sh
+                ),
+                "bytes_replicated": adam_jax.bytes_per_device(replicated_state),
                 "addressable_bytes_device0": sum(
                     s.data.nbytes
                     for x in jax.tree.leaves(state)
@@ -265,15 +285,15 @@ def check_zero1(mode):
 def check_zero1_rule():
     mesh = make_mesh((4, 2), ("data", "model"), "auto")
     cases = {
-        "largest": zero1_spec((8, 16), 4, "data"),
-        "only_divisible": zero1_spec((16, 6), 4, "data"),
-        "tie_first": zero1_spec((8, 8), 4, "data"),
-        "indivisible": zero1_spec((3, 5), 4, "data"),
-        "scalar": zero1_spec((), 4, "data"),
-        "empty": zero1_spec((0, 8), 4, "data"),
+        "largest": adam_jax.zero1_spec((8, 16), 4, "data"),
+        "only_divisible": adam_jax.zero1_spec((16, 6), 4, "data"),
+        "tie_first": adam_jax.zero1_spec((8, 8), 4, "data"),
+        "indivisible": adam_jax.zero1_spec((3, 5), 4, "data"),
+        "scalar": adam_jax.zero1_spec((), 4, "data"),
+        "empty": adam_jax.zero1_spec((0, 8), 4, "data"),
     }
     try:
-        zero1_state_shardings(adam_jax.adam(), {"w": np.ones(4)}, mesh, axis="batch")
+        adam_jax.zero1_state_shardings(adam_jax.adam(), {"w": np.ones(4)}, mesh, axis="batch")
         bad_axis = None
     except ValueError as e:
         bad_axis = str(e)

@@ -26,7 +26,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import adam_jax
-from adam_jax import bytes_per_device, zero1_spec
 
 HERE = pathlib.Path(__file__).parent
 MODES = ["auto", "explicit"]
@@ -39,6 +38,11 @@ OPTIMIZERS = [
     "amsgrad",
     "adamax",
     "adamaxw",
+    "adam_schedule",
+    "nadam",
+    "adamw_masked",
+    "amsgrad_corrected_maximize",
+    "adamaxw_eps_in_max",
 ]
 # Relative error allowed between a sharded run and the same run on one device.
 RTOL = {"float64": 1e-12, "float32": 1e-6, "complex64": 1e-6, "bfloat16": 1e-2}
@@ -173,13 +177,13 @@ def test_zero1_rule(report):
 
 
 def test_zero1_spec_and_bytes_per_device_without_devices():
-    assert zero1_spec((6, 16), 4, "data") == P(None, "data")
-    assert zero1_spec((16, 16, 2), 8, "x") == P("x", None, None)
-    assert zero1_spec((7,), 2, "data") == P()
+    assert adam_jax.zero1_spec((6, 16), 4, "data") == P(None, "data")
+    assert adam_jax.zero1_spec((16, 16, 2), 8, "x") == P("x", None, None)
+    assert adam_jax.zero1_spec((7,), 2, "data") == P()
     tree = {"a": np.zeros((3, 4), np.float32), "b": jax.ShapeDtypeStruct((5,), jnp.float64)}
-    assert bytes_per_device(tree) == 3 * 4 * 4 + 5 * 8
+    assert adam_jax.bytes_per_device(tree) == 3 * 4 * 4 + 5 * 8
     state = adam_jax.adam(1e-3).init({"w": jnp.zeros((4, 3), jnp.float32)})
-    assert bytes_per_device(state) == 2 * 12 * 4 + 4
+    assert adam_jax.bytes_per_device(state) == 2 * 12 * 4 + 4
 
 
 # --------------------------------------------------------------------------
