@@ -1,15 +1,16 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written, and what it points to exists."""
 
 from __future__ import annotations
 
 import pathlib
 import re
 
-import jax.numpy as jnp
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+TEXT = README.read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", TEXT, flags=re.S)
 
 
 def test_readme_has_examples():
@@ -20,13 +21,26 @@ def test_readme_has_examples():
 def test_readme_example_runs(source, capsys):
     namespace: dict = {}
     exec(compile(source, str(README), "exec"), namespace)
-    if "train_step" in namespace:  # the donation recipe: one step moved the params
-        assert int(namespace["opt_state"][1].count) == 1
-        assert float(jnp.abs(namespace["params"]["w"]).min()) > 0
-    elif "results" in namespace:  # the batched fit: 64 runs, each stopped on its own
+    if "results" in namespace:  # the batched fit: 64 runs, each stopped on its own
         results = namespace["results"]
         assert results.num_steps.shape == (64,)
         assert int(results.num_steps.min()) < int(results.num_steps.max())
     else:  # the quickstart: training lowered the loss
         start = {k: 0 * v for k, v in namespace["params"].items()}
         assert float(namespace["loss_fn"](namespace["params"])) < float(namespace["loss_fn"](start))
+
+
+def test_readme_links_exist():
+    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", TEXT)
+    assert links
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert not missing
+
+
+def test_readme_speaks_to_users():
+    assert "make demo" in TEXT and "make test" in TEXT and "make docs" in TEXT
+    assert not re.search(r"\bseeds?\b", TEXT, re.I)  # no internal tutorial numbering
+    # Install lines work from a checkout: adam_jax is not on a package index.
+    installs = re.findall(r"pip install (\S+)", TEXT)
+    assert installs
+    assert all(arg in ("-e", "-q") for arg in installs), installs
