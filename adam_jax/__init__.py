@@ -9,7 +9,7 @@ from adam_jax._early_stopping import (
     StopReason,
     early_stopping,
 )
-from adam_jax._fit import FitResult, fit
+from adam_jax._fit import FitResult, History, fit
 from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
 
 __version__ = "0.1.0"
@@ -21,6 +21,7 @@ __all__ = [
     "EarlyStopping",
     "EarlyStoppingState",
     "FitResult",
+    "History",
     "StopReason",
     "adam",
     "adamax",
