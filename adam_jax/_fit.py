@@ -89,6 +89,7 @@ def _run(
 _run_jit = jax.jit(_run, static_argnames=("static",))
 
 
+
 def fit(
     loss_fn: Callable[..., jax.Array | tuple[jax.Array, jax.Array]],
     params: optax.Params,
@@ -318,4 +319,13 @@ def fit(
     else:
         run = functools.partial(_run_jit, static=static)
     initial_step = jnp.asarray(initial_step).astype(jnp.int32)
-    return run(dynamic, params, data, opt_state, early_stopping_state, initial_step)
+    try:
+        return run(dynamic, params, data, opt_state, early_stopping_state, initial_step)
+    except ValueError as e:
+        if "is not found in mesh: ()" not in str(e):
+            raise
+        raise ValueError(
+            "fit is vmapped over arrays sharded on an Explicit mesh axis, and JAX cannot "
+            "batch its loop without the mesh in context: call it under "
+            "`with jax.set_mesh(mesh):` (or shard over an Auto axis)"
+        ) from e

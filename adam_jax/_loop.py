@@ -68,6 +68,23 @@ class LoopState(NamedTuple):
     log: LogState | None
 
 
+def _batched_like(state: LoopState, anchor: jax.Array) -> LoopState:
+    """``state`` with every leaf depending on ``anchor`` (a False).
+
+    Under vmap a ``while_loop`` whose carry starts unbatched and turns batched
+    (with the batch axis sharded over an Explicit mesh axis) fails to trace;
+    a carry that depends on everything from the start is batched, and sharded,
+    as it will stay.
+    """
+
+    def tie(x: jax.Array) -> jax.Array:
+        if x.dtype == bool:
+            return x | anchor
+        return jnp.where(anchor, jnp.zeros_like(x), x)
+
+    return jax.tree.map(tie, state)
+
+
 def _all_finite(tree: optax.Updates) -> jax.Array:
     """One bool: no NaN or ±inf in any floating leaf (one read of each leaf)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -132,7 +149,7 @@ class Loop(NamedTuple):
                 jnp.zeros([], jnp.int32),
             )
         zero = jnp.zeros([], jnp.int32)
-        return LoopState(
+        state = LoopState(
             i=zero,
             applied=zero,
             num_steps=jnp.asarray(self.num_steps if num_steps is None else num_steps, jnp.int32),
@@ -146,6 +163,26 @@ class Loop(NamedTuple):
             stop=jnp.zeros([], bool) if es_state is None else es_state.should_stop,
             log=log,
         )
+        return _batched_like(state, self._anchor(state, data))
+
+    def _anchor(self, s: LoopState, data: object) -> jax.Array:
+        """A False that depends on everything a step reads: the loss at the first
+        params and an update of zero gradients (which read the hyperparameters,
+        closed over or not). Under vmap it is batched, with the batch axis
+        sharded, exactly as the states a step returns; XLA removes its computation.
+        """
+        out = self._call(s.params, self._batch(data, s.initial_step))
+        zeros = jax.tree.map(jnp.zeros_like, s.params)
+        updates, _ = self.optimizer.update(zeros, s.opt_state, s.params)
+        leaves = [out, updates, s, data]
+        flags = [jnp.isnan(jnp.ravel(x)[:1]).any() for x in jax.tree.leaves(leaves)
+                 if jnp.size(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+        flags += [(jnp.ravel(x)[:1] < 0).any() for x in jax.tree.leaves(leaves)
+                  if jnp.size(x) and jnp.issubdtype(jnp.result_type(x), jnp.integer)]
+        anchor = jnp.zeros([], bool)
+        for flag in flags:
+            anchor = anchor | flag
+        return anchor & False
 
     def done(self, s: LoopState) -> jax.Array:
         """The problem has taken its last step (stopped, or reached its ``num_steps``)."""
