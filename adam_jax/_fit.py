@@ -89,7 +89,6 @@ def _run(
 _run_jit = jax.jit(_run, static_argnames=("static",))
 
 
-
 def fit(
     loss_fn: Callable[..., jax.Array | tuple[jax.Array, jax.Array]],
     params: optax.Params,

@@ -1,4 +1,4 @@
-"""Which monitored values :func:`adam_jax.fit` keeps: every step, every k-th, the last k, or none."""
+"""Which monitored values :func:`adam_jax.fit` keeps: every step, every k-th, the last k, none."""
 
 from __future__ import annotations
 
@@ -109,7 +109,12 @@ def init(history: History, num_steps: int, dtype: jnp.dtype) -> HistoryState:
 
 
 def record(
-    history: History, h: HistoryState, i: jax.Array, step: jax.Array, value: jax.Array, on: jax.Array
+    history: History,
+    h: HistoryState,
+    i: jax.Array,
+    step: jax.Array,
+    value: jax.Array,
+    on: jax.Array,
 ) -> HistoryState:
     """Write the value of the call's step ``i`` (global ``step``) if ``on`` and it is kept.
 

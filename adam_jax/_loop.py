@@ -175,10 +175,16 @@ class Loop(NamedTuple):
         zeros = jax.tree.map(jnp.zeros_like, s.params)
         updates, _ = self.optimizer.update(zeros, s.opt_state, s.params)
         leaves = [out, updates, s, data]
-        flags = [jnp.isnan(jnp.ravel(x)[:1]).any() for x in jax.tree.leaves(leaves)
-                 if jnp.size(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-        flags += [(jnp.ravel(x)[:1] < 0).any() for x in jax.tree.leaves(leaves)
-                  if jnp.size(x) and jnp.issubdtype(jnp.result_type(x), jnp.integer)]
+        flags = [
+            jnp.isnan(jnp.ravel(x)[:1]).any()
+            for x in jax.tree.leaves(leaves)
+            if jnp.size(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+        ]
+        flags += [
+            (jnp.ravel(x)[:1] < 0).any()
+            for x in jax.tree.leaves(leaves)
+            if jnp.size(x) and jnp.issubdtype(jnp.result_type(x), jnp.integer)
+        ]
         anchor = jnp.zeros([], bool)
         for flag in flags:
             anchor = anchor | flag
@@ -322,16 +328,15 @@ def run(
             step,
             s,
         )
-        target = _reporting.call(reporter, _reporting.REPORT, loop.record(s))
+        # The max ties the host's answer to the (maybe sharded) state.
+        target = jnp.maximum(_reporting.call(reporter, _reporting.REPORT, loop.record(s)), s.i)
         if s.log is not None:
             s = s._replace(log=s.log._replace(count=jnp.zeros_like(s.log.count)))
         return s, target
 
-    target = _reporting.call(reporter, _reporting.BEGIN, loop.record(state))
+    target = jnp.maximum(_reporting.call(reporter, _reporting.BEGIN, loop.record(state)), state.i)
     # The outer loop calls the host, an effect a while_loop with a batched
     # predicate cannot hold: under vmap it runs until every problem is done.
-    state, _ = jax.lax.while_loop(
-        lambda c: _any_of_batch(~loop.done(c[0])), chunk, (state, target)
-    )
+    state, _ = jax.lax.while_loop(lambda c: _any_of_batch(~loop.done(c[0])), chunk, (state, target))
     _reporting.call(reporter, _reporting.END, loop.record(state))
     return state

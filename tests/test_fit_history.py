@@ -130,7 +130,7 @@ def test_bad_history_arguments(bad, error):
 
 
 def test_history_must_be_a_history():
-    with pytest.raises(TypeError, match="history must be built with adam_jax.History"):
+    with pytest.raises(TypeError, match=r"history must be built with adam_jax\.History"):
         run("last")
 
 
@@ -217,7 +217,9 @@ def test_ten_learning_rates_compile_once_and_equal_the_constants(dtype):
     lrs = [0.01 * (k + 1) for k in range(10)]
     results = []
     for lr in lrs:
-        results.append(adam_jax.fit(counted_loss, w0, pytree_sgd(lr), num_steps=200, early_stopping=es))
+        results.append(
+            adam_jax.fit(counted_loss, w0, pytree_sgd(lr), num_steps=200, early_stopping=es)
+        )
         if len(results) == 1:
             per_compile = len(traces)
             assert per_compile > 0
@@ -280,9 +282,12 @@ def test_stop_reason_names_single_and_batched():
     names = batched.stop_reason_names()
     assert names.shape == (2, 2)
     assert names.tolist() == [["TARGET", "NONE"], ["NONE", "TARGET"]]
-    assert adam_jax.fit(
-        lambda w: jnp.sum(w**2), jnp.ones(1), adam_jax.adam(0.1), num_steps=3
-    ).stop_reason_names() == "NONE"
+    assert (
+        adam_jax.fit(
+            lambda w: jnp.sum(w**2), jnp.ones(1), adam_jax.adam(0.1), num_steps=3
+        ).stop_reason_names()
+        == "NONE"
+    )
 
 
 # --------------------------------------------------------------------------
