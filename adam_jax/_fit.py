@@ -172,7 +172,10 @@ def fit(
     matched exactly in the tests). Under vmap the loop runs until every
     problem has stopped, with the stopped ones frozen, and each step selects
     the whole loop state, history buffer included: keep ``history`` small
-    there. Inputs may be sharded, on meshes with Explicit or Auto axes.
+    there. Inputs may be sharded over meshes with Auto or Explicit axes, and
+    the results equal the unsharded run's; a vmap over arrays sharded on an
+    Explicit axis needs the mesh in context (``with jax.set_mesh(mesh):``),
+    and says so otherwise.
 
     **Memory.** Besides the params and states, a fit holds its ``history``
     buffer (by default at most 100 000 values and their steps, whatever

@@ -166,29 +166,30 @@ class Loop(NamedTuple):
         return _batched_like(state, self._anchor(state, data))
 
     def _anchor(self, s: LoopState, data: object) -> jax.Array:
-        """A False that depends on everything a step reads: the loss at the first
-        params and an update of zero gradients (which read the hyperparameters,
-        closed over or not). Under vmap it is batched, with the batch axis
-        sharded, exactly as the states a step returns; XLA removes its computation.
+        """A False that depends on everything a step reads: the state, the data,
+        the loss at the first params and an update of zero gradients (which read
+        the hyperparameters, closed over or not). Under vmap it is batched, with
+        the batch axis sharded, exactly as the states a step returns.
+
+        The loss and the update are traced in a branch that never runs (the step
+        number is never negative), so an effect in ``loss_fn`` does not fire.
         """
-        out = self._call(s.params, self._batch(data, s.initial_step))
-        zeros = jax.tree.map(jnp.zeros_like, s.params)
-        updates, _ = self.optimizer.update(zeros, s.opt_state, s.params)
-        leaves = [out, updates, s, data]
-        flags = [
-            jnp.isnan(jnp.ravel(x)[:1]).any()
-            for x in jax.tree.leaves(leaves)
-            if jnp.size(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-        ]
-        flags += [
-            (jnp.ravel(x)[:1] < 0).any()
-            for x in jax.tree.leaves(leaves)
-            if jnp.size(x) and jnp.issubdtype(jnp.result_type(x), jnp.integer)
-        ]
-        anchor = jnp.zeros([], bool)
-        for flag in flags:
-            anchor = anchor | flag
-        return anchor & False
+
+        def flag(tree: object) -> jax.Array:
+            out = jnp.zeros([], bool)
+            for x in jax.tree.leaves(tree):
+                if jnp.size(x):
+                    out = out | (jnp.ravel(x)[0] != jnp.ravel(x)[0])
+            return out
+
+        def probe() -> jax.Array:
+            out = self._call(s.params, self._batch(data, s.initial_step))
+            zeros = jax.tree.map(jnp.zeros_like, s.params)
+            return flag((out, self.optimizer.update(zeros, s.opt_state, s.params)[0]))
+
+        never = s.initial_step < 0
+        anchor = jax.lax.cond(never, probe, lambda: jnp.zeros([], bool))
+        return (anchor | flag((s, data))) & False
 
     def done(self, s: LoopState) -> jax.Array:
         """The problem has taken its last step (stopped, or reached its ``num_steps``)."""
