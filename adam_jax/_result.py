@@ -68,7 +68,7 @@ class FitResult(NamedTuple):
         Example:
           >>> import jax, jax.numpy as jnp, optax, adam_jax
           >>> fit = lambda t: adam_jax.fit(
-          ...     lambda p: (p - t) ** 2, jnp.asarray(0.0), optax.sgd(0.1), num_steps=50,
+          ...     lambda p: (p - t) ** 2, jnp.asarray(0.0), optax.sgd(0.1), num_steps=20,
           ...     early_stopping=adam_jax.early_stopping(None, target=1e-2))
           >>> fit(1.0).stop_reason_names()
           'TARGET'
