@@ -11,7 +11,7 @@ from adam_jax._early_stopping import (
     StopReason,
     early_stopping,
 )
-from adam_jax._fit import FitResult, fit
+from adam_jax._fit import FitResult, History, fit
 from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
 
 try:
@@ -26,6 +26,7 @@ __all__ = [
     "EarlyStopping",
     "EarlyStoppingState",
     "FitResult",
+    "History",
     "StopReason",
     "adam",
     "adamax",

@@ -122,7 +122,7 @@ def early_stopping(
       relative: ``min_delta`` is relative to ``|best|`` (once the best is finite).
       baseline: the value a loss must beat before anything counts as better.
       start_step: updates before this one only count, >= 0.
-      target: stop when the value reaches it (seed 001's "error < 1").
+      target: stop when the value reaches it (an MSE below 1, say).
       divergence: stop when the value is past it.
       check_finite: stop on NaN or ±inf. With False a non-finite value just
         does not improve.

@@ -1,20 +1,21 @@
 """Reporting from inside :func:`adam_jax.fit`'s compiled loop: ``log_every`` lines
-and the tqdm progress bar, through one host callback per batch."""
+and the tqdm progress bar, through one host callback per batch of steps."""
 
 from __future__ import annotations
 
-import functools
 import time
-from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
+from jax.experimental import io_callback
 
 from adam_jax._early_stopping import StopReason
 
 
-def import_tqdm() -> Any:
+def import_tqdm() -> type:
     try:
         from tqdm import tqdm
     except ImportError as e:
@@ -24,146 +25,136 @@ def import_tqdm() -> Any:
     return tqdm
 
 
-REPORT, END = 1, 2
+BEGIN, REPORT, END = 0, 1, 2
+
+
+class Record(NamedTuple):
+    """What the loop tells the host in one call; under vmap every field has the batch axes.
+
+    Attributes:
+      initial_step: the global number of the call's first step.
+      i: steps taken so far in this call.
+      num_steps: the most steps of the call.
+      last_value: the latest monitored value.
+      running: the problem has not finished.
+      reason: its :class:`StopReason` so far.
+      log_values, log_steps, log_count: the values at the steps due for a log
+        line since the previous call (the first ``log_count`` entries).
+    """
+
+    initial_step: jax.Array
+    i: jax.Array
+    num_steps: jax.Array
+    last_value: jax.Array
+    running: jax.Array
+    reason: jax.Array
+    log_values: jax.Array
+    log_steps: jax.Array
+    log_count: jax.Array
 
 
 class Reporter:
     """Host side of ``log_every`` and ``progress``, called from the compiled loop.
 
-    Calls come through ``jax.pure_callback`` with ``vmap_method="broadcast_all"``:
-    under vmap there is one call for the whole batch (arrays with leading batch
-    axes), not one per problem as with ``jax.debug.callback``.
-
-    A host round trip costs tens of microseconds, more than a small step, so
-    the loop does not call back every ``log_every`` steps. Each call returns the
-    step of the next one, about ``interval`` seconds of steps ahead, and gets
-    the values measured so far at the steps that are multiples of ``log_every``
-    (counted globally, from ``initial_step``), from which it prints every line
-    that has come due. Under vmap the loop calls back after every chunk of
-    steps, and the printing is throttled here instead.
-
-    Arguments of a call: ``start, i, due, last`` (the first step, the steps
-    taken, the values at the due steps, the latest value), then ``running`` and
-    whether this is the first chunk (``REPORT``) or the stop reason (``END``).
+    A host round trip costs tens of microseconds, more than a small step, so the
+    loop does not call back every step: each call returns the step (counted in
+    the call) it wants to hear from next, about ``interval`` seconds of steps
+    ahead, and the loop also calls when its buffer of log values is full. Under
+    vmap there is one call for the whole batch (``custom_vmap`` hands the batched
+    record to the same callback), and a line shows the min, mean and max over the
+    problems that measured its step, printed once every running problem is past it.
     """
 
     interval = 0.1  # seconds between reports, as tqdm's default mininterval
 
-    def __init__(self, num_steps: int, log_every: int | None, progress: bool, every: int):
-        self.num_steps = num_steps
+    def __init__(self, log_every: int | None, progress: bool):
         self.log_every = log_every
-        self.every = every
         self.tqdm = import_tqdm() if progress else None
         self.bar = None
-        self.active = False
-        self._reset()
 
-    def _reset(self) -> None:
-        self.next_line = 0  # the first step whose line is not printed yet
-        self.t_shown = time.monotonic()
-        self.t_last = None  # time and step of the previous call, for the rate
-        self.i_last = 0
-        self.shown_once = False
+    def __call__(self, kind: int, record: Record) -> np.ndarray:
+        r = Record(*(np.asarray(x) for x in record))
+        batch_shape = r.i.shape
+        flat = Record(*(x.reshape(r.i.size, -1) if x.ndim > r.i.ndim else x.reshape(-1) for x in r))
+        # Under vmap, the state may become batched only after the first step.
+        self.batch = r.i.size
+        if kind == BEGIN:
+            self._begin(flat)
+            self.t_last, self.i_last = time.monotonic(), 0
+            return np.full(batch_shape, 1, np.int32)  # report after the first step
+        self._collect(flat)
+        if kind == END:
+            self._end(flat)
+            return np.zeros(batch_shape, np.int32)
+        self._show(flat)
+        steps, now = int(flat.i.max()), time.monotonic()
+        rate = (steps - self.i_last) / max(now - self.t_last, 1e-9)
+        ahead = max(1, int(rate * self.interval))
+        self.t_last, self.i_last = now, steps
+        return np.full(batch_shape, steps + ahead, np.int32)
 
-    def _begin(self, start: np.ndarray) -> None:
+    def _begin(self, r: Record) -> None:
         if self.bar is not None:
             self.bar.close()
         self.bar = None
+        self.pending: dict[int, list[float]] = {}
         if self.tqdm is not None:
-            first = int(start.max())
+            first = int(r.initial_step.max())
             self.bar = self.tqdm(
-                total=first + self.num_steps, initial=first, unit="step", desc="fit"
+                total=first + int(r.num_steps.max()), initial=first, unit="step", desc="fit"
             )
-        self._reset()
-        self.active = True
 
-    def __call__(self, kind: int, *args: np.ndarray) -> np.ndarray:
-        # The arguments may arrive as jax Arrays; NumPy is much cheaper here.
-        args = [np.asarray(a) for a in args]
-        batch_shape = args[0].shape
-        start = args[0].reshape(-1).astype(np.int64)
-        i = args[1].reshape(-1).astype(np.int64)
-        # A new run: its first chunk, or its end when it took no chunk at all
-        # (it resumed an early-stopping state that had already stopped).
-        if not self.active or (kind == REPORT and args[5].any()):
-            self._begin(start)
-        due_values = args[2].reshape(i.size, -1)
-        last = args[3].reshape(-1)
-        steps = int(i.max())
-        now = time.monotonic()
-        if kind == END:
-            self._show(start, i, due_values, last, reason=args[4].reshape(-1))
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-            self.active = False
-            return np.zeros(batch_shape, np.int32)
-        running = args[4].reshape(-1).astype(bool)
-        if not self.shown_once or now - self.t_shown >= self.interval / 2:
-            self._show(start, i, due_values, last, running=running)
-            self.t_shown, self.shown_once = now, True
-        if self.t_last is None:  # the first call: measure the rate over the next chunk
-            ahead = 1
-        else:
-            rate = (steps - self.i_last) / max(now - self.t_last, 1e-9)
-            ahead = max(1, int(rate * self.interval))
-        self.t_last, self.i_last = now, steps
-        return np.full(batch_shape, min(steps + ahead, self.num_steps), np.int32)
+    def _collect(self, r: Record) -> None:
+        for values, steps, count in zip(r.log_values, r.log_steps, r.log_count, strict=True):
+            for value, step in zip(values[:count], steps[:count], strict=True):
+                self.pending.setdefault(int(step), []).append(value)
 
-    def _lines(self, start, i, due_values, running) -> None:
-        """Print the due lines no problem can still add a value to, in step order."""
-        batch, every = i.size, self.every
-        reached = start + i  # each problem's next step
-        # Lines before `limit` are final: every running problem is past them.
-        limit = int(reached[running].min()) if running is not None and running.any() else None
-        first = start + (-start) % every  # each problem's first due step
-        k_lo = max(0, (self.next_line - int(first.max())) // every)
-        steps = first[:, None] + every * np.arange(k_lo, due_values.shape[1])[None]
-        values = due_values[:, k_lo:]
-        new = (steps < reached[:, None]) & (steps >= self.next_line)
-        if limit is not None:
-            new &= steps < limit
-        if batch == 1:
-            for step, value in zip(steps[0, new[0]], values[0, new[0]], strict=True):
+    def _print_lines(self, limit: int | None) -> None:
+        """Print the pending lines before ``limit`` (all with None), in step order."""
+        for step in sorted(s for s in self.pending if limit is None or s < limit):
+            values = np.asarray(self.pending.pop(step))
+            if self.batch == 1:
                 # `!s`: the shortest repr in the value's own dtype.
-                self._write(f"epoch {step} loss {value!s}")
-        else:
-            for step in np.unique(steps[new]):
-                at = new & (steps == step)  # at most one entry per problem
-                v = values[at]
+                self._write(f"step {step} loss {values[0]!s}")
+            else:
                 self._write(
-                    f"epoch {step} loss min {np.nanmin(v)!s} mean {np.nanmean(v)!s} "
-                    f"max {np.nanmax(v)!s} ({at.any(axis=1).sum()} of {batch} running)"
+                    f"step {step} loss min {np.nanmin(values)!s} mean {np.nanmean(values)!s} "
+                    f"max {np.nanmax(values)!s} ({values.size} of {self.batch} running)"
                 )
-        if new.any():
-            self.next_line = int(steps[new].max()) + 1
-        if limit is not None:
-            self.next_line = max(self.next_line, limit)
 
-    def _show(self, start, i, due_values, last, *, running=None, reason=None) -> None:
-        batch = i.size
+    def _show(self, r: Record) -> None:
         if self.bar is not None:  # before any line: write() redraws it
-            self.bar.n = min(int((start + i).max()), self.bar.total)
-        if self.log_every is not None:
-            self._lines(start, i, due_values, running)
+            self.bar.n = min(int((r.initial_step + r.i).max()), self.bar.total)
+        # A line is final once every running problem is past its step.
+        running = r.running.astype(bool)
+        self._print_lines(int((r.initial_step + r.i)[running].min()) if running.any() else None)
         if self.bar is None:
             return
-        if reason is not None:  # the end: close() draws the bar
-            if batch == 1 and reason[0] != StopReason.NONE:
-                self.bar.set_postfix_str(f"stopped: {StopReason(int(reason[0])).name}", False)
-                return
-            if batch > 1:
-                stopped = int((reason != StopReason.NONE).sum())
-                self.bar.set_postfix_str(f"{stopped} of {batch} stopped early", False)
-                return
-        if batch == 1:
-            self.bar.set_postfix(loss=f"{last[0]:.6g}", refresh=False)
+        if self.batch == 1:
+            self.bar.set_postfix(loss=f"{r.last_value[0]:.6g}", refresh=False)
         else:
             self.bar.set_postfix(
-                loss_min=f"{np.nanmin(last):.6g}", running=f"{running.sum()}/{batch}", refresh=False
+                loss_min=f"{np.nanmin(r.last_value):.6g}",
+                running=f"{running.sum()}/{self.batch}",
+                refresh=False,
             )
-        if reason is None:
-            self.bar.refresh()
+        self.bar.refresh()
+
+    def _end(self, r: Record) -> None:
+        if self.bar is not None:
+            self.bar.n = min(int((r.initial_step + r.i).max()), self.bar.total)
+        self._print_lines(None)
+        if self.bar is None:
+            return
+        stopped = r.reason != StopReason.NONE
+        if self.batch == 1 and stopped[0]:
+            self.bar.set_postfix_str(f"stopped: {StopReason(int(r.reason[0])).name}", False)
+        elif self.batch > 1:
+            self.bar.set_postfix_str(f"{int(stopped.sum())} of {self.batch} stopped early", False)
+        elif r.last_value.size:
+            self.bar.set_postfix(loss=f"{r.last_value[0]:.6g}", refresh=False)
+        self.bar.close()  # draws the bar
+        self.bar = None
 
     def _write(self, line: str) -> None:
         if self.bar is not None:
@@ -172,10 +163,27 @@ class Reporter:
             print(line, flush=True)
 
 
-def report(reporter: Reporter, kind: int, *args: jax.Array) -> jax.Array:
-    return jax.pure_callback(
-        functools.partial(reporter, kind),
-        jax.ShapeDtypeStruct((), jnp.int32),
-        *args,
-        vmap_method="broadcast_all",
-    )
+def call(reporter: Reporter, kind: int, record: Record) -> jax.Array:
+    """Hand ``record`` to ``reporter`` on the host; returns the step it wants to hear from next.
+
+    An ``io_callback``: an effect, so it runs whether or not its result is used.
+    Under vmap ``custom_vmap`` makes it one call with the batched record.
+    """
+
+    @custom_batching.custom_vmap
+    def host(record: Record) -> jax.Array:
+        shape = jax.ShapeDtypeStruct(jnp.shape(record.i), jnp.int32)
+        return io_callback(lambda r: reporter(kind, r), shape, record, ordered=False)
+
+    @host.def_vmap
+    def _batched(
+        axis_size: int, in_batched: list[Record], record: Record
+    ) -> tuple[jax.Array, bool]:
+        record = jax.tree.map(
+            lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))),
+            record,
+            in_batched[0],
+        )
+        return host(record), True
+
+    return host(record)

@@ -14,6 +14,7 @@ This file is also the script the fresh process runs (see ``__main__`` at the bot
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,8 @@ def resumed(tmp_path_factory):
         }
     proc = subprocess.run(
         [sys.executable, __file__, "resume", str(workdir)],
+        # The adam_jax beside these tests, not whichever one is installed.
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         capture_output=True,
         text=True,
         timeout=300,

@@ -89,13 +89,13 @@ def test_log_every_prints_what_seed001_prints(capsys):
     jax.block_until_ready(result)
     our_lines = capsys.readouterr().out.splitlines()
 
-    def parse(lines, label):
-        pattern = re.compile(rf"^epoch (\d+) {label} (\S+)$")
+    def parse(lines, label, word="step"):
+        pattern = re.compile(rf"^{word} (\d+) {label} (\S+)$")
         matches = [pattern.match(line) for line in lines]
         assert all(matches), lines
         return [int(m[1]) for m in matches], [float(m[2]) for m in matches]
 
-    seed_steps, seed_values = parse(seed_lines, "RMSE Error")
+    seed_steps, seed_values = parse(seed_lines, "RMSE Error", word="epoch")
     steps, values = parse(our_lines, "loss")
     assert steps == seed_steps == list(range(0, int(result.num_steps) + 1, every))
     np.testing.assert_allclose(values, seed_values, rtol=1e-12)
@@ -209,7 +209,9 @@ def test_restore_best_on_a_rising_validation_loss():
     assert int(result.best_step) == best
     assert int(result.num_steps) == best + patience
     np.testing.assert_allclose(result.best_params, traj[best], rtol=1e-12)
-    np.testing.assert_allclose(result.params, traj[best + patience], rtol=1e-12)
+    np.testing.assert_allclose(result.last_params, traj[best + patience], rtol=1e-12)
+    # restore_best=True: the result's params are the best ones.
+    chex.assert_trees_all_equal(result.params, result.best_params)
     assert float(result.best_value) == pytest.approx(val_losses[best], rel=1e-12)
     np.testing.assert_allclose(
         result.losses[: best + patience + 1], val_losses[: best + patience + 1]
@@ -230,7 +232,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_params():
     assert int(result.stop_reason) == StopReason.NONFINITE
     assert np.isnan(result.losses[s]) and np.isfinite(result.losses[:s]).all()
     assert int(result.best_step) == s - 1
-    assert float(result.best_params[0]) < 1.0 <= float(result.params[0])
+    assert float(result.best_params[0]) < 1.0 <= float(result.last_params[0])
+    assert float(result.params[0]) == float(result.best_params[0])
 
 
 def test_jit_of_fit_equals_fit():
@@ -317,7 +320,7 @@ def test_progress_and_log_under_vmap_report_once_per_chunk(capsys):
     lines = captured.out.splitlines()
     longest = int(result.num_steps.max())
     assert len(lines) == longest // 100 + 1  # one line per report, not one per problem
-    assert lines[0].startswith("epoch 0 loss min ") and "(4 of 4 running)" in lines[0]
+    assert lines[0].startswith("step 0 loss min ") and "(4 of 4 running)" in lines[0]
     assert lines[-1].endswith("(1 of 4 running)")
     assert "running=" in captured.err and "4 of 4 stopped early" in captured.err
 
@@ -339,8 +342,8 @@ def test_reports_do_not_cost_a_host_call_per_log_line(capsys, monkeypatch):
     jax.block_until_ready(result)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2001
-    assert lines[1] == f"epoch 10 loss {np.asarray(result.losses[10])!s}"
-    assert lines[-1] == f"epoch 20000 loss {np.asarray(result.losses[20000])!s}"
+    assert lines[1] == f"step 10 loss {np.asarray(result.losses[10])!s}"
+    assert lines[-1] == f"step 20000 loss {np.asarray(result.losses[20000])!s}"
     assert len(calls) < 200
 
 
@@ -396,6 +399,8 @@ def test_result_is_a_named_pytree():
         "best_step",
         "best_value",
         "early_stopping_state",
+        "last_params",
+        "steps",
     )
     result = adam_jax.fit(lambda p: p**2, jnp.asarray(1.0), optax.sgd(0.1), num_steps=4)
     assert len(jax.tree.leaves(result)) > 6

@@ -183,11 +183,11 @@ def test_check_finite_stops_at_the_bad_step_before_its_update(kind, has_aux):
 
     # The params and state of the first BAD updates, bit for bit.
     before = fit(opt, data, BAD, has_aux=has_aux)
-    assert_bits_equal(result.params, before.params)
+    assert_bits_equal(result.last_params, before.params)
     assert_bits_equal(result.opt_state, before.opt_state)
     state = adam_state(result.opt_state)
     assert int(state.count) == BAD
-    assert all_finite((result.params, state.m, state.v, result.best_params))
+    assert all_finite((result.last_params, state.m, state.v, result.best_params))
 
     # The value measured at the bad step is reported as it was.
     unguarded = fit(opt, data, BAD + 1, has_aux=has_aux)
@@ -206,7 +206,7 @@ def test_check_finite_false_lets_nan_in_but_keeps_the_best_params(kind):
         early_stopping=adam_jax.early_stopping(patience, check_finite=False),
     )
     assert int(result.stop_reason) == StopReason.PATIENCE
-    assert np.isnan(result.params).all()
+    assert np.isnan(result.last_params).all()
     assert np.isnan(adam_state(result.opt_state).m).all()
     best = int(result.best_step)
     assert best < BAD  # the bad step did not count as an improvement
@@ -277,7 +277,7 @@ def test_apply_if_finite_with_early_stopping(kind):
     going_on = fit(opt, data, early_stopping=adam_jax.early_stopping(None, check_finite=False))
     assert int(going_on.stop_reason) == StopReason.NONE
     assert int(going_on.num_steps) == NUM_STEPS
-    assert_bits_equal(going_on.params, alone.params)
+    assert_bits_equal(going_on.last_params, alone.params)
     assert_bits_equal(going_on.opt_state, alone.opt_state)
     assert int(going_on.best_step) not in BAD_STEPS
     # check_finite=True: early stopping sees the bad step first and stops there.

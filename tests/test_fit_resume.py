@@ -13,6 +13,7 @@ This file is also the script the fresh process runs (see ``__main__`` at the bot
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,7 @@ def fit(num_steps, *, params=PARAMS0, **kwargs):
 def run_state(result) -> dict:
     """What a checkpoint holds."""
     return {
-        "params": result.params,
+        "params": result.last_params,
         "opt_state": result.opt_state,
         "early_stopping_state": result.early_stopping_state,
     }
@@ -218,6 +219,8 @@ def resumed_elsewhere(tmp_path_factory, checkpoint):
         SAVE[fmt](_path(workdir, fmt), run_state(checkpoint), SAVE_AT)
     proc = subprocess.run(
         [sys.executable, __file__, "resume", str(workdir)],
+        # The adam_jax beside these tests, not whichever one is installed.
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         capture_output=True,
         text=True,
         timeout=300,
@@ -298,8 +301,8 @@ def test_initial_step_picks_the_batches(checkpoint, uninterrupted):
     n = stop_step(uninterrupted) - SAVE_AT
     right = resume(run_state(checkpoint), SAVE_AT, n)
     wrong = resume(run_state(checkpoint), 0, n)  # batches 0, 1, ... instead of 100 % 7, ...
-    assert_bits_equal(right.params, uninterrupted.params)
-    assert not np.array_equal(wrong.params, uninterrupted.params)
+    assert_bits_equal(right.last_params, uninterrupted.last_params)
+    assert not np.array_equal(wrong.last_params, uninterrupted.last_params)
     # Also as an array, with the same compiled loop.
     as_array = resume(run_state(checkpoint), jnp.int32(SAVE_AT), n)
     assert_bits_equal(as_array, right)
@@ -315,7 +318,7 @@ def test_resuming_a_stopped_run_takes_no_step(uninterrupted, capsys):
     assert_bits_equal(again.best_params, uninterrupted.best_params)
     assert np.isnan(again.losses).all() and again.losses.shape == (50,)
     captured = capsys.readouterr()
-    assert "epoch" not in captured.out
+    assert "step" not in captured.out
     assert f"{step}/{step + 50}" in captured.err and "stopped: PATIENCE" in captured.err
 
 
@@ -331,10 +334,10 @@ def test_log_lines_and_bar_continue_the_saved_run(capsys):
     jax.block_until_ready(second)
     captured = capsys.readouterr()
     resumed_lines = captured.out.splitlines()
-    assert resumed_lines[0].startswith("epoch 100 loss ")
+    assert resumed_lines[0].startswith("step 100 loss ")
     assert parts + resumed_lines == whole
     stop = stop_step(second, split)
-    assert whole[-1].startswith(f"epoch {stop - stop % every} loss ")
+    assert whole[-1].startswith(f"step {stop - stop % every} loss ")
     # The bar counts from the saved step: steps taken, the stopping one included.
     assert f"{stop + 1}/{TOTAL}" in captured.err
 
@@ -414,7 +417,7 @@ def test_vmap_log_lines_with_different_initial_steps(capsys):
             [result.losses[b, step - s] for b, s in enumerate(starts) if 0 <= step - s < num_steps]
         )
         expected.append(
-            f"epoch {step} loss min {np.nanmin(v)!s} mean {np.nanmean(v)!s} "
+            f"step {step} loss min {np.nanmin(v)!s} mean {np.nanmean(v)!s} "
             f"max {np.nanmax(v)!s} ({len(v)} of 2 running)"
         )
     assert lines == expected
@@ -430,7 +433,7 @@ def test_state_of_another_optimizer_is_rejected(checkpoint):
     with pytest.raises(ValueError, match="opt_state"):
         adam_jax.fit(
             LOSS_FN,
-            checkpoint.params,
+            checkpoint.last_params,
             adam_jax.amsgrad(0.01),
             num_steps=3,
             data=DATA,
@@ -455,7 +458,7 @@ def test_early_stopping_state_needs_early_stopping(checkpoint):
     with pytest.raises(ValueError, match="early_stopping_state needs early_stopping"):
         adam_jax.fit(
             LOSS_FN,
-            checkpoint.params,
+            checkpoint.last_params,
             OPTIMIZER,
             num_steps=3,
             data=DATA,

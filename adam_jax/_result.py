@@ -1,0 +1,80 @@
+"""What :func:`adam_jax.fit` returns."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import optax
+
+from adam_jax._early_stopping import EarlyStoppingState, StopReason
+
+
+class FitResult(NamedTuple):
+    """What :func:`adam_jax.fit` returns (a NamedTuple, so a pytree that vmap can batch).
+
+    Steps are numbered globally, from ``initial_step`` (0 unless the fit resumes
+    a saved run); ``num_steps`` counts the steps of this call only.
+
+    Attributes:
+      params: the params to use: with early stopping's ``restore_best=True``
+        the best ones (``best_params``), otherwise the last ones (``last_params``).
+      best_params: the params of the best step when early stopping has
+        ``restore_best=True`` (those given to the fit until something
+        improves); otherwise the last params.
+      opt_state: the last optimizer state, the one that goes with ``last_params``.
+      losses: the monitored value (the loss, or the metric with ``has_aux=True``)
+        at the steps in ``steps``, as the fit's ``history`` chose; the default
+        keeps every step up to 100 000, so ``losses[k]`` is step
+        ``initial_step + k``. A slot no step reached holds NaN.
+      num_steps: int32, the number of updates this call applied. The next
+        step to take is ``initial_step + num_steps``, the ``initial_step`` a
+        resumed fit gets.
+      stop_reason: int32 holding a :class:`StopReason`; ``NONE`` if the run
+        did not stop early. :meth:`stop_reason_names` reads it.
+      best_step: int32, the step of the best value, counted by the early-stopping
+        state (so from 0 at its ``init``, not from ``initial_step``); -1 without
+        early stopping or if nothing improved.
+      best_value: the best monitored value; NaN without early stopping.
+      early_stopping_state: the final :class:`EarlyStoppingState`, to save with
+        ``last_params`` and ``opt_state`` and pass back to a resumed fit; None
+        without early stopping.
+      last_params: the params at the last step: after a stop, those at which
+        the stopping value was measured (that step's update is not applied).
+        A resumed fit starts from these.
+      steps: int32, aligned with ``losses``: the global step of each entry,
+        -1 for a slot no step reached.
+    """
+
+    params: optax.Params
+    best_params: optax.Params
+    opt_state: optax.OptState
+    losses: jax.Array
+    num_steps: jax.Array
+    stop_reason: jax.Array
+    best_step: jax.Array
+    best_value: jax.Array
+    early_stopping_state: EarlyStoppingState | None = None
+    last_params: optax.Params = None
+    steps: jax.Array | None = None
+
+    def stop_reason_names(self) -> str | np.ndarray:
+        """The stop reason as a name (``"TARGET"``, ``"NONE"``, ...), on the host.
+
+        A single result gives a ``str``; a batched one (from vmap) a NumPy array
+        of names with the batch's shape. Call it on a result, outside ``jit``.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, optax, adam_jax
+          >>> fit = lambda t: adam_jax.fit(
+          ...     lambda p: (p - t) ** 2, jnp.asarray(0.0), optax.sgd(0.1), num_steps=20,
+          ...     early_stopping=adam_jax.early_stopping(None, target=1e-2))
+          >>> fit(1.0).stop_reason_names()
+          'TARGET'
+          >>> jax.vmap(fit)(jnp.array([1.0, 1e3])).stop_reason_names().tolist()
+          ['TARGET', 'NONE']
+        """
+        codes = np.asarray(self.stop_reason)
+        names = np.vectorize(lambda c: StopReason(int(c)).name, otypes=[object])(codes)
+        return str(names[()]) if codes.ndim == 0 else names.astype(str)
