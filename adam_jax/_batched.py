@@ -163,7 +163,7 @@ def advance(
         n_finished = jnp.sum(finished, dtype=jnp.int32)
         lanes = c.lanes._replace(ids=jnp.where(finished, -1, c.lanes.ids))
         if config.progress:
-            jax.debug.callback(_on_harvest, n_finished, lanes.state.last_value, lanes.ids >= 0)
+            jax.debug.callback(_on_harvest, c.lanes.state.last_value, finished)
         return c._replace(
             lanes=lanes, out=c.out._replace(results=results, ids=ids), rows=c.rows + n_finished
         )
@@ -182,7 +182,7 @@ def advance(
             data=_where(load, new_data, c.lanes.data),
             state=_where(load, init(new_inputs, new_data), c.lanes.state),  # type: ignore[arg-type]
         )
-        return c._replace(lanes=lanes, queue=jnp.minimum(c.queue + jnp.sum(idle), n))
+        return c._replace(lanes=lanes, queue=jnp.minimum(c.queue + jnp.sum(idle, dtype=jnp.int32), n))
 
     def body(c: _Carry, *, filling: bool) -> _Carry:
         running = c.lanes.ids >= 0
@@ -207,7 +207,7 @@ def advance(
         keep = width // SHRINK if final else width
 
         def more(c: _Carry, keep: int = keep, filling: bool = filling) -> jax.Array:
-            busy = jnp.sum(c.lanes.ids >= 0) > keep
+            busy = jnp.sum(c.lanes.ids >= 0, dtype=jnp.int32) > keep
             return (c.queue < n) | busy if filling else busy
 
         c = jax.lax.while_loop(more, functools.partial(body, filling=filling), c)
@@ -240,7 +240,8 @@ advance_jit = jax.jit(advance, static_argnames=("config", "final"))
 
 
 class BatchProgress:
-    """The progress bar of a batched run: problems finished, and the running values.
+    """The progress bar of a batched run: problems finished, and the min and median of
+    their last monitored values.
 
     Used as a context manager around the compiled calls; their host callbacks
     reach the bar that is open.
@@ -250,6 +251,7 @@ class BatchProgress:
 
     def __init__(self, total: int | None):
         self.bar = _reporting.import_tqdm()(total=total, unit="problem")
+        self.values: list[np.ndarray] = []
         self.shown = 0.0
 
     def __enter__(self) -> BatchProgress:
@@ -259,19 +261,24 @@ class BatchProgress:
     def __exit__(self, *exc: object) -> None:
         jax.effects_barrier()
         BatchProgress.active = None
+        self.show()
         self.bar.close()
 
-    def update(self, n_finished: int, values: np.ndarray, running: np.ndarray) -> None:
-        self.bar.update(n_finished)
-        now = time.monotonic()
-        if now - self.shown > 0.1:
-            self.shown = now
-            v = values[running & np.isfinite(values)]
-            if v.size:
-                self.bar.set_postfix(min=f"{v.min():.4g}", median=f"{np.median(v):.4g}")
+    def update(self, values: np.ndarray, finished: np.ndarray) -> None:
+        self.values.append(values[finished])
+        self.bar.update(int(finished.sum()))
+        if time.monotonic() - self.shown > 0.1:
+            self.show()
+
+    def show(self) -> None:
+        self.shown = time.monotonic()
+        v = np.concatenate(self.values) if self.values else np.zeros(0)
+        v = v[np.isfinite(v)]
+        if v.size:
+            self.bar.set_postfix(min=f"{v.min():.4g}", median=f"{np.median(v):.4g}")
 
 
-def _on_harvest(n_finished: np.ndarray, values: np.ndarray, running: np.ndarray) -> None:
+def _on_harvest(values: np.ndarray, finished: np.ndarray) -> None:
     bar = BatchProgress.active
     if bar is not None:
-        bar.update(int(n_finished), np.asarray(values), np.asarray(running))
+        bar.update(np.asarray(values), np.asarray(finished))

@@ -70,7 +70,9 @@ def _sharded(config: _batched.Config, mesh: jax.sharding.Mesh, spec: PartitionSp
         return results, jax.lax.psum(computed, spec[0])
 
     return jax.jit(
-        jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(spec, PartitionSpec()))
+        jax.shard_map(
+            local, mesh=mesh, in_specs=specs, out_specs=(spec, PartitionSpec()), check_vma=False
+        )
     )
 
 
