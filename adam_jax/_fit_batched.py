@@ -34,17 +34,27 @@ class BatchedWork(NamedTuple):
     needed: int
 
 
-def default_slots(n: int, n_shards: int = 1) -> int:
+def default_slots(n: int, stops_early: bool = True, n_shards: int = 1) -> int:
     """The lanes a batched run of ``n`` problems uses on each of ``n_shards`` devices.
 
-    On CPU 128 lanes measured fastest on the regression workload of
-    ``benchmarks/bench_fit.py`` (64 and 256 within 1.5x): fewer leave the
-    loop's per-iteration cost unshared, more make each refill and the tail
-    wider. An accelerator steps thousands of small problems in the time of
-    one, so it gets 4,096.
+    Without early stopping every problem takes ``num_steps`` steps, so nothing
+    is gained by refilling: each problem gets its own lane, as under
+    ``jax.vmap``. With early stopping, fewer lanes than problems keep the work
+    close to what the problems need (the tail, where lanes empty and are
+    compacted, is a smaller share of the run), while more lanes share the
+    loop's fixed cost per iteration among more problems. On CPU, on the
+    regression workload of ``benchmarks/bench_fit.py`` (1,024 problems),
+    128 lanes computed 1.07x the needed steps and 256 lanes 1.17x, both about
+    a tenth of ``jax.vmap(fit)``'s time; with every problem taking the same
+    steps, 128 lanes took 1.6x ``jax.vmap(fit)``'s time and 1,024 lanes 0.7x.
+    The default is therefore a quarter of the problems, at least 128 (4,096 on
+    an accelerator, which steps thousands of small problems in the time of one).
     """
-    per_device = 128 if jax.default_backend() == "cpu" else 4096
-    return max(1, min(-(-n // n_shards), per_device))
+    per_shard = -(-n // n_shards)
+    if not stops_early:
+        return per_shard
+    floor = 128 if jax.default_backend() == "cpu" else 4096
+    return max(1, min(per_shard, max(floor, per_shard // 4)))
 
 
 def _problem_axis(inputs: object) -> tuple[jax.sharding.Mesh, PartitionSpec] | None:
@@ -131,7 +141,9 @@ def fit_batched(
       inputs: a pytree whose leaves share a leading axis of N problems, or an
         iterator of such pytrees (see above).
       num_steps: the most steps each problem takes, a positive int.
-      slots: the number of lanes (per device); default :func:`default_slots`.
+      slots: the number of lanes (per device); default :func:`default_slots`
+        (a quarter of the problems, at least 128 on CPU, with early stopping; one
+        lane per problem without).
       early_stopping: an :func:`adam_jax.early_stopping` object, shared by all
         problems (each has its own state).
       has_aux: as in :func:`adam_jax.fit`.
@@ -224,7 +236,7 @@ def _config(make_problem, data, num_steps, slots, es, has_aux, history, progress
         n_data=n_data,
         has_aux=bool(has_aux),
         history=history,
-        slots=int(slots) if slots is not None else default_slots(n, shards),
+        slots=int(slots) if slots is not None else default_slots(n, es is not None, shards),
         progress=bool(progress),
     )
 
