@@ -12,6 +12,7 @@ from adam_jax._early_stopping import (
     early_stopping,
 )
 from adam_jax._fit import FitResult, History, fit
+from adam_jax._fit_batched import BatchedWork, default_slots, fit_batched
 from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
 
 try:
@@ -23,6 +24,7 @@ __all__ = [
     "AMSGradState",
     "AdamState",
     "AdamaxState",
+    "BatchedWork",
     "EarlyStopping",
     "EarlyStoppingState",
     "FitResult",
@@ -34,8 +36,10 @@ __all__ = [
     "adamw",
     "amsgrad",
     "bytes_per_device",
+    "default_slots",
     "early_stopping",
     "fit",
+    "fit_batched",
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_amsgrad",

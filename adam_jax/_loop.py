@@ -320,7 +320,10 @@ def run(
         return loop.step(s, data)
 
     if reporter is None:
-        return jax.lax.while_loop(lambda s: ~loop.done(s), step, state)
+        # Under vmap a batched predicate would make the loop select its whole
+        # carry, history buffers included, on every step; `step` leaves a done
+        # problem as it is, so the loop can run until every problem is done.
+        return jax.lax.while_loop(lambda s: _any_of_batch(~loop.done(s)), step, state)
 
     def chunk(c: tuple[LoopState, jax.Array]) -> tuple[LoopState, jax.Array]:
         s, target = c

@@ -1,0 +1,242 @@
+"""fit_batched: each problem's result equals jit(vmap(fit))'s, with only the steps it needs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adam_jax
+
+HERE = pathlib.Path(__file__).parent
+N = 24
+
+
+def regressions(n: int = N, dtype=jnp.float64, seed: int = 0):
+    """n linear regressions, each with its own data and a log-spaced learning rate."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 64, 3))
+    w = rng.normal(size=(n, 3, 1)) * 2
+    y = x @ w + 0.3 * rng.normal(size=(n, 64, 1))
+    lr = np.geomspace(3e-3, 0.3, n)
+    return tuple(jnp.asarray(a, dtype) for a in (x, y, lr))
+
+
+def make_problem(p):
+    x, y, lr = p
+
+    def loss(w):
+        return jnp.mean((x @ w - y) ** 2)
+
+    return loss, jnp.zeros((3, 1), x.dtype), adam_jax.adam(lr)
+
+
+def make_aux_problem(p):
+    x, y, lr = p
+
+    def loss(w):
+        error = x @ w - y
+        return 0.5 * jnp.sum(error**2), jnp.mean(error**2)
+
+    return loss, jnp.zeros((3, 1), x.dtype), adam_jax.amsgrad(lr)
+
+
+def make_batch_problem(p):
+    x, y, lr = p  # x, y: this problem's batches, cycled by step
+
+    def loss(w, batch):
+        bx, by = batch
+        return jnp.mean((bx @ w - by) ** 2)
+
+    return loss, jnp.zeros((3, 1), x.dtype), adam_jax.adamax(lr)
+
+
+def vmapped_fit(make, inputs, data=None, **kwargs):
+    """The reference: jax.jit(jax.vmap(fit)) over the same problems."""
+
+    def one(p, d):
+        loss, params, opt = make(p)
+        return adam_jax.fit(loss, params, opt, data=d, **kwargs)
+
+    return jax.jit(jax.vmap(one))(inputs, data)
+
+
+def assert_same(result, reference, rtol):
+    for field in ("num_steps", "stop_reason", "best_step", "steps"):
+        np.testing.assert_array_equal(getattr(result, field), getattr(reference, field), field)
+    for field in ("params", "best_params", "last_params", "opt_state", "losses", "best_value"):
+        chex.assert_trees_all_close(
+            getattr(result, field), getattr(reference, field), rtol=rtol, atol=0
+        )
+
+
+CASES = {
+    "target": dict(early_stopping=adam_jax.early_stopping(None, target=0.2)),
+    "patience_restore_best": dict(
+        early_stopping=adam_jax.early_stopping(patience=5, min_delta=1e-3, restore_best=True)
+    ),
+    "no_early_stopping": dict(),
+    "history_last": dict(
+        early_stopping=adam_jax.early_stopping(None, target=0.2),
+        history=adam_jax.History.last(7),
+    ),
+    "history_every": dict(
+        early_stopping=adam_jax.early_stopping(None, target=0.2),
+        history=adam_jax.History.every(3, max_len=50),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("slots", [1, 5, N])
+def test_equals_vmapped_fit_float64(case, slots):
+    kwargs = dict(num_steps=400, **CASES[case])
+    inputs = regressions()
+    result = adam_jax.fit_batched(make_problem, inputs, slots=slots, **kwargs)
+    if "history" not in kwargs:
+        kwargs["history"] = adam_jax.History.every(1, max_len=1_000)  # fit_batched's default
+    assert_same(result, vmapped_fit(make_problem, inputs, **kwargs), rtol=1e-12)
+
+
+def test_equals_vmapped_fit_float32_has_aux():
+    inputs = regressions(dtype=jnp.float32)
+    kwargs = dict(
+        num_steps=600,
+        has_aux=True,
+        early_stopping=adam_jax.early_stopping(patience=10, target=0.15),
+        history=adam_jax.History.every(1, max_len=1_000),
+    )
+    result = adam_jax.fit_batched(make_aux_problem, inputs, slots=4, **kwargs)
+    assert_same(result, vmapped_fit(make_aux_problem, inputs, **kwargs), rtol=1e-6)
+
+
+def test_equals_vmapped_fit_with_data_batches():
+    x, y, lr = regressions()
+    inputs = (x, y, lr)
+    data = (x.reshape(N, 4, 16, 3), y.reshape(N, 4, 16, 1))  # 4 batches a problem
+    kwargs = dict(
+        num_steps=300,
+        early_stopping=adam_jax.early_stopping(patience=8),
+        history=adam_jax.History.every(1, max_len=1_000),
+    )
+    result = adam_jax.fit_batched(make_batch_problem, inputs, data=data, slots=6, **kwargs)
+    assert_same(result, vmapped_fit(make_batch_problem, inputs, data, **kwargs), rtol=1e-12)
+
+
+def test_computes_only_the_steps_needed():
+    inputs = regressions()
+    es = adam_jax.early_stopping(None, target=0.2)
+    result, work = adam_jax.fit_batched(
+        make_problem, inputs, num_steps=2_000, early_stopping=es, slots=4, return_work=True
+    )
+    steps = np.asarray(result.num_steps) + 1  # each also computed its stopping step
+    assert np.all(np.asarray(result.stop_reason_names()) == "TARGET")
+    assert work.needed == steps.sum()
+    # vmap would compute N x the longest; the lanes compute little more than needed.
+    assert steps.max() * N > 3 * work.needed
+    assert work.needed <= work.computed <= 1.25 * work.needed
+
+
+def test_streamed_chunks_equal_all_at_once():
+    inputs = regressions()
+    es = adam_jax.early_stopping(patience=5, target=0.2)
+    kwargs = dict(num_steps=500, early_stopping=es, slots=5, history=adam_jax.History.last(4))
+    whole = adam_jax.fit_batched(make_problem, inputs, **kwargs)
+    chunks = iter([jax.tree.map(lambda a, k=k: a[k : k + 8], inputs) for k in range(0, N, 8)])
+    streamed, work = adam_jax.fit_batched(make_problem, chunks, return_work=True, **kwargs)
+    assert isinstance(streamed.params, np.ndarray)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, whole), streamed)
+    assert work.computed <= 1.25 * work.needed
+
+
+def test_new_inputs_and_learning_rates_do_not_recompile():
+    traces = []
+
+    def counted(p):
+        traces.append(1)
+        return make_problem(p)
+
+    es = adam_jax.early_stopping(None, target=0.2)
+    for seed in range(3):
+        adam_jax.fit_batched(counted, regressions(seed=seed), num_steps=50, early_stopping=es)
+    first = len(traces)
+    for seed in range(3, 10):
+        adam_jax.fit_batched(counted, regressions(seed=seed), num_steps=50, early_stopping=es)
+    assert first > 0 and len(traces) == first
+
+
+def test_progress_bar_counts_problems(capsys):
+    pytest.importorskip("tqdm", reason="pip install -e '.[progress]'")
+    adam_jax.fit_batched(
+        make_problem,
+        regressions(),
+        num_steps=200,
+        early_stopping=adam_jax.early_stopping(None, target=0.2),
+        slots=4,
+        progress=True,
+    )
+    err = capsys.readouterr().err
+    assert f"{N}/{N}" in err and "median" in err
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(num_steps=0), ValueError, "num_steps"),
+        (dict(num_steps=2.5), TypeError, "num_steps"),
+        (dict(num_steps=10, slots=0), ValueError, "slots"),
+        (dict(num_steps=10, has_aux=1), TypeError, "has_aux"),
+        (dict(num_steps=10, early_stopping="patience"), TypeError, "early_stopping"),
+        (dict(num_steps=10, history="all"), TypeError, "history"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        adam_jax.fit_batched(make_problem, regressions(), **kwargs)
+
+
+def test_bad_inputs_are_named():
+    x, y, lr = regressions()
+    with pytest.raises(ValueError, match="leading axis"):
+        adam_jax.fit_batched(make_problem, (x, y, lr[:5]), num_steps=10)
+    with pytest.raises(ValueError, match="data"):
+        adam_jax.fit_batched(
+            make_batch_problem, (x, y, lr), data=(x[:3, None], y[:3, None]), num_steps=10
+        )
+    with pytest.raises(TypeError, match="make_problem"):
+        adam_jax.fit_batched(None, (x, y, lr), num_steps=10)
+    with pytest.raises(ValueError, match="empty"):
+        adam_jax.fit_batched(make_problem, iter([]), num_steps=10)
+
+
+def test_sharded_over_8_devices_equals_one_device():
+    """Lanes split over 8 CPU devices (Auto and Explicit meshes) give one device's results."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "_fit_batched_sharded.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    report = json.load(io.StringIO(proc.stdout))
+    assert report["devices"] == 8
+    for mode in ("auto", "explicit"):
+        row = report[mode]
+        assert row["shards"] == 8, row
+        assert row["equal"], row
