@@ -8,6 +8,7 @@ is in ``_loop``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -170,12 +171,12 @@ def fit(
     rounding: batched kernels may round differently, so in float32 a problem
     whose stop depends on a threshold can stop a few steps apart (float64 runs
     matched exactly in the tests). Under vmap the loop runs until every
-    problem has stopped, with the stopped ones frozen, and each step selects
-    the whole loop state, history buffer included: keep ``history`` small
-    there. Inputs may be sharded over meshes with Auto or Explicit axes, and
-    the results equal the unsharded run's; a vmap over arrays sharded on an
-    Explicit axis needs the mesh in context (``with jax.set_mesh(mesh):``),
-    and says so otherwise.
+    problem has stopped, with the stopped ones frozen (a stopped problem's
+    step changes nothing, and nothing is selected over the history buffer).
+    :func:`adam_jax.fit_batched` runs each problem only for its own steps.
+    Inputs may be sharded over meshes with Auto or Explicit axes (from
+    ``jax.make_mesh``'s defaults, with or without ``jax.set_mesh``), and the
+    results equal the unsharded run's.
 
     **Memory.** Besides the params and states, a fit holds its ``history``
     buffer (by default at most 100 000 values and their steps, whatever
@@ -321,13 +322,44 @@ def fit(
     else:
         run = functools.partial(_run_jit, static=static)
     initial_step = jnp.asarray(initial_step).astype(jnp.int32)
-    try:
-        return run(dynamic, params, data, opt_state, early_stopping_state, initial_step)
-    except ValueError as e:
-        if "is not found in mesh: ()" not in str(e):
-            raise
-        raise ValueError(
-            "fit is vmapped over arrays sharded on an Explicit mesh axis, and JAX cannot "
-            "batch its loop without the mesh in context: call it under "
-            "`with jax.set_mesh(mesh):` (or shard over an Auto axis)"
-        ) from e
+    args = (dynamic, params, data, opt_state, early_stopping_state, initial_step)
+    with _explicit_mesh_in_context(loss_fn, params, data, args):
+        return run(*args)
+
+
+def _explicit_mesh_in_context(
+    loss_fn: Callable[..., object], params: optax.Params, data: object, args: tuple
+) -> contextlib.AbstractContextManager:
+    """While tracing, the abstract mesh of inputs sharded over Explicit axes, if none is in context.
+
+    Under ``jax.vmap`` over arrays sharded on an Explicit mesh axis, JAX batches
+    the loop only with that mesh in context: users would need
+    ``with jax.set_mesh(mesh):``. The mesh is in the inputs' types (the
+    optimizer's leaves, the params, the data, or what ``loss_fn`` closes over,
+    seen in its value's type), so it is entered here.
+    """
+    leaves = [x for x in jax.tree.leaves(args) if _is_data(x)]
+    tracing = any(isinstance(x, jax.core.Tracer) for x in leaves)
+    if not tracing or not jax.sharding.get_abstract_mesh().empty:
+        # Called directly, JAX takes the mesh from the arrays themselves.
+        return contextlib.nullcontext()
+
+    def mesh_of(sharding: object) -> jax.sharding.AbstractMesh | None:
+        mesh = getattr(sharding, "mesh", None)
+        if isinstance(mesh, jax.sharding.AbstractMesh) and not mesh.empty:
+            if jax.sharding.AxisType.Explicit in mesh.axis_types:
+                return mesh
+        return None
+
+    shardings = [jax.typeof(x).sharding for x in leaves]
+    if not any(map(mesh_of, shardings)):
+        try:
+            batch = () if data is None else (_fit_checks.batch_at(data, 0),)
+            value = jax.eval_shape(loss_fn, params, *batch)
+        except Exception:  # a broken loss_fn is reported by the loop, with its own message
+            value = None
+        shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(value)]
+    for sharding in shardings:
+        if (mesh := mesh_of(sharding)) is not None:
+            return jax.sharding.use_abstract_mesh(mesh)
+    return contextlib.nullcontext()
