@@ -100,16 +100,21 @@ def _update(
     scalars = adam_scalars(
         hp, updates, count, bias_correction=config.bias_correction, nesterov=config.nesterov
     )
-    moment = _common.nesterov_first_moment if config.nesterov else _common.first_moment
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
         g = jax.numpy.asarray(g)
         cdt, rdt = _common.dtypes_of(g)
         s = scalars[rdt]
         g_ = g.astype(cdt)
-        m_new, m_hat = moment(g_, m, s)  # m = b1·m + (1-b1)·g,  m̂ = m/(1-b1^t)
-        v_new = _common.ema(_common.abs_sq(g_), v.astype(rdt), s.b2)  # v = b2·v + (1-b2)·|g|²
-        u = _common.adam_direction(m_hat, v_new, s, eps_hat=config.eps_hat)
+        m_new = _common.ema(g_, m.astype(cdt), s.b1)  # m = b1·m + (1-b1)·g
+        v_new = _common.ema(
+            _common.abs_sq(g_), v.astype(rdt), s.b2, nonnegative=True
+        )  # v = b2·v + (1-b2)·|g|²
+        if config.nesterov:  # m̂ = b1·m/(1-b1^(t+1)) + (1-b1)·g/(1-b1^t)
+            m_hat = _common.nesterov_first_moment(g_, m_new, s)
+            u = _common.adam_direction(m_hat, v_new, s, eps_hat=config.eps_hat, m_is_corrected=True)
+        else:  # u = m̂/(sqrt(v̂ + eps_root) + eps)
+            u = _common.adam_direction(m_new, v_new, s, eps_hat=config.eps_hat)
         return u.astype(g.dtype), _common.store(m_new, m), v_new.astype(v.dtype)
 
     u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)

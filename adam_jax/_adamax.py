@@ -74,14 +74,15 @@ def _update(
         cdt, rdt = _common.dtypes_of(g)
         s = scalars[rdt]
         g_ = g.astype(cdt)
-        m_new, m_hat = _common.first_moment(g_, m, s)  # m̂ = m/(1-b1^t)
-        u_decayed = _common.decayed(s.b2, u.astype(rdt))
+        m_new = _common.ema(g_, m.astype(cdt), s.b1)  # m = b1·m + (1-b1)·g
+        u_decayed = _common.decayed(s.b2, u.astype(rdt), nonnegative=True)
+        # d = m̂/denominator with m̂ = m/(1-b1^t), corrected last (see adam_direction).
         if config.eps_in_max:  # u = max(b2·u, |g| + eps),  d = m̂/u
             u_new = jnp.maximum(jnp.abs(g_) + s.eps, u_decayed)
-            d = _common.divide(m_hat, u_new)
+            d = _common.divide(m_new, u_new) / s.c1
         else:  # u = max(b2·u, |g|),  d = m̂/(u + eps)
             u_new = jnp.maximum(u_decayed, jnp.abs(g_))
-            d = _common.divide(m_hat, u_new + s.eps)
+            d = _common.divide(m_new, u_new + s.eps) / s.c1
         return d.astype(g.dtype), _common.store(m_new, m), u_new.astype(u.dtype)
 
     d, m, u = _common.map_leaves(leaf, 3, updates, state.m, state.u)

@@ -146,7 +146,15 @@ def _update(
     if not (isinstance(state, tuple) and len(state) == len(parts)):
         _checks.check_not_swapped(updates, state, _checks.is_optimizer_state)
     if params is not None:  # optax's own NO_PARAMS_MSG names missing params
-        _checks.check_like(params, updates, what="params", reference_name="the grads")
+        try:
+            _checks.check_like(params, updates, what="params", reference_name="the grads")
+        except ValueError:
+            # Name the grads when they are what differs from the state; the scaler
+            # checks them against its state itself, so this runs only on failure.
+            inner = state[int(config.maximize) + int(not config.decoupled)]
+            if hasattr(inner, "m"):
+                _checks.check_like(updates, inner.m)
+            raise
         _check_mask(config, params)
     return optax.chain(*parts).update(updates, state, params, **extra_args)
 

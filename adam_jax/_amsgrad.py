@@ -69,12 +69,12 @@ def _update(
         cdt, rdt = _common.dtypes_of(g)
         s = scalars[rdt]
         g_ = g.astype(cdt)
-        m_new, m_hat = _common.first_moment(g_, m, s)
-        v_new = _common.ema(_common.abs_sq(g_), v.astype(rdt), s.b2)
+        m_new = _common.ema(g_, m.astype(cdt), s.b1)
+        v_new = _common.ema(_common.abs_sq(g_), v.astype(rdt), s.b2, nonnegative=True)
         candidate = v_new / s.c2 if corrected else v_new  # max of v̂ or of v
         v_max_new = jnp.maximum(v_max.astype(rdt), candidate)
         u = _common.adam_direction(
-            m_hat, v_max_new, s, eps_hat=config.eps_hat, s_is_corrected=corrected
+            m_new, v_max_new, s, eps_hat=config.eps_hat, s_is_corrected=corrected
         )
         return (
             u.astype(g.dtype),

@@ -102,11 +102,13 @@ class Decay(NamedTuple):
     :func:`decay_leaves` forms ``1 - d`` in the hyperparameter's own precision
     (double for a Python float), as optax and torch do; forming it after a cast
     to float32 would move float32 results by an ulp. Kept as a leaf, it is the
-    same number whether the optimizer is traced or not.
+    same number whether the optimizer is traced or not. :func:`decay_pair` adds
+    ``cap`` (see :func:`decayed`).
     """
 
     d: chex.Numeric
     one_minus_d: chex.Numeric
+    cap: tuple[jax.Array, jax.Array] | None = None  # (-c, c), see decayed
 
 
 def decay_leaves(decay: ArrayLike | Decay) -> Decay:
@@ -120,9 +122,12 @@ def decay_leaves(decay: ArrayLike | Decay) -> Decay:
 
 
 def decay_pair(decay: ArrayLike | Decay, dtype: DTypeLike) -> Decay:
-    """``(decay, 1 - decay)`` as arrays in ``dtype`` (see :func:`decay_leaves`)."""
-    d, one_minus_d = decay_leaves(decay)
-    return Decay(jnp.asarray(d).astype(dtype), jnp.asarray(one_minus_d).astype(dtype))
+    """``(decay, 1 - decay)`` as arrays in ``dtype`` (see :func:`decay_leaves`), and
+    the ``cap`` that :func:`decayed` clamps the decayed value to."""
+    d, one_minus_d, _ = decay_leaves(decay)
+    d_ = jnp.asarray(d).astype(dtype)
+    cap = jnp.where(d_ == 0, jnp.finfo(dtype).max, jnp.inf).astype(real_dtype(dtype))
+    return Decay(d_, jnp.asarray(one_minus_d).astype(dtype), (-cap, cap))
 
 
 def correction(decay: Decay, count: jax.Array) -> jax.Array:
@@ -141,7 +146,7 @@ def correction(decay: Decay, count: jax.Array) -> jax.Array:
     logarithm is singular. log1p is only used where ``1 - d < 0.25``: XLA:CPU's
     float64 log1p loses ~8 bits on [-0.41, -0.35], where ``log(d)`` is exact enough.
     """
-    d, one_minus_d = decay
+    d, one_minus_d, _ = decay
     t = count.astype(d.dtype)
     small = d < 0.5
     direct = 1 - jnp.where(small, d, 0.25) ** t
@@ -158,21 +163,28 @@ def abs_sq(g: jax.Array) -> jax.Array:
     return g * g
 
 
-def ema(g: jax.Array, moment: jax.Array, decay: Decay) -> jax.Array:
-    """``decay·moment + (1-decay)·g`` in the order optax uses, for bit-parity."""
-    return decay.one_minus_d * g + decayed(decay, moment)
+def ema(g: jax.Array, moment: jax.Array, decay: Decay, *, nonnegative: bool = False) -> jax.Array:
+    """``decay·moment + (1-decay)·g`` in the order optax uses, for bit-parity.
+    ``nonnegative``: the moment is never negative (a second moment)."""
+    return decay.one_minus_d * g + decayed(decay, moment, nonnegative=nonnegative)
 
 
-def decayed(decay: Decay, x: jax.Array) -> jax.Array:
+def decayed(decay: Decay, x: jax.Array, *, nonnegative: bool = False) -> jax.Array:
     """``d·x``, but 0 when ``d`` is 0 even if ``x`` is inf.
 
     Once |g|² overflows (|g| > 1.8e19 in float32) ``v`` is inf, as in torch and
     optax, and every later update of that element is 0. With ``b2 = 0`` there is
-    no memory, so the next step must not see ``0·inf = NaN``. Masking ``x`` (not
-    the product) keeps the derivative in ``d`` and ``x`` right at ``d = 0``.
+    no memory, so the next step must not see ``0·inf = NaN``. ``x`` is clamped to
+    ``cap = (-c, c)``, where ``c`` is the dtype's maximum when ``d`` is 0 and inf otherwise: one
+    operation per leaf, which leaves ``x`` (and its derivative) as it is wherever
+    it matters.
     """
-    d = decay.d
-    return d * jnp.where((d == 0) & jnp.isinf(x), jnp.zeros((), x.dtype), x)
+    d, cap = decay.d, decay.cap
+    if cap is None or jnp.iscomplexobj(x) or cap[0].dtype != x.dtype:
+        return d * jnp.where((d == 0) & jnp.isinf(x), jnp.zeros((), x.dtype), x)
+    if nonnegative:  # a second moment or an infinity norm: one bound is enough
+        return d * jnp.minimum(x, cap[1])
+    return d * jax.lax.clamp(cap[0], x, cap[1])
 
 
 def map_leaves(
@@ -214,6 +226,7 @@ class Scalars(NamedTuple):
     eps: jax.Array
     eps_root: jax.Array | None
     c1_next: jax.Array | None = None  # 1 - b1**(t+1), for Nesterov momentum only
+    alpha: jax.Array | None = None  # sqrt(c2)/c1, Keras's step-size factor
 
 
 def scalars(
@@ -231,34 +244,27 @@ def scalars(
     ``c2`` (only when ``correct_b2``) and ``c1_next`` (only for ``nesterov``); with
     ``count=None`` (no bias correction), none of them."""
     b1_, b2_ = decay_pair(b1, dtype), decay_pair(b2, dtype)
-    c1 = c2 = c1_next = None
+    eps_ = jnp.asarray(eps).astype(dtype)
+    root = None if eps_root is None else jnp.asarray(eps_root).astype(dtype)
+    c1 = c2 = c1_next = alpha = None
     if count is not None:
         c1 = correction(b1_, count)
         c2 = correction(b2_, count) if correct_b2 else None
         c1_next = correction(b1_, increment(count)) if nesterov else None
-    root = None if eps_root is None else jnp.asarray(eps_root).astype(dtype)
-    return Scalars(b1_, b2_, c1, c2, jnp.asarray(eps).astype(dtype), root, c1_next)
+        alpha = jnp.sqrt(c2) / c1 if c2 is not None else None
+    return Scalars(b1_, b2_, c1, c2, eps_, root, c1_next, alpha)
 
 
-def first_moment(g: jax.Array, m: jax.Array, s: Scalars) -> tuple[jax.Array, jax.Array]:
-    """``m = b1·m + (1-b1)·g`` and ``m̂ = m/(1-b1^t)`` (``m`` itself without correction)."""
-    m_new = ema(g, m.astype(g.dtype), s.b1)
-    if s.c1 is None:
-        return m_new, m_new
-    return m_new, no_overflow(divide(m_new, s.c1), m_new)
-
-
-def nesterov_first_moment(g: jax.Array, m: jax.Array, s: Scalars) -> tuple[jax.Array, jax.Array]:
-    """``m`` and ``m̂ = b1·m/(1-b1^(t+1)) + (1-b1)·g/(1-b1^t)`` (optax.nadam)."""
-    m_new = ema(g, m.astype(g.dtype), s.b1)
+def nesterov_first_moment(g: jax.Array, m_new: jax.Array, s: Scalars) -> jax.Array:
+    """``m̂ = b1·m/(1-b1^(t+1)) + (1-b1)·g/(1-b1^t)`` (optax.nadam) for the new ``m``."""
     c1_next = s.c1_next
     if s.c1 is None or c1_next is None:
-        return m_new, s.b1.d * m_new + s.b1.one_minus_d * g
+        return s.b1.d * m_new + s.b1.one_minus_d * g
     # Each term is kept finite before it is scaled: for complex values jnp
     # multiplies by the real b1 as by b1+0j, and 0·inf would be NaN.
     m_term = no_overflow(divide(m_new, c1_next), m_new)
     g_term = no_overflow(divide(g, s.c1), g)
-    return m_new, no_overflow(s.b1.d * m_term + s.b1.one_minus_d * g_term, m_new, g)
+    return no_overflow(s.b1.d * m_term + s.b1.one_minus_d * g_term, m_new, g)
 
 
 def no_overflow(x: jax.Array, *sources: jax.Array) -> jax.Array:
@@ -299,32 +305,45 @@ def store(x: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def adam_direction(
-    m_hat: jax.Array,
+    m: jax.Array,
     s: jax.Array,
     sc: Scalars,
     *,
     eps_hat: bool,
     s_is_corrected: bool = False,
+    m_is_corrected: bool = False,
 ) -> jax.Array:
-    """The Adam ratio ``m̂ / denominator`` for a second moment ``s``.
+    """The Adam ratio ``m̂ / denominator`` for a first moment ``m`` and a second moment ``s``.
 
-    ``sc.c2 = 1 - b2**t`` (``None`` when bias correction is off). ``s`` is the raw
-    second moment, or the already-corrected one when ``s_is_corrected``.
-    ``sc.eps_root=None`` adds nothing inside the square root.
+    ``m`` is the raw first moment, corrected here by ``sc.c1 = 1 - b1**t``, or the
+    already-corrected ``m̂`` when ``m_is_corrected``. ``sc.c2 = 1 - b2**t``; both
+    are ``None`` when bias correction is off. ``s`` is the raw second moment, or the
+    already-corrected one when ``s_is_corrected``. ``sc.eps_root=None`` adds nothing
+    inside the square root.
 
     * ``eps_hat=False`` (Kingma & Ba, PyTorch, optax): ``m̂ / (sqrt(ŝ + eps_root) + eps)``
       with ``ŝ = s / c2``.
     * ``eps_hat=True`` (Keras/TensorFlow): ``m̂·sqrt(c2) / (sqrt(s + eps_root) + eps)``:
       eps is added before the bias correction of ``s``.
+
+    The first-moment correction is applied last, as torch applies ``lr/(1-b1^t)``:
+    ``(m / denominator) / c1``. The ratio is bounded (``|m| <= max|g|`` and the
+    denominator grows with ``|g|``), so dividing it by ``c1 >= 1 - b1`` cannot
+    overflow where ``m/c1`` could for gradients near the dtype's maximum, and an
+    overflowed ``v`` (inf) gives a zero step rather than ``inf/inf = NaN``.
     """
+    c1 = None if m_is_corrected else sc.c1
     c2, eps, eps_root = sc.c2, sc.eps, sc.eps_root
     if c2 is None:
-        return divide(m_hat, jnp.sqrt(_plus(s, eps_root)) + eps)
-    if eps_hat:
+        ratio = divide(m, jnp.sqrt(_plus(s, eps_root)) + eps)
+    elif eps_hat:
         s_raw = s * c2 if s_is_corrected else s
-        return divide(m_hat * jnp.sqrt(c2), jnp.sqrt(_plus(s_raw, eps_root)) + eps)
-    s_hat = s if s_is_corrected else s / c2
-    return divide(m_hat, jnp.sqrt(_plus(s_hat, eps_root)) + eps)
+        ratio = divide(m, jnp.sqrt(_plus(s_raw, eps_root)) + eps)
+        return ratio * (jnp.sqrt(c2) if c1 is None else sc.alpha)
+    else:
+        s_hat = s if s_is_corrected else s / c2
+        ratio = divide(m, jnp.sqrt(_plus(s_hat, eps_root)) + eps)
+    return ratio if c1 is None else ratio / c1
 
 
 def _plus(x: jax.Array, c: jax.Array | None) -> jax.Array:
