@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import chex
@@ -23,7 +24,7 @@ class AdamState(NamedTuple):
       v: second moment, shaped like the params, in ``nu_dtype`` (real for complex params).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     m: optax.Updates
     v: optax.Updates
 
@@ -37,7 +38,8 @@ class AdamHyperparams(NamedTuple):
     eps_root: chex.Numeric
 
 
-@_alias.static
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
 class AdamConfig:
     eps_hat: bool
     bias_correction: bool
@@ -61,7 +63,7 @@ def adam_hyperparams(
 def adam_scalars(
     hp: AdamHyperparams,
     updates: optax.Updates,
-    count: jax.Array,
+    count: jax.Array | None,
     *,
     bias_correction: bool,
     nesterov: bool = False,

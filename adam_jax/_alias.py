@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeAlias
 
 import chex
 import jax
@@ -36,15 +36,7 @@ from jax.tree_util import Partial
 
 from adam_jax import _checks
 
-C = TypeVar("C")
-
-Mask = optax.Params | Callable[[optax.Params], optax.Params] | None
-
-
-def static(cls: type[C]) -> type[C]:
-    """A frozen dataclass registered as a static pytree node: it has no leaves and
-    is part of the treedef, compared and hashed by value."""
-    return jax.tree_util.register_static(dataclasses.dataclass(frozen=True)(cls))
+Mask: TypeAlias = optax.Params | Callable[[optax.Params], optax.Params] | None
 
 
 def transformation(
@@ -57,7 +49,8 @@ def transformation(
     return optax.GradientTransformation(Partial(init, config), Partial(update, config, hyperparams))
 
 
-@static
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
 class CheckedSchedule:
     """A learning-rate schedule whose output is checked to be a scalar (statically)."""
 
@@ -79,7 +72,8 @@ class CheckedSchedule:
         return lr
 
 
-@static
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
 class FrozenMask:
     """A tree of bools kept as its treedef and leaves, so that it hashes by value."""
 
@@ -97,7 +91,8 @@ class FrozenMask:
         return self.treedef.unflatten(self.leaves)
 
 
-@static
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
 class AliasConfig:
     decoupled: bool
     maximize: bool

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -27,13 +28,14 @@ class AMSGradState(NamedTuple):
         (``max_of="corrected"``), in ``nu_dtype``. It never decreases.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     m: optax.Updates
     v: optax.Updates
     v_max: optax.Updates
 
 
-@_alias.static
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
 class AMSGradConfig:
     eps_hat: bool
     max_of: str
@@ -71,7 +73,7 @@ def _update(
         g_ = g.astype(cdt)
         m_new = _common.ema(g_, m.astype(cdt), s.b1)
         v_new = _common.ema(_common.abs_sq(g_), v.astype(rdt), s.b2, nonnegative=True)
-        candidate = v_new / s.c2 if corrected else v_new  # max of v̂ or of v
+        candidate = v_new / s.c2 if corrected and s.c2 is not None else v_new  # max of v̂ or of v
         v_max_new = jnp.maximum(v_max.astype(rdt), candidate)
         u = _common.adam_direction(
             m_new, v_max_new, s, eps_hat=config.eps_hat, s_is_corrected=corrected

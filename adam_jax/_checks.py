@@ -227,8 +227,8 @@ def check_same_tree(
     reference_name: str = "the state",
 ) -> None:
     """Raise ``ValueError`` naming the missing and extra keys when trees differ."""
-    t_tree = jax.tree.structure(tree)
-    t_ref = jax.tree.structure(reference)
+    t_tree: Any = jax.tree.structure(tree)
+    t_ref: Any = jax.tree.structure(reference)
     if t_tree == t_ref:
         return
 
@@ -256,7 +256,8 @@ def check_prefix_tree(tree: Any, reference: Any, *, what: str, reference_name: s
     """Raise ``ValueError`` unless ``tree`` is a tree prefix of ``reference`` (as optax
     masks are), naming the uncovered and the unknown key paths."""
     try:
-        jax.tree.structure(tree).flatten_up_to(reference)
+        treedef: Any = jax.tree.structure(tree)
+        treedef.flatten_up_to(reference)
         return
     except (ValueError, TypeError):
         pass
@@ -310,16 +311,19 @@ def check_not_swapped(grads: Any, state: Any, is_state: Any) -> None:
 
 
 def prepare_update(grads: Any, state: Any, state_cls: type, owner: str) -> None:
-    """The checks every ``update`` runs at trace time (never on values)."""
+    """The checks every ``update`` runs at trace time (never on values): ``state`` is a
+    ``state_cls`` (or a clear error, naming a swap of grads and state) whose ``m`` has
+    the structure, shapes and complexness of ``grads``."""
     if not isinstance(state, state_cls):
         check_not_swapped(grads, state, lambda x: isinstance(x, state_cls))
         raise TypeError(
             f"{owner}'s update expects the {state_cls.__name__} its init returns, "
             f"got {type(state).__name__}"
         )
-    check_like(grads, state.m)
+    moments: Any = getattr(state, "m")  # noqa: B009 (state_cls is any state class)
+    check_like(grads, moments)
     for (where, g), m in zip(
-        leaves_with_paths(grads, "grads"), jax.tree.leaves(state.m), strict=True
+        leaves_with_paths(grads, "grads"), jax.tree.leaves(moments), strict=True
     ):
         check_leaf(g, where)
         if jnp.iscomplexobj(g) and not jnp.iscomplexobj(m):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterable
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import chex
 import jax
@@ -194,7 +194,7 @@ def map_leaves(
 
     Returns ``n_out`` trees with the structure of ``trees[0]``.
     """
-    treedef = jax.tree.structure(trees[0])
+    treedef: Any = jax.tree.structure(trees[0])
     leaves = [treedef.flatten_up_to(t) for t in trees]
     outs = [fn(*args) for args in zip(*leaves, strict=True)]
     return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(n_out))
@@ -231,7 +231,7 @@ class Scalars(NamedTuple):
 
 def scalars(
     dtype: np.dtype,
-    count: jax.Array,
+    count: jax.Array | None,
     b1: Decay,
     b2: Decay,
     eps: chex.Numeric,
@@ -339,7 +339,7 @@ def adam_direction(
     elif eps_hat:
         s_raw = s * c2 if s_is_corrected else s
         ratio = divide(m, jnp.sqrt(_plus(s_raw, eps_root)) + eps)
-        return ratio * (jnp.sqrt(c2) if c1 is None else sc.alpha)
+        return ratio * (jnp.sqrt(c2) if c1 is None or sc.alpha is None else sc.alpha)
     else:
         s_hat = s if s_is_corrected else s / c2
         ratio = divide(m, jnp.sqrt(_plus(s_hat, eps_root)) + eps)
