@@ -75,17 +75,17 @@ def _update(
         g = jnp.asarray(g)
         cdt, rdt = _common.dtypes_of(g)
         s = scalars[rdt]
-        c1: jax.Array = s.c1  # type: ignore[assignment]  # always bias-corrected
+        r1: jax.Array = s.r1  # type: ignore[assignment]  # always bias-corrected
         g_ = g.astype(cdt)
         m_new = _common.ema(g_, m.astype(cdt), s.b1)  # m = b1·m + (1-b1)·g
         u_decayed = _common.decayed(s.b2, u.astype(rdt), nonnegative=True)
         # d = m̂/denominator with m̂ = m/(1-b1^t), corrected last (see adam_direction).
         if config.eps_in_max:  # u = max(b2·u, |g| + eps),  d = m̂/u
             u_new = jnp.maximum(jnp.abs(g_) + s.eps, u_decayed)
-            d = _common.divide(m_new, u_new) / c1
+            d = _common.divide(m_new, u_new) * r1
         else:  # u = max(b2·u, |g|),  d = m̂/(u + eps)
             u_new = jnp.maximum(u_decayed, jnp.abs(g_))
-            d = _common.divide(m_new, u_new + s.eps) / c1
+            d = _common.divide(m_new, u_new + s.eps) * r1
         return d.astype(g.dtype), _common.store(m_new, m), u_new.astype(u.dtype)
 
     d, m, u = _common.map_leaves(leaf, 3, updates, state.m, state.u)

