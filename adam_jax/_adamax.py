@@ -133,6 +133,10 @@ def scale_by_adamax(
       eps_in_max: put eps inside the max, as torch and optax do.
       mu_dtype: dtype to store ``m`` in; default the param dtype.
 
+    Hyperparameters are pytree leaves and may be traced, as in
+    :func:`adam_jax.scale_by_adam`; traced values are range-checked only under
+    ``jax.experimental.checkify.checkify``.
+
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`AdamaxState`.
 

@@ -134,6 +134,10 @@ def scale_by_amsgrad(
       nu_dtype: dtype to store ``v`` and ``v_max`` in; default as in
         :func:`adam_jax.scale_by_adam` (the param dtype, float32 for float16 params).
 
+    Hyperparameters are pytree leaves and may be traced, as in
+    :func:`adam_jax.scale_by_adam`; traced values are range-checked only under
+    ``jax.experimental.checkify.checkify``.
+
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`AMSGradState`.
 
