@@ -148,8 +148,8 @@ def test_traced_python_floats_give_the_untraced_numbers(name, x64):
         constant = run(jax.jit(lambda g, s, p, o: opt.update(g, s, p)))
         for a, b, c in zip(*map(jax.tree.leaves, (traced, eager, constant)), strict=True):
             assert a.dtype == b.dtype == c.dtype == dtype
-            np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(b), maxulp=4)
-            np.testing.assert_array_max_ulp(np.asarray(a), np.asarray(c), maxulp=16)
+            for other in (b, c):  # a few ulp of each step's size
+                np.testing.assert_allclose(a, other, rtol=0, atol=64 * np.finfo(dtype).eps)
 
 
 @pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
