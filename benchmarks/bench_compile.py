@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--only", choices=list(PAIRS), default=None, help="one optimizer")
     args = parser.parse_args(argv)
     n_leaves = args.leaves or (100 if args.quick else 1000)
     reps = args.reps or (2 if args.quick else 3)
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("trace_s", "lower_s", "compile_s", "build_s", "step_s")
     print(f"{n_leaves} leaves x {args.size} float32, medians of {reps}")
     print(f"{'case':<18}" + "".join(f"{k:>12}" for k in keys))
-    for name, (ours, theirs) in PAIRS.items():
+    pairs = {k: v for k, v in PAIRS.items() if args.only in (None, k)}
+    for name, (ours, theirs) in pairs.items():
         a = measure(ours, n_leaves, args.size, reps, 20)
         b = measure(theirs, n_leaves, args.size, reps, 20)
         ratio = {k: a[k] / b[k] for k in keys}
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name + ' ratio':<18}" + "".join(f"{ratio[k]:>12.2f}" for k in keys))
 
     big = 2**20 if args.quick else 2**24
-    for name, (ours, theirs) in PAIRS.items():
+    for name, (ours, theirs) in pairs.items():
         a = measure(ours, 1, big, 1, 10)["step_s"]
         b = measure(theirs, 1, big, 1, 10)["step_s"]
         report["cases"][f"{name}-one-leaf-{big}"] = {  # type: ignore[index]
