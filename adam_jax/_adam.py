@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from typing import NamedTuple
 
+import chex
 import jax
-import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.typing import ArrayLike, DTypeLike
 
 from adam_jax import _alias, _checks, _common
+from adam_jax._common import Decay
 
 
 class AdamState(NamedTuple):
@@ -20,30 +24,116 @@ class AdamState(NamedTuple):
       v: second moment, shaped like the params, in ``nu_dtype`` (real for complex params).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     m: optax.Updates
     v: optax.Updates
 
 
-def check_adam_hyperparams(b1: Any, b2: Any, eps: Any, eps_root: Any, eps_hat: Any) -> None:
+class AdamHyperparams(NamedTuple):
+    """The leaves of :func:`scale_by_adam` (and of :func:`adam_jax.scale_by_amsgrad`)."""
+
+    b1: Decay
+    b2: Decay
+    eps: chex.Numeric
+    eps_root: chex.Numeric
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class AdamConfig:
+    eps_hat: bool
+    bias_correction: bool
+    nesterov: bool
+    mu_dtype: np.dtype | None
+    nu_dtype: np.dtype | None
+
+
+def adam_hyperparams(
+    b1: ArrayLike, b2: ArrayLike, eps: ArrayLike, eps_root: ArrayLike, eps_hat: bool
+) -> AdamHyperparams:
+    """Check concrete values and store the decays as ``(b, 1 - b)`` leaves."""
     _checks.check_decay("b1", b1)
     _checks.check_decay("b2", b2)
     _checks.check_non_negative("eps", eps)
     _checks.check_non_negative("eps_root", eps_root)
     _checks.check_bool("eps_hat", eps_hat)
+    return AdamHyperparams(_common.decay_leaves(b1), _common.decay_leaves(b2), eps, eps_root)
+
+
+def adam_scalars(
+    hp: AdamHyperparams,
+    updates: optax.Updates,
+    count: jax.Array | None,
+    *,
+    bias_correction: bool,
+    nesterov: bool = False,
+) -> dict[np.dtype, _common.Scalars]:
+    """The per-step scalars of each compute dtype; traced values are range-checked
+    under ``checkify``."""
+    _checks.traced_interval("b1", hp.b1.d, 0.0, 1.0)
+    _checks.traced_interval("b2", hp.b2.d, 0.0, 1.0)
+    _checks.traced_interval("eps", hp.eps, 0.0)
+    _checks.traced_interval("eps_root", hp.eps_root, 0.0)
+    t = count if bias_correction else None
+    return _common.by_dtype(
+        updates,
+        lambda dt: _common.scalars(dt, t, hp.b1, hp.b2, hp.eps, hp.eps_root, nesterov=nesterov),
+    )
+
+
+def _init(config: AdamConfig, params: optax.Params) -> AdamState:
+    return AdamState(
+        count=_common.init_count(),
+        m=_common.zeros_like(params, config.mu_dtype),
+        v=_common.zeros_like(params, config.nu_dtype, real=True, squares=True),
+    )
+
+
+def _update(
+    config: AdamConfig,
+    hp: AdamHyperparams,
+    updates: optax.Updates,
+    state: AdamState,
+    params: optax.Params | None = None,
+) -> tuple[optax.Updates, AdamState]:
+    del params
+    _checks.prepare_update(updates, state, AdamState, "scale_by_adam")
+    count = _common.increment(state.count)
+    scalars = adam_scalars(
+        hp, updates, count, bias_correction=config.bias_correction, nesterov=config.nesterov
+    )
+
+    def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+        g = jax.numpy.asarray(g)
+        cdt, rdt = _common.dtypes_of(g)
+        s = scalars[rdt]
+        g_ = g.astype(cdt)
+        m_new = _common.ema(g_, m.astype(cdt), s.b1)  # m = b1·m + (1-b1)·g
+        v_new = _common.ema(
+            _common.abs_sq(g_), v.astype(rdt), s.b2, nonnegative=True
+        )  # v = b2·v + (1-b2)·|g|²
+        if config.nesterov:  # m̂ = b1·m/(1-b1^(t+1)) + (1-b1)·g/(1-b1^t)
+            m_hat = _common.nesterov_first_moment(g_, m_new, s)
+            u = _common.adam_direction(m_hat, v_new, s, eps_hat=config.eps_hat, m_is_corrected=True)
+        else:  # u = m̂/(sqrt(v̂ + eps_root) + eps)
+            u = _common.adam_direction(m_new, v_new, s, eps_hat=config.eps_hat)
+        return u.astype(g.dtype), _common.store(m_new, m), v_new.astype(v.dtype)
+
+    u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
+    return u, AdamState(count=count, m=m, v=v)
 
 
 def scale_by_adam(
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
     *,
     eps_hat: bool = False,
     bias_correction: bool = True,
     nesterov: bool = False,
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with Adam (Kingma & Ba, 2015), without a learning rate.
 
@@ -59,8 +149,8 @@ def scale_by_adam(
       u_t = \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)
 
     This is Algorithm 1 of the paper and exactly ``torch.optim.Adam`` and
-    ``optax.scale_by_adam``. ``eps_root`` is the second form in seed 002,
-    :math:`\sqrt{\hat v + \epsilon}`.
+    ``optax.scale_by_adam``. ``eps_root`` gives the form with eps inside the square
+    root, :math:`\sqrt{\hat v + \epsilon}`.
 
     Options:
 
@@ -89,7 +179,7 @@ def scale_by_adam(
       b1: decay of the first moment, in [0, 1).
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
-      eps_root: added inside the square root, >= 0 (seed 002's form; optax's ``eps_root``).
+      eps_root: added inside the square root, >= 0 (optax's ``eps_root``).
       eps_hat: add eps before the bias correction (Keras/TensorFlow).
       bias_correction: apply the ``1 - β^t`` corrections.
       nesterov: use Nesterov momentum (Nadam, as in ``optax.nadam``).
@@ -104,7 +194,14 @@ def scale_by_adam(
         that price.
 
     Any numeric hyperparameter may be a Python number or a JAX array, traced too
-    (so it can be vmapped over); only concrete values are range-checked.
+    (so it can be vmapped over). Concrete values are range-checked here; traced ones
+    are checked by ``update`` only under ``jax.experimental.checkify.checkify``, whose
+    error then names the argument and its value (without checkify nothing is checked
+    and nothing changes).
+
+    The transformation is a pytree: the numeric hyperparameters are its leaves
+    (``b1`` and ``b2`` as the pairs ``(b, 1 - b)``), the options are static. It can
+    be passed to a jitted function, which new hyperparameter values do not retrace.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`AdamState`.
@@ -122,67 +219,34 @@ def scale_by_adam(
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
       Dozat, *Incorporating Nesterov Momentum into Adam*, ICLR 2016 workshop.
     """
-    check_adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
+    hp = adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
     _checks.check_bool("bias_correction", bias_correction)
     _checks.check_bool("nesterov", nesterov)
-    mu_dtype = _checks.canonical_dtype("mu_dtype", mu_dtype)
-    nu_dtype = _checks.canonical_dtype("nu_dtype", nu_dtype)
-
-    def init_fn(params):
-        return AdamState(
-            count=_common.init_count(),
-            m=_common.zeros_like(params, mu_dtype),
-            v=_common.zeros_like(params, nu_dtype, real=True, squares=True),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        _checks.prepare_update(updates, state, AdamState, "scale_by_adam")
-        count = _common.increment(state.count)
-        memo = _common.Memo()
-
-        def leaf(g, m, v):
-            mo = _common.adam_moments(
-                g,
-                m,
-                v,
-                b1,
-                b2,
-                count,
-                bias_correction=bias_correction,
-                nesterov=nesterov,
-                memo=memo,
-            )
-            u = _common.adam_direction(
-                mo.m_hat,
-                mo.v,
-                mo.c2,
-                memo(("eps", mo.dtype), lambda: jnp.asarray(eps, mo.dtype)),
-                _common.offset("eps_root", eps_root, mo.dtype, memo),
-                eps_hat=eps_hat,
-            )
-            return u.astype(g.dtype), _common.store(mo.m, m), mo.v.astype(v.dtype)
-
-        u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
-        return u, AdamState(count=count, m=m, v=v)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    config = AdamConfig(
+        eps_hat,
+        bias_correction,
+        nesterov,
+        _checks.canonical_dtype("mu_dtype", mu_dtype),
+        _checks.canonical_dtype("nu_dtype", nu_dtype),
+    )
+    return _alias.transformation(_init, _update, config, hp)
 
 
 def adam(
-    learning_rate: Any = 1e-3,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
     *,
-    weight_decay: Any = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    decoupled_weight_decay: bool = False,
     maximize: bool = False,
     eps_hat: bool = False,
     nesterov: bool = False,
     bias_correction: bool = True,
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with a learning rate, coupled (L2) weight decay and ``maximize``.
 
@@ -200,11 +264,16 @@ def adam(
       b1, b2, eps, eps_root, eps_hat, nesterov, bias_correction, mu_dtype, nu_dtype:
         as in :func:`scale_by_adam`.
       weight_decay: coupled L2 coefficient λ, >= 0 (``torch.optim.Adam``'s).
+      decoupled_weight_decay: as in ``torch.optim.Adam``: decay the params by
+        ``η·λ·p`` outside the Adam step instead of adding ``λ·p`` to the gradient;
+        ``True`` is :func:`adamw` (with this function's default ``weight_decay=0``).
       maximize: ascend instead of descend, as in torch.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` (an ``optax.chain``). Its
-      ``update`` needs ``params``, because the decay term is always present.
+      An ``optax.GradientTransformationExtraArgs`` with the state of an
+      ``optax.chain`` of ``add_decayed_weights``, :func:`scale_by_adam` and
+      ``scale_by_learning_rate`` (decay after the scaler when decoupled); a pytree
+      whose leaves are the numeric hyperparameters. ``update`` needs ``params``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, adam_jax
@@ -220,39 +289,38 @@ def adam(
     References:
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
     """
-    return _alias.coupled(
-        scale_by_adam(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            eps_hat=eps_hat,
-            bias_correction=bias_correction,
-            nesterov=nesterov,
-            mu_dtype=mu_dtype,
-            nu_dtype=nu_dtype,
-        ),
-        learning_rate,
-        weight_decay,
-        maximize,
+    _checks.check_bool("decoupled_weight_decay", decoupled_weight_decay)
+    scaler = scale_by_adam(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        eps_hat=eps_hat,
+        bias_correction=bias_correction,
+        nesterov=nesterov,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
     )
+    if decoupled_weight_decay:
+        return _alias.decoupled(scaler, learning_rate, weight_decay, None, maximize)
+    return _alias.coupled(scaler, learning_rate, weight_decay, maximize)
 
 
 def adamw(
-    learning_rate: Any = 1e-3,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
     *,
-    weight_decay: Any = 1e-4,
-    mask: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: _alias.Mask = None,
     maximize: bool = False,
     eps_hat: bool = False,
     nesterov: bool = False,
     bias_correction: bool = True,
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.typing import ArrayLike, DTypeLike
 
 from adam_jax import _alias, _checks, _common
+from adam_jax._common import Decay
 
 
 class AdamaxState(NamedTuple):
@@ -20,18 +25,80 @@ class AdamaxState(NamedTuple):
       u: exponentially weighted infinity norm, in the param dtype (real for complex).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     m: optax.Updates
     u: optax.Updates
 
 
+class AdamaxHyperparams(NamedTuple):
+    """The leaves of :func:`scale_by_adamax`."""
+
+    b1: Decay
+    b2: Decay
+    eps: chex.Numeric
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class AdamaxConfig:
+    eps_in_max: bool
+    mu_dtype: np.dtype | None
+
+
+def _init(config: AdamaxConfig, params: optax.Params) -> AdamaxState:
+    return AdamaxState(
+        count=_common.init_count(),
+        m=_common.zeros_like(params, config.mu_dtype),
+        u=_common.zeros_like(params, None, real=True),
+    )
+
+
+def _update(
+    config: AdamaxConfig,
+    hp: AdamaxHyperparams,
+    updates: optax.Updates,
+    state: AdamaxState,
+    params: optax.Params | None = None,
+) -> tuple[optax.Updates, AdamaxState]:
+    del params
+    _checks.prepare_update(updates, state, AdamaxState, "scale_by_adamax")
+    _checks.traced_interval("b1", hp.b1.d, 0.0, 1.0)
+    _checks.traced_interval("b2", hp.b2.d, 0.0, 1.0)
+    _checks.traced_interval("eps", hp.eps, 0.0)
+    count = _common.increment(state.count)
+    scalars = _common.by_dtype(
+        updates,
+        lambda dt: _common.scalars(dt, count, hp.b1, hp.b2, hp.eps, correct_b2=False),
+    )
+
+    def leaf(g: jax.Array, m: jax.Array, u: jax.Array) -> tuple[jax.Array, ...]:
+        g = jnp.asarray(g)
+        cdt, rdt = _common.dtypes_of(g)
+        s = scalars[rdt]
+        r1: jax.Array = s.r1  # type: ignore[assignment]  # always bias-corrected
+        g_ = g.astype(cdt)
+        m_new = _common.ema(g_, m.astype(cdt), s.b1)  # m = b1·m + (1-b1)·g
+        u_decayed = _common.decayed(s.b2, u.astype(rdt), nonnegative=True)
+        # d = m̂/denominator with m̂ = m/(1-b1^t), corrected last (see adam_direction).
+        if config.eps_in_max:  # u = max(b2·u, |g| + eps),  d = m̂/u
+            u_new = jnp.maximum(jnp.abs(g_) + s.eps, u_decayed)
+            d = _common.divide(m_new, u_new) * r1
+        else:  # u = max(b2·u, |g|),  d = m̂/(u + eps)
+            u_new = jnp.maximum(u_decayed, jnp.abs(g_))
+            d = _common.divide(m_new, u_new + s.eps) * r1
+        return d.astype(g.dtype), _common.store(m_new, m), u_new.astype(u.dtype)
+
+    d, m, u = _common.map_leaves(leaf, 3, updates, state.m, state.u)
+    return d, AdamaxState(count=count, m=m, u=u)
+
+
 def scale_by_adamax(
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
     *,
     eps_in_max: bool = False,
-    mu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with Adamax (Kingma & Ba, 2015, section 7.1), without a learning rate.
 
@@ -43,7 +110,7 @@ def scale_by_adamax(
 
       m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t
 
-    * default (seed 003's code and Keras's ``Adamax``):
+    * default (the paper's Algorithm 2 with eps in the denominator, and Keras's ``Adamax``):
       :math:`u_t = \max(\beta_2 u_{t-1}, |g_t|)`, :math:`\;\Delta_t = \hat m_t / (u_t + \epsilon)`
     * ``eps_in_max=True`` (``torch.optim.Adamax`` and ``optax.adamax``):
       :math:`u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon)`, :math:`\;\Delta_t = \hat m_t / u_t`
@@ -52,10 +119,9 @@ def scale_by_adamax(
     max of a decaying sequence started at zero is not biased towards zero the way
     an average is.
 
-    Seed 003 prints the update as ``theta - (lr / (vt + epsilon)) * mt_hat``, which
-    is the default form; its prose calls ``vt`` the "second moment", but it is the
-    infinity norm ``u``. The seed's default eps is 1e-6, Keras's 1e-7, torch's and
-    optax's 1e-8; here it is 1e-8.
+    The default form is ``theta - (lr / (u + eps)) * m_hat``, with ``u`` the infinity
+    norm (not a second moment). Keras's default eps is 1e-7, torch's and optax's
+    1e-8; here it is 1e-8.
 
     Where it differs from the references: half-precision leaves are computed in
     float32; complex params use :math:`|g|`, where torch splits real and imaginary parts.
@@ -66,6 +132,10 @@ def scale_by_adamax(
       eps: >= 0; outside the max (default) or inside it (``eps_in_max``).
       eps_in_max: put eps inside the max, as torch and optax do.
       mu_dtype: dtype to store ``m`` in; default the param dtype.
+
+    Hyperparameters are pytree leaves and may be traced, as in
+    :func:`adam_jax.scale_by_adam`; traced values are range-checked only under
+    ``jax.experimental.checkify.checkify``.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`AdamaxState`.
@@ -85,62 +155,26 @@ def scale_by_adamax(
     _checks.check_decay("b2", b2)
     _checks.check_non_negative("eps", eps)
     _checks.check_bool("eps_in_max", eps_in_max)
-    mu_dtype = _checks.canonical_dtype("mu_dtype", mu_dtype)
-
-    def init_fn(params):
-        return AdamaxState(
-            count=_common.init_count(),
-            m=_common.zeros_like(params, mu_dtype),
-            u=_common.zeros_like(params, None, real=True),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        _checks.prepare_update(updates, state, AdamaxState, "scale_by_adamax")
-        count = _common.increment(state.count)
-        memo = _common.Memo()
-
-        def leaf(g, m, u):
-            cdt = _common.compute_dtype(g.dtype)
-            rdt = _common.real_dtype(cdt)
-            b1_ = memo(("b1", rdt), lambda: _common.decay_pair(b1, rdt))
-            b2_ = memo(("b2", rdt), lambda: _common.decay_pair(b2, rdt))
-            eps_ = memo(("eps", rdt), lambda: jnp.asarray(eps, rdt))
-            e1 = memo(("c1", rdt), lambda: _common.correction_exponent(b1_, count))
-            g_ = g.astype(cdt)
-            m_new = _common.ema(g_, m.astype(cdt), b1_)
-            m_hat = _common.no_overflow(
-                _common.divide(m_new, _common.correction(b1_, count, e1)), m_new
-            )
-            if eps_in_max:
-                u_new = jnp.maximum(jnp.abs(g_) + eps_, _common.decayed(b2_, u.astype(rdt)))
-                d = _common.divide(m_hat, u_new)
-            else:
-                u_new = jnp.maximum(_common.decayed(b2_, u.astype(rdt)), jnp.abs(g_))
-                d = _common.divide(m_hat, u_new + eps_)
-            return d.astype(g.dtype), _common.store(m_new, m), u_new.astype(u.dtype)
-
-        d, m, u = _common.map_leaves(leaf, 3, updates, state.m, state.u)
-        return d, AdamaxState(count=count, m=m, u=u)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    config = AdamaxConfig(eps_in_max, _checks.canonical_dtype("mu_dtype", mu_dtype))
+    hp = AdamaxHyperparams(_common.decay_leaves(b1), _common.decay_leaves(b2), eps)
+    return _alias.transformation(_init, _update, config, hp)
 
 
 def adamax(
-    learning_rate: Any = 2e-3,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
+    learning_rate: optax.ScalarOrSchedule = 2e-3,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
     *,
-    weight_decay: Any = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     maximize: bool = False,
     eps_in_max: bool = False,
-    mu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adamax with a learning rate, coupled (L2) weight decay and ``maximize``.
 
     ``eps_in_max=True`` is ``torch.optim.Adamax`` (with its ``weight_decay`` and
-    ``maximize``) and ``optax.adamax``; the default is seed 003's and Keras's form.
+    ``maximize``) and ``optax.adamax``; the default is the ``m̂/(u + eps)`` form, Keras's.
     The default learning rate 2e-3 is torch's and the paper's. See
     :func:`scale_by_adamax`.
 
@@ -170,16 +204,16 @@ def adamax(
 
 
 def adamaxw(
-    learning_rate: Any = 2e-3,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
+    learning_rate: optax.ScalarOrSchedule = 2e-3,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
     *,
-    weight_decay: Any = 1e-4,
-    mask: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: _alias.Mask = None,
     maximize: bool = False,
     eps_in_max: bool = False,
-    mu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adamax with decoupled weight decay, scaled by the learning rate.
 

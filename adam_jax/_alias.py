@@ -1,108 +1,208 @@
-"""How a ``scale_by_*`` transformation becomes a full optimizer.
+"""Optimizers as pytrees, and how a ``scale_by_*`` transformation becomes a full optimizer.
 
-Every alias (``adam``, ``adamw``, ``amsgrad``, ``adamax``, ``adamaxw``) is an
-``optax.chain`` of optax's own pieces around one of our ``scale_by_*``
-transformations. The two layouts below are the only places that decide where
-weight decay, the learning rate and the sign go.
+Every transformation adam_jax returns is an ``optax.GradientTransformation`` whose
+``init`` and ``update`` are ``jax.tree_util.Partial`` objects over module-level
+functions. Their pytree children are:
+
+* a frozen dataclass of static configuration (dtypes, booleans, ``max_of``, masks,
+  schedules), registered with ``jax.tree_util.register_static``: it sits in the
+  treedef and compares by value, so two optimizers built alike have equal treedefs;
+* a NamedTuple of the numeric hyperparameters (``b1``, ``b2``, ``eps``, the learning
+  rate when it is a number or an array, ...): these are the pytree LEAVES.
+
+So an optimizer can be an argument of a jitted function (new hyperparameter values
+do not retrace; a new schedule, dtype or flag does), and a stack of optimizers can
+be vmapped over. A decay rate is stored as the two leaves ``(b, 1 - b)`` (see
+:class:`adam_jax._common.Decay`), with ``1 - b`` formed in double on the host.
+
+Every alias (``adam``, ``adamw``, ``amsgrad``, ``adamax``, ``adamaxw``) runs the same
+pieces as an ``optax.chain`` of optax's ``scale(-1)`` (``maximize``),
+``add_decayed_weights`` and ``scale_by_learning_rate`` around one ``scale_by_*``, and
+has that chain's state. :func:`coupled` and :func:`decoupled` are the only places
+that decide where weight decay, the learning rate and the sign go.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple, TypeAlias
 
+import chex
+import jax
 import jax.numpy as jnp
 import optax
+from jax.tree_util import Partial
 
 from adam_jax import _checks
 
+Mask: TypeAlias = optax.Params | Callable[[optax.Params], optax.Params] | None
 
-def _check(learning_rate: Any, weight_decay: Any, maximize: Any) -> Any:
-    """Check the alias arguments; return the learning rate (a schedule gets a shape check)."""
-    _checks.check_learning_rate(learning_rate)
-    _checks.check_non_negative("weight_decay", weight_decay, schedule_ok=True)
-    _checks.check_bool("maximize", maximize)
-    if not callable(learning_rate):
-        _checks.check_scalar("learning_rate", learning_rate)
-        return learning_rate
-    schedule = learning_rate
 
-    def checked_schedule(count):
-        lr = schedule(count)
+def transformation(
+    init: Callable[..., optax.OptState],
+    update: Callable[..., tuple[optax.Updates, optax.OptState]],
+    config: Hashable,
+    hyperparams: tuple[Any, ...],
+) -> optax.GradientTransformation:
+    """``GradientTransformation(init(config, ·), update(config, hyperparams, ·))`` as a pytree."""
+    return optax.GradientTransformation(Partial(init, config), Partial(update, config, hyperparams))
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class CheckedSchedule:
+    """A learning-rate schedule whose output is checked to be a scalar (statically)."""
+
+    schedule: Callable[[chex.Numeric], chex.Numeric]
+
+    def __call__(self, count: chex.Numeric) -> chex.Numeric:
+        lr = self.schedule(count)
         if lr is None:
             raise TypeError(
-                f"the learning_rate schedule must return a scalar, but {schedule!r} returned {lr!r}"
+                f"the learning_rate schedule must return a scalar, but {self.schedule!r} "
+                f"returned {lr!r}"
             )
         # Shapes are static, so this check is safe under jit and costs nothing at run time.
         if jnp.ndim(lr) != 0:
             raise ValueError(
-                f"the learning_rate schedule must return a scalar, but {schedule!r} returned "
-                f"an array of shape {jnp.shape(lr)} at step count {count!r}"
+                f"the learning_rate schedule must return a scalar, but {self.schedule!r} "
+                f"returned an array of shape {jnp.shape(lr)} at step count {count!r}"
             )
         return lr
 
-    return checked_schedule
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class FrozenMask:
+    """A tree of bools kept as its treedef and leaves, so that it hashes by value."""
+
+    treedef: jax.tree_util.PyTreeDef
+    leaves: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, mask: Mask) -> Mask:
+        if mask is None or callable(mask):
+            return mask
+        leaves, treedef = jax.tree.flatten(mask)
+        return cls(treedef, tuple(_checks.mask_leaf(x) for x in leaves))
+
+    def tree(self) -> optax.Params:
+        return self.treedef.unflatten(self.leaves)
 
 
-def _checked(
-    parts: list[optax.GradientTransformation], scaler: int, mask: Any = None
-) -> optax.GradientTransformationExtraArgs:
-    """``optax.chain(*parts)`` whose ``update`` first names mismatched trees.
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class AliasConfig:
+    decoupled: bool
+    maximize: bool
+    mask: FrozenMask | Callable[[optax.Params], optax.Params] | None
+    lr_schedule: CheckedSchedule | None
+    wd_schedule: Callable[[chex.Numeric], chex.Numeric] | None
 
-    Without this, grads or params whose tree differs from the state's would fail
-    deep inside ``optax.add_decayed_weights`` with a bare tree-mismatch trace.
-    The chain and its state are optax's own; only ``update`` checks first.
-    ``scaler`` is the index of the ``scale_by_*`` piece, whose state holds ``m``.
-    """
-    chain = optax.chain(*parts)
+    def parts(
+        self, scaler: Any, learning_rate: chex.Numeric, weight_decay: chex.Numeric
+    ) -> list[Any]:
+        """The pieces of the chain, in order."""
+        mask = self.mask.tree() if isinstance(self.mask, FrozenMask) else self.mask
+        wd = self.wd_schedule if self.wd_schedule is not None else weight_decay
+        lr = self.lr_schedule if self.lr_schedule is not None else learning_rate
+        decay = optax.add_decayed_weights(wd, mask)
+        parts = [optax.scale(-1.0)] if self.maximize else []
+        parts += [scaler, decay] if self.decoupled else [decay, scaler]
+        return [*parts, optax.scale_by_learning_rate(lr)]
 
-    def check_mask(params):
-        if mask is not None and not callable(mask):
-            _checks.check_prefix_tree(mask, params, what="mask", reference_name="the params")
 
-    def init_fn(params):
-        check_mask(params)
-        return chain.init(params)
+class AliasHyperparams(NamedTuple):
+    learning_rate: chex.Numeric | None  # None when it is a schedule
+    weight_decay: chex.Numeric | None
 
-    def update_fn(updates, state, params=None, **extra_args):
-        inner = state[scaler] if isinstance(state, tuple) and len(state) == len(parts) else None
-        if hasattr(inner, "m"):
-            _checks.check_like(updates, inner.m)
-        if params is not None:  # optax's own NO_PARAMS_MSG names missing params
+
+def _init(config: AliasConfig, scaler_init: Callable, params: optax.Params) -> optax.OptState:
+    _check_mask(config, params)
+    parts = config.parts(optax.GradientTransformation(scaler_init, None), 0.0, 1.0)
+    return optax.chain(*parts).init(params)
+
+
+def _update(
+    config: AliasConfig,
+    hp: AliasHyperparams,
+    scaler: optax.GradientTransformation,
+    updates: optax.Updates,
+    state: optax.OptState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+) -> tuple[optax.Updates, optax.OptState]:
+    if hp.learning_rate is not None:
+        _checks.traced_interval("learning_rate", hp.learning_rate, 0.0)
+    if hp.weight_decay is not None:
+        _checks.traced_interval("weight_decay", hp.weight_decay, 0.0)
+    parts = config.parts(scaler, hp.learning_rate, hp.weight_decay)
+    if not (isinstance(state, tuple) and len(state) == len(parts)):
+        _checks.check_not_swapped(updates, state, _checks.is_optimizer_state)
+    if params is not None:  # optax's own NO_PARAMS_MSG names missing params
+        try:
             _checks.check_like(params, updates, what="params", reference_name="the grads")
-            check_mask(params)
-        return chain.update(updates, state, params, **extra_args)
+        except ValueError:
+            # Name the grads when they are what differs from the state; the scaler
+            # checks them against its state itself, so this runs only on failure.
+            inner = state[int(config.maximize) + int(not config.decoupled)]
+            if hasattr(inner, "m"):
+                _checks.check_like(updates, inner.m)
+            raise
+        _check_mask(config, params)
+    return optax.chain(*parts).update(updates, state, params, **extra_args)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _check_mask(config: AliasConfig, params: optax.Params) -> None:
+    if isinstance(config.mask, FrozenMask):
+        _checks.check_prefix_tree(
+            config.mask.tree(), params, what="mask", reference_name="the params"
+        )
+
+
+def _alias(
+    scaler: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: Mask,
+    maximize: bool,
+    decoupled: bool,
+) -> optax.GradientTransformationExtraArgs:
+    _checks.check_learning_rate(learning_rate)
+    _checks.check_non_negative("weight_decay", weight_decay, schedule_ok=True)
+    _checks.check_bool("maximize", maximize)
+    lr_schedule = CheckedSchedule(learning_rate) if callable(learning_rate) else None
+    wd_schedule = weight_decay if callable(weight_decay) else None
+    config = AliasConfig(decoupled, maximize, FrozenMask.of(mask), lr_schedule, wd_schedule)
+    hp = AliasHyperparams(
+        None if callable(learning_rate) else learning_rate,
+        None if callable(weight_decay) else weight_decay,
+    )
+    return optax.GradientTransformationExtraArgs(
+        Partial(_init, config, scaler.init), Partial(_update, config, hp, scaler)
+    )
 
 
 def coupled(
     scaler: optax.GradientTransformation,
-    learning_rate: Any,
-    weight_decay: Any,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
     maximize: bool,
 ) -> optax.GradientTransformationExtraArgs:
     """``torch.optim.Adam``/``Adamax`` layout: L2 added to the gradient.
 
     ``g ← (-g if maximize else g) + weight_decay·p``, then ``scaler``, then
-    ``-learning_rate·``. The decay term is always in the chain (also for
-    ``weight_decay=0``), so a traced ``weight_decay`` never needs a Python branch;
-    ``update`` therefore needs ``params``, as in torch and ``optax.adamw``.
+    ``-learning_rate·``. ``update`` needs ``params``, as in torch and ``optax.adamw``.
     """
-    learning_rate = _check(learning_rate, weight_decay, maximize)
-    parts = [optax.scale(-1.0)] if maximize else []
-    parts += [
-        optax.add_decayed_weights(weight_decay),
-        scaler,
-        optax.scale_by_learning_rate(learning_rate),
-    ]
-    return _checked(parts, parts.index(scaler))
+    return _alias(scaler, learning_rate, weight_decay, None, maximize, decoupled=False)
 
 
 def decoupled(
     scaler: optax.GradientTransformation,
-    learning_rate: Any,
-    weight_decay: Any,
-    mask: Any,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: Mask,
     maximize: bool,
 ) -> optax.GradientTransformationExtraArgs:
     """``torch.optim.AdamW``/``optax.adamw`` layout: decay scaled by the learning rate.
@@ -110,11 +210,4 @@ def decoupled(
     ``u = -learning_rate·(scaler(±g) + weight_decay·p)``, which is torch's
     ``p ← p·(1 - lr·wd) - lr·adam(g)`` and exactly ``optax.adamw``'s chain.
     """
-    learning_rate = _check(learning_rate, weight_decay, maximize)
-    parts = [optax.scale(-1.0)] if maximize else []
-    parts += [
-        scaler,
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    ]
-    return _checked(parts, parts.index(scaler), mask)
+    return _alias(scaler, learning_rate, weight_decay, mask, maximize, decoupled=True)

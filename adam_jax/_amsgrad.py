@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.typing import ArrayLike, DTypeLike
 
 from adam_jax import _alias, _checks, _common
-from adam_jax._adam import check_adam_hyperparams
+from adam_jax._adam import AdamHyperparams, adam_hyperparams, adam_scalars
 
 MAX_OF = ("raw", "corrected")
 
@@ -25,23 +28,78 @@ class AMSGradState(NamedTuple):
         (``max_of="corrected"``), in ``nu_dtype``. It never decreases.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     m: optax.Updates
     v: optax.Updates
     v_max: optax.Updates
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class AMSGradConfig:
+    eps_hat: bool
+    max_of: str
+    bias_correction: bool
+    mu_dtype: np.dtype | None
+    nu_dtype: np.dtype | None
+
+
+def _init(config: AMSGradConfig, params: optax.Params) -> AMSGradState:
+    return AMSGradState(
+        count=_common.init_count(),
+        m=_common.zeros_like(params, config.mu_dtype),
+        v=_common.zeros_like(params, config.nu_dtype, real=True, squares=True),
+        v_max=_common.zeros_like(params, config.nu_dtype, real=True, squares=True),
+    )
+
+
+def _update(
+    config: AMSGradConfig,
+    hp: AdamHyperparams,
+    updates: optax.Updates,
+    state: AMSGradState,
+    params: optax.Params | None = None,
+) -> tuple[optax.Updates, AMSGradState]:
+    del params
+    _checks.prepare_update(updates, state, AMSGradState, "scale_by_amsgrad")
+    count = _common.increment(state.count)
+    scalars = adam_scalars(hp, updates, count, bias_correction=config.bias_correction)
+    corrected = config.max_of == "corrected" and config.bias_correction
+
+    def leaf(g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array) -> tuple[jax.Array, ...]:
+        g = jnp.asarray(g)
+        cdt, rdt = _common.dtypes_of(g)
+        s = scalars[rdt]
+        g_ = g.astype(cdt)
+        m_new = _common.ema(g_, m.astype(cdt), s.b1)
+        v_new = _common.ema(_common.abs_sq(g_), v.astype(rdt), s.b2, nonnegative=True)
+        candidate = v_new * s.r2 if corrected and s.r2 is not None else v_new  # max of v̂ or of v
+        v_max_new = jnp.maximum(v_max.astype(rdt), candidate)
+        u = _common.adam_direction(
+            m_new, v_max_new, s, eps_hat=config.eps_hat, s_is_corrected=corrected
+        )
+        return (
+            u.astype(g.dtype),
+            _common.store(m_new, m),
+            v_new.astype(v.dtype),
+            v_max_new.astype(v_max.dtype),
+        )
+
+    u, m, v, v_max = _common.map_leaves(leaf, 4, updates, state.m, state.v, state.v_max)
+    return u, AMSGradState(count=count, m=m, v=v, v_max=v_max)
+
+
 def scale_by_amsgrad(
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
     *,
     eps_hat: bool = False,
     max_of: str = "raw",
     bias_correction: bool = True,
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with AMSGrad (Reddi, Kale & Kumar, 2018), without a learning rate.
 
@@ -50,8 +108,7 @@ def scale_by_amsgrad(
 
     * ``max_of="raw"`` (default): :math:`v^{max}_t = \max(v^{max}_{t-1}, v_t)` and
       :math:`u_t = \hat m_t / (\sqrt{v^{max}_t/(1-\beta_2^t) + \epsilon_{root}} + \epsilon)`.
-      This is ``torch.optim.Adam(amsgrad=True)`` and Keras's ``Adam(amsgrad=True)``;
-      seed 000 uses it.
+      This is ``torch.optim.Adam(amsgrad=True)`` and Keras's ``Adam(amsgrad=True)``.
     * ``max_of="corrected"``: :math:`v^{max}_t = \max(v^{max}_{t-1}, \hat v_t)` and
       :math:`u_t = \hat m_t / (\sqrt{v^{max}_t + \epsilon_{root}} + \epsilon)`. This is
       ``optax.amsgrad``'s default.
@@ -77,6 +134,10 @@ def scale_by_amsgrad(
       nu_dtype: dtype to store ``v`` and ``v_max`` in; default as in
         :func:`adam_jax.scale_by_adam` (the param dtype, float32 for float16 params).
 
+    Hyperparameters are pytree leaves and may be traced, as in
+    :func:`adam_jax.scale_by_adam`; traced values are range-checked only under
+    ``jax.experimental.checkify.checkify``.
+
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`AMSGradState`.
 
@@ -91,69 +152,33 @@ def scale_by_amsgrad(
     References:
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
     """
-    check_adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
+    hp = adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
     _checks.check_choice("max_of", max_of, MAX_OF)
     _checks.check_bool("bias_correction", bias_correction)
-    mu_dtype = _checks.canonical_dtype("mu_dtype", mu_dtype)
-    nu_dtype = _checks.canonical_dtype("nu_dtype", nu_dtype)
-    corrected = max_of == "corrected"
-
-    def init_fn(params):
-        return AMSGradState(
-            count=_common.init_count(),
-            m=_common.zeros_like(params, mu_dtype),
-            v=_common.zeros_like(params, nu_dtype, real=True, squares=True),
-            v_max=_common.zeros_like(params, nu_dtype, real=True, squares=True),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        _checks.prepare_update(updates, state, AMSGradState, "scale_by_amsgrad")
-        count = _common.increment(state.count)
-        memo = _common.Memo()
-
-        def leaf(g, m, v, v_max):
-            mo = _common.adam_moments(
-                g, m, v, b1, b2, count, bias_correction=bias_correction, memo=memo
-            )
-            candidate = mo.v / mo.c2 if (corrected and mo.c2 is not None) else mo.v
-            v_max_new = jnp.maximum(v_max.astype(mo.dtype), candidate)
-            u = _common.adam_direction(
-                mo.m_hat,
-                v_max_new,
-                mo.c2,
-                memo(("eps", mo.dtype), lambda: jnp.asarray(eps, mo.dtype)),
-                _common.offset("eps_root", eps_root, mo.dtype, memo),
-                eps_hat=eps_hat,
-                s_is_corrected=corrected,
-            )
-            return (
-                u.astype(g.dtype),
-                _common.store(mo.m, m),
-                mo.v.astype(v.dtype),
-                v_max_new.astype(v_max.dtype),
-            )
-
-        u, m, v, v_max = _common.map_leaves(leaf, 4, updates, state.m, state.v, state.v_max)
-        return u, AMSGradState(count=count, m=m, v=v, v_max=v_max)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    config = AMSGradConfig(
+        eps_hat,
+        max_of,
+        bias_correction,
+        _checks.canonical_dtype("mu_dtype", mu_dtype),
+        _checks.canonical_dtype("nu_dtype", nu_dtype),
+    )
+    return _alias.transformation(_init, _update, config, hp)
 
 
 def amsgrad(
-    learning_rate: Any = 1e-3,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    eps_root: Any = 0.0,
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
     *,
-    weight_decay: Any = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     maximize: bool = False,
     eps_hat: bool = False,
     max_of: str = "raw",
     bias_correction: bool = True,
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AMSGrad with a learning rate, coupled (L2) weight decay and ``maximize``.
 

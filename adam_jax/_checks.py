@@ -1,7 +1,9 @@
 """Argument checks shared by every public entry point.
 
-Hyperparameters: only concrete values are range-checked; a traced value (inside
-jit/vmap/grad) is never branched on, though its shape, which is static, is checked.
+Hyperparameters: concrete values are range-checked when the optimizer is built; a
+traced value (inside jit/vmap/grad) is never branched on, though its shape, which
+is static, is checked, and its range is checked under ``jax.experimental.checkify``
+(:func:`traced_interval`), a no-op otherwise.
 Trees: grads, params and masks that differ from the state name the differing keys.
 Every failure is a ``TypeError`` or ``ValueError`` that names the argument or the
 tree path, raised before anything is computed.
@@ -17,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 
 def _is_traced(value: Any) -> bool:
@@ -77,7 +80,53 @@ def check_interval(
     if not ok:
         bracket = ")" if high_open else "]"
         hi = "inf" if math.isinf(high) else repr(high)
-        raise ValueError(f"{name} must be in [{low!r}, {hi}{bracket}, got {name}={_show(value)}")
+        raise ValueError(
+            f"{name} must be in [{low!r}, {hi}{bracket}, got {name}={_show(value)}"
+            + _low_precision_hint(name, value)
+        )
+
+
+def _low_precision_hint(name: str, value: Any) -> str:
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return ""
+    return (
+        f" ({name} is a {jnp.dtype(dtype).name} array, which rounds 0.999 to 1.0; under "
+        f"optax.inject_hyperparams with {jnp.dtype(dtype).name} params pass "
+        f"hyperparam_dtype=jnp.float32)"
+    )
+
+
+def traced_interval(
+    name: str, value: Any, low: float, high: float = math.inf, *, high_open: bool = True
+) -> None:
+    """The range check of :func:`check_interval` for a traced ``value``, as a
+    ``checkify.debug_check``: it reports the argument and its value when the caller
+    is wrapped in ``jax.experimental.checkify.checkify``, and stages nothing that
+    runs otherwise. Concrete values were checked when the optimizer was built."""
+    if not _is_traced(value):
+        return
+    upper = value < high if high_open else value <= high
+    bracket = ")" if high_open else "]"
+    hi = "inf" if math.isinf(high) else repr(high)
+    checkify.debug_check(
+        jnp.all((value >= low) & upper),
+        f"{name} must be in [{low!r}, {hi}{bracket}, got {name}={{}}",
+        value,
+    )
+
+
+def check_non_negative_int(name: str, value: Any) -> None:
+    """An integer >= 0: a Python or NumPy int, or an integer scalar array (traced
+    ones are checked for dtype and shape only). ``2.5``, ``3.0`` and bools are refused."""
+    if isinstance(value, bool | np.bool_) or not (
+        isinstance(value, numbers.Integral)
+        or (hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer))
+    ):
+        raise TypeError(f"{name} must be an integer >= 0, got {name}={value!r}")
+    check_scalar(name, value)
+    if not _is_traced(value) and int(value) < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {name}={int(value)}")
 
 
 def check_non_negative(name: str, value: Any, *, schedule_ok: bool = False) -> None:
@@ -178,8 +227,8 @@ def check_same_tree(
     reference_name: str = "the state",
 ) -> None:
     """Raise ``ValueError`` naming the missing and extra keys when trees differ."""
-    t_tree = jax.tree.structure(tree)
-    t_ref = jax.tree.structure(reference)
+    t_tree: Any = jax.tree.structure(tree)
+    t_ref: Any = jax.tree.structure(reference)
     if t_tree == t_ref:
         return
 
@@ -207,7 +256,8 @@ def check_prefix_tree(tree: Any, reference: Any, *, what: str, reference_name: s
     """Raise ``ValueError`` unless ``tree`` is a tree prefix of ``reference`` (as optax
     masks are), naming the uncovered and the unknown key paths."""
     try:
-        jax.tree.structure(tree).flatten_up_to(reference)
+        treedef: Any = jax.tree.structure(tree)
+        treedef.flatten_up_to(reference)
         return
     except (ValueError, TypeError):
         pass
@@ -248,16 +298,32 @@ def check_like(
             )
 
 
+def check_not_swapped(grads: Any, state: Any, is_state: Any) -> None:
+    """Name the likely cause when ``update`` got the grads where the state belongs."""
+    grads_like_state = any(is_state(x) for x in jax.tree.leaves(grads, is_leaf=is_state))
+    state_has_state = any(is_state(x) for x in jax.tree.leaves(state, is_leaf=is_state))
+    if grads_like_state and not state_has_state:
+        raise TypeError(
+            "the second argument of update must be the optimizer state from init; got a tree "
+            "like the grads/params, and the first argument holds an optimizer state. Did you "
+            "swap them? Call update(grads, state, params)."
+        )
+
+
 def prepare_update(grads: Any, state: Any, state_cls: type, owner: str) -> None:
-    """The checks every ``update`` runs at trace time (never on values)."""
+    """The checks every ``update`` runs at trace time (never on values): ``state`` is a
+    ``state_cls`` (or a clear error, naming a swap of grads and state) whose ``m`` has
+    the structure, shapes and complexness of ``grads``."""
     if not isinstance(state, state_cls):
+        check_not_swapped(grads, state, lambda x: isinstance(x, state_cls))
         raise TypeError(
             f"{owner}'s update expects the {state_cls.__name__} its init returns, "
             f"got {type(state).__name__}"
         )
-    check_like(grads, state.m)
+    moments: Any = getattr(state, "m")  # noqa: B009 (state_cls is any state class)
+    check_like(grads, moments)
     for (where, g), m in zip(
-        leaves_with_paths(grads, "grads"), jax.tree.leaves(state.m), strict=True
+        leaves_with_paths(grads, "grads"), jax.tree.leaves(moments), strict=True
     ):
         check_leaf(g, where)
         if jnp.iscomplexobj(g) and not jnp.iscomplexobj(m):
@@ -265,3 +331,20 @@ def prepare_update(grads: Any, state: Any, state_cls: type, owner: str) -> None:
                 f"{where} is {jnp.dtype(g.dtype).name} but the state was built for real "
                 f"params ({jnp.dtype(m.dtype).name}); the imaginary part would be lost"
             )
+
+
+def is_optimizer_state(x: Any) -> bool:
+    """A node that only an optimizer state holds: an optax or adam_jax state NamedTuple."""
+    fields = getattr(x, "_fields", None)
+    return (
+        isinstance(x, tuple)
+        and fields is not None
+        and ("count" in fields or type(x).__name__.endswith("State"))
+    )
+
+
+def mask_leaf(x: Any) -> bool:
+    """A leaf of an ``optax.masked``-style mask tree: a bool."""
+    if isinstance(x, bool | np.bool_) or (np.ndim(x) == 0 and np.asarray(x).dtype == np.bool_):
+        return bool(x)
+    raise TypeError(f"mask leaves must be bools (or the mask a callable), got {x!r}")

@@ -163,9 +163,9 @@ def early_stopping(
       Prechelt, *Early Stopping — But When?*, in Neural Networks: Tricks of the Trade, 1998.
     """
     if patience is not None:
-        _checks.check_non_negative("patience", patience)
+        _checks.check_non_negative_int("patience", patience)
     _checks.check_non_negative("min_delta", min_delta)
-    _checks.check_non_negative("start_step", start_step)
+    _checks.check_non_negative_int("start_step", start_step)
     _checks.check_choice("mode", mode, ["min", "max"])
     for name, flag in [
         ("relative", relative),

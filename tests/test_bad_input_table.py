@@ -59,6 +59,7 @@ KIND = {
     "bias_correction": "flag",
     "nesterov": "flag",
     "maximize": "flag",
+    "decoupled_weight_decay": "flag",
     "eps_in_max": "flag",
     "max_of": "choice",
     "mu_dtype": "dtype",

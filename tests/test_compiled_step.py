@@ -93,12 +93,12 @@ def _per_leaf(opt) -> int:
 
 @pytest.mark.parametrize("name", PAIRS)
 def test_few_operations_are_staged_per_leaf(name):
-    """Guards for traced decays (b = 0, b < 0.5) are settled while tracing when the
-    hyperparameters are plain numbers: a many-leaf update stays within 1.75× the
-    operations optax stages per leaf (it was 4× before)."""
+    """Scalars shared by the leaves (decay casts, bias corrections, the zero-decay
+    bounds) are built once per dtype, and the overflow guards cost one operation per
+    moment: a many-leaf update stages at most 1.15x the operations optax stages per
+    leaf, and exactly as many whether its hyperparameters are constants or traced."""
     ours, theirs, _ = PAIRS[name]
     plain = _per_leaf(ours())
-    assert plain <= 1.75 * _per_leaf(theirs())
-    # The same optimizer with traced-ready array hyperparameters keeps every guard.
+    assert plain <= 1.15 * _per_leaf(theirs())
     traced = ours(b1=jnp.asarray(0.9), b2=jnp.asarray(0.999))
-    assert _per_leaf(traced) > plain
+    assert _per_leaf(traced) == plain

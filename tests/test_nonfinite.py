@@ -241,7 +241,8 @@ def test_traced_nan_hyperparameter_propagates_only_in_its_lane():
 
     lanes = jax.vmap(step)(jnp.array([0.1, np.nan, 0.1]), jnp.array([0.9, 0.9, np.nan]))
     assert np.all(np.isnan(np.asarray(lanes[1:])))
-    np.testing.assert_array_equal(np.asarray(lanes[0]), np.asarray(step(0.1, 0.9)))
+    # Batched and unbatched programs may round a scalar operation differently.
+    np.testing.assert_array_max_ulp(np.asarray(lanes[0]), np.asarray(step(0.1, 0.9)), maxulp=2)
     with pytest.raises(ValueError, match="learning_rate"):
         adam_jax.adam(float("nan"))
     with pytest.raises(ValueError, match="b1"):

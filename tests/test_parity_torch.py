@@ -87,6 +87,18 @@ CASES = {
         adam_jax.adamw(LR, weight_decay=0.05, maximize=True),
         ADAM_MOMENTS,
     ),
+    "Adam-decoupled_weight_decay": Case(
+        torch.optim.Adam,
+        {"weight_decay": 0.05, "decoupled_weight_decay": True},
+        adam_jax.adam(LR, weight_decay=0.05, decoupled_weight_decay=True),
+        ADAM_MOMENTS,
+    ),
+    "Adam-decoupled_weight_decay-maximize": Case(
+        torch.optim.Adam,
+        {"weight_decay": 0.05, "decoupled_weight_decay": True, "maximize": True},
+        adam_jax.adam(LR, weight_decay=0.05, decoupled_weight_decay=True, maximize=True),
+        ADAM_MOMENTS,
+    ),
     "Adamax": Case(torch.optim.Adamax, {}, adam_jax.adamax(LR, eps_in_max=True), ADAMAX_MOMENTS),
     "Adamax-eps1e-3": Case(
         torch.optim.Adamax,
@@ -207,8 +219,9 @@ def test_same_gradients(name, foreach):
     torch_side = TorchSide(case, p0, foreach)
     opt = case.ours
 
+    # The optimizer is an argument: its hyperparameters are traced float64 leaves.
     @jax.jit
-    def step(params, state, grads):
+    def step(params, state, grads, opt):
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
@@ -217,7 +230,7 @@ def test_same_gradients(name, foreach):
     binds = 0
     for t, grads in enumerate(gradient_sequence()):
         torch_side.step_with(grads)
-        params, state = step(params, state, jax_params(grads))
+        params, state = step(params, state, jax_params(grads), opt)
         compare(torch_side, params, state, case, t)
         binds += amsgrad_max_binds(state)
     if "max_exp_avg_sq" in case.moments:
