@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adam_jax import _loop, _reporting
+from adam_jax import _fit, _loop, _reporting
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
 from adam_jax._result import FitResult
@@ -77,6 +77,7 @@ def _take(tree: object, index: jax.Array) -> object:
 def _where(mask: jax.Array, a: object, b: object) -> object:
     if a is None:
         return None
+
     def pick(x: jax.Array, y: jax.Array) -> jax.Array:
         return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y)
 
@@ -102,12 +103,23 @@ class _Problems:
             log_every=None,
         )
 
-    def init(self, inputs: object, data: object) -> _loop.LoopState:
+    def problem(self, inputs: object) -> Problem:
+        """``make_problem(inputs)``, its optimizer's numbers made arrays as ``fit`` makes them.
+
+        ``fit`` passes an optimizer's number leaves into its compiled program, as
+        arrays; left as Python numbers here they would be constants that XLA
+        folds, and the two would round differently.
+        """
         loss_fn, params, optimizer = self.c.make_problem(inputs)
+        as_array = lambda x: jnp.asarray(x) if _fit.is_data(x) else x
+        return loss_fn, params, jax.tree.map(as_array, optimizer)
+
+    def init(self, inputs: object, data: object) -> _loop.LoopState:
+        loss_fn, params, optimizer = self.problem(inputs)
         return self._loop(loss_fn, optimizer).init(params, data)
 
     def step(self, inputs: object, data: object, state: _loop.LoopState) -> _loop.LoopState:
-        loss_fn, _, optimizer = self.c.make_problem(inputs)
+        loss_fn, _, optimizer = self.problem(inputs)
         return self._loop(loss_fn, optimizer).step(state, data)
 
     def done(self, state: _loop.LoopState) -> jax.Array:
@@ -147,7 +159,7 @@ def advance(
     width = lanes.ids.shape[0]
     rows = n + width
     out = Output(
-        jax.tree.map(lambda r: jnp.zeros((rows,) + r.shape[1:], r.dtype), lanes.state),
+        jax.tree.map(lambda r: jnp.zeros((rows, *r.shape[1:]), r.dtype), lanes.state),
         jnp.full((rows,), -1, jnp.int32),
         jnp.zeros([], jnp.int32),
     )
@@ -182,7 +194,9 @@ def advance(
             data=_where(load, new_data, c.lanes.data),
             state=_where(load, init(new_inputs, new_data), c.lanes.state),  # type: ignore[arg-type]
         )
-        return c._replace(lanes=lanes, queue=jnp.minimum(c.queue + jnp.sum(idle, dtype=jnp.int32), n))
+        return c._replace(
+            lanes=lanes, queue=jnp.minimum(c.queue + jnp.sum(idle, dtype=jnp.int32), n)
+        )
 
     def body(c: _Carry, *, filling: bool) -> _Carry:
         running = c.lanes.ids >= 0
@@ -223,7 +237,7 @@ def in_input_order(out: Output, n: int) -> tuple[FitResult, jax.Array]:
     """The output's results with a leading axis of ``n``, row ``k`` for problem ``k``."""
     at = jnp.where(out.ids >= 0, out.ids, n)
     results = jax.tree.map(
-        lambda r: jnp.zeros((n,) + r.shape[1:], r.dtype).at[at].set(r, mode="drop"), out.results
+        lambda r: jnp.zeros((n, *r.shape[1:]), r.dtype).at[at].set(r, mode="drop"), out.results
     )
     return results, out.computed
 

@@ -26,7 +26,7 @@ from adam_jax._result import FitResult
 __all__ = ["FitResult", "History", "fit"]
 
 
-def _is_data(leaf: object) -> bool:
+def is_data(leaf: object) -> bool:
     """A leaf that becomes an argument of the compiled program rather than part of its key."""
     if isinstance(leaf, bool | np.bool_):
         return False
@@ -50,7 +50,7 @@ class _Static(NamedTuple):
 
 def _split(hyper: object) -> tuple[list[object], jax.tree_util.PyTreeDef, tuple, tuple]:
     leaves, treedef = jax.tree.flatten(hyper)
-    data_at = tuple(_is_data(x) for x in leaves)
+    data_at = tuple(is_data(x) for x in leaves)
     dynamic = [x for x, d in zip(leaves, data_at, strict=True) if d]
     static = tuple(x for x, d in zip(leaves, data_at, strict=True) if not d)
     return dynamic, treedef, static, data_at
@@ -338,7 +338,7 @@ def _explicit_mesh_in_context(
     optimizer's leaves, the params, the data, or what ``loss_fn`` closes over,
     seen in its value's type), so it is entered here.
     """
-    leaves = [x for x in jax.tree.leaves(args) if _is_data(x)]
+    leaves = [x for x in jax.tree.leaves(args) if is_data(x)]
     tracing = any(isinstance(x, jax.core.Tracer) for x in leaves)
     if not tracing or not jax.sharding.get_abstract_mesh().empty:
         # Called directly, JAX takes the mesh from the arrays themselves.

@@ -63,7 +63,7 @@ def _problem_axis(inputs: object) -> tuple[jax.sharding.Mesh, PartitionSpec] | N
     sharding = getattr(leaf, "sharding", None)
     if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
         return None
-    spec = tuple(sharding.spec) + (None,)
+    spec = (*tuple(sharding.spec), None)
     if spec[0] is None:
         return None
     return sharding.mesh, PartitionSpec(spec[0])
@@ -200,12 +200,26 @@ def fit_batched(
             raise TypeError("with inputs given as an iterator of chunks, data must be one too")
         chunks = inputs if data is None else zip(inputs, data, strict=True)
         result, work = _stream(
-            make_problem, chunks, data is not None, num_steps, slots, early_stopping,
-            has_aux, history, progress,
+            make_problem,
+            chunks,
+            data is not None,
+            num_steps,
+            slots,
+            early_stopping,
+            has_aux,
+            history,
+            progress,
         )
     else:
         result, work = _all_at_once(
-            make_problem, inputs, data, num_steps, slots, early_stopping, has_aux, history,
+            make_problem,
+            inputs,
+            data,
+            num_steps,
+            slots,
+            early_stopping,
+            has_aux,
+            history,
             progress,
         )
     return (result, work) if return_work else result
@@ -258,7 +272,9 @@ def _all_at_once(make_problem, inputs, data, num_steps, slots, es, has_aux, hist
             f"inputs are sharded over {shards} devices along the problems' axis, "
             f"which must divide N = {n} evenly"
         )
-    config = _config(make_problem, data, num_steps, slots, es, has_aux, history, progress, n, shards)
+    config = _config(
+        make_problem, data, num_steps, slots, es, has_aux, history, progress, n, shards
+    )
     run = (
         functools.partial(_batched.run_all_jit, config=config)
         if axis is None

@@ -51,7 +51,7 @@ def make_aux_problem(p):
 
 
 def make_batch_problem(p):
-    x, y, lr = p  # x, y: this problem's batches, cycled by step
+    x, _y, lr = p  # x, y: this problem's batches, cycled by step
 
     def loss(w, batch):
         bx, by = batch
