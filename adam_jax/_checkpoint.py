@@ -295,11 +295,11 @@ def fit_with_checkpoints(
     with manager, _Interrupt(checkpoint_every) as interrupt:
         state = _restore(ocp, manager, parts, history.length(num_steps), directory)
         if state is None:
-            segment, applied, finished, hist = max(manager.all_steps(), default=0), 0, False, None
+            applied, finished, hist = 0, False, None
             current = (params, opt_state, early_stopping_state)
         else:
             leaves, progress_record = state
-            segment, applied = progress_record["segment"], progress_record["applied"]
+            applied = progress_record["applied"]
             finished = progress_record["finished"]
             hist = _History(history, num_steps, start, np.dtype(progress_record["loss_dtype"]))
             if hist.values.shape[0]:
@@ -329,21 +329,21 @@ def fit_with_checkpoints(
             hist.absorb(r.losses, r.steps)
             taken = int(r.num_steps)
             applied += taken
-            segment += 1
+            # Numbered after every checkpoint there, a torn newer one included.
+            number = max(manager.all_steps(), default=0) + 1
             current = (r.last_params, r.opt_state, r.early_stopping_state)
             finished = taken < seg or applied >= num_steps
             tree = {f"{k:05d}": np.asarray(x) for k, x in enumerate(jax.tree.leaves(current))}
             if hist.values.shape[0]:
                 tree["history_values"], tree["history_steps"] = hist.values, hist.steps
             record = {
-                "segment": segment,
                 "applied": applied,
                 "next_step": start + applied,
                 "finished": finished,
                 "loss_dtype": str(hist.values.dtype),
             }
             manager.save(
-                segment,
+                number,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(tree), progress=ocp.args.JsonSave(record)
                 ),
