@@ -113,7 +113,8 @@ def problem_record(
     options: dict[str, Any],
 ) -> dict[str, Any]:
     """What makes a run the same run: compared key by key when a directory is reused."""
-    record: dict[str, Any] = {"loss_fn": f"{loss_fn.__module__}.{loss_fn.__qualname__}"}
+    name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+    record: dict[str, Any] = {"loss_fn": f"{getattr(loss_fn, '__module__', '')}.{name}"}
     record["params.tree"] = str(jax.tree.structure(params))
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         record[f"params{jax.tree_util.keystr(path)}"] = _leaf_record(x)
@@ -197,11 +198,13 @@ class _History:
         self.values = np.full((n,), np.nan, dtype)
         self.steps = np.full((n,), -1, np.int32)
 
-    def segment_history(self, every: int) -> History:
-        """What a segment keeps: enough to rebuild the whole run's choice exactly."""
+    def segment_history(self, every: int, applied: int) -> History:
+        """What a segment starting ``applied`` steps into the run keeps: enough to
+        rebuild the whole run's choice exactly."""
         h = self.history
         if h.kind == "every":
-            return History.every(h.k if every % h.k == 0 else 1, max_len=None)
+            aligned = every % h.k == 0 and applied % h.k == 0
+            return History.every(h.k if aligned else 1, max_len=None)
         return h
 
     def absorb(self, values: Any, steps: Any) -> None:
@@ -289,7 +292,11 @@ def fit_with_checkpoints(
     manager = ocp.CheckpointManager(
         directory / STEPS_DIR,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=checkpoint_keep, enable_async_checkpointing=False, create=True
+            max_to_keep=checkpoint_keep,
+            enable_async_checkpointing=False,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_background_delete=True,
         ),
     )
     with manager, _Interrupt(checkpoint_every) as interrupt:
@@ -312,10 +319,10 @@ def fit_with_checkpoints(
         while not finished:
             seg = min(checkpoint_every, num_steps - applied)
             seg_history = (
-                hist.segment_history(checkpoint_every)
+                hist.segment_history(checkpoint_every, applied)
                 if hist is not None
                 else _History(history, num_steps, start, np.float32).segment_history(
-                    checkpoint_every
+                    checkpoint_every, applied
                 )
             )
             r = fit(
@@ -349,12 +356,14 @@ def fit_with_checkpoints(
                 ),
             )
             manager.wait_until_finished()
-            if interrupt.requested and not finished:
-                raise KeyboardInterrupt(
-                    f"fit interrupted: checkpoint saved at step {start + applied} "
-                    f"({applied} of {num_steps} steps taken) in {str(directory)!r}; "
-                    "run the same fit call with the same checkpoint_dir to resume"
-                )
+            if interrupt.requested:
+                break
+        if interrupt.requested:
+            raise KeyboardInterrupt(
+                f"fit interrupted: checkpoint saved at step {start + applied} "
+                f"({applied} of {num_steps} steps taken) in {str(directory)!r}; "
+                "run the same fit call with the same checkpoint_dir to resume"
+            )
     return _result(current, hist, applied)
 
 

@@ -149,11 +149,13 @@ def test_sigkill_at_random_moments(env, reference, tmp_path):
 
 
 def test_sigkill_during_saves(env, reference, tmp_path):
-    """Ten kills while a checkpoint is being written, half by the worker itself a few
+    """At least ten kills while a checkpoint is being written, half by the worker itself a few
     milliseconds into the write, half by this process on reading ``saving``."""
     rng = np.random.default_rng(1)
-    kills = 0
-    for attempt in range(10):
+    kills, attempt = 0, 0
+    while kills < 10:
+        attempt += 1
+        assert attempt <= 20, f"only {kills} of 20 workers died in a save"
         if attempt % 2:
             proc = _start(env, "checkpoint", tmp_path, f"--die-on-save={rng.uniform(0, 0.02)}")
             rc, err = _finish(proc)
@@ -165,7 +167,6 @@ def test_sigkill_during_saves(env, reference, tmp_path):
                 kills += _kill(proc)
             else:
                 assert _finish(proc)[0] == 0
-    assert kills >= 8
     _run_to_end(env, tmp_path)
     _assert_bitwise_equal(reference, tmp_path)
 
@@ -246,6 +247,30 @@ def test_torn_checkpoint_is_never_loaded(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "history", [adam_jax.History.every(4, max_len=12), adam_jax.History.last(9)]
+)
+def test_resume_with_another_interval(tmp_path, history):
+    """checkpoint_every may change between the calls; history stitches across it."""
+    problem = _problem(patience=1000)
+    want = _fit(problem, history=history)
+    _fit(problem, history=history, checkpoint_dir=tmp_path, checkpoint_every=10,
+         checkpoint_keep=10)  # fmt: skip
+    steps = tmp_path / "steps"
+    for p in steps.iterdir():
+        if int(p.name) > 1:  # back to the first checkpoint, 10 steps in
+            shutil.rmtree(p)
+    got = _fit(problem, history=history, checkpoint_dir=tmp_path, checkpoint_every=8)
+    _same(want, got)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("saved_run")
+    _fit(_problem(), checkpoint_dir=directory, checkpoint_every=25)
+    return directory
+
+
+@pytest.mark.parametrize(
     ("change", "named"),
     [
         (dict(optimizer=adam_jax.adam(0.02)), "step_size"),
@@ -259,18 +284,17 @@ def test_torn_checkpoint_is_never_loaded(tmp_path):
         (dict(initial_step=3), "fit.initial_step"),
     ],
 )
-def test_other_problem_is_refused(tmp_path, change, named):
-    problem = _problem()
-    kw = dict(checkpoint_dir=tmp_path, checkpoint_every=25)
-    _fit(problem, **kw)
-    before = _listing(tmp_path)
+def test_other_problem_is_refused(saved_run, change, named):
+    problem, directory = _problem(), saved_run
+    kw = dict(checkpoint_dir=directory, checkpoint_every=25)
+    before = _listing(directory)
     other = dict(problem, **change)
     if "params" in change and isinstance(change["params"], dict):
         other["loss_fn"] = lambda p: problem["loss_fn"](p["w"])
     with pytest.raises(ValueError, match=r"holds the checkpoints of a different fit") as e:
         _fit(other, **kw)
     assert named in str(e.value)
-    assert _listing(tmp_path) == before
+    assert _listing(directory) == before
 
 
 def test_foreign_directory_is_refused(tmp_path):
