@@ -128,8 +128,12 @@ def problem_record(
     return json.loads(json.dumps(record, default=str))
 
 
-def _check_problem(directory: Path, record: dict[str, Any]) -> None:
-    """Refuse a directory that holds another run; claim an empty or new one."""
+def _check_problem(directory: Path, record: dict[str, Any]) -> bool:
+    """Refuse a directory that holds another run; whether the record is still to be written.
+
+    The record is written just before the first save (:func:`_claim`), so a call
+    that fails before saving anything leaves no record to refuse its correction.
+    """
     path = directory / PROBLEM_FILE
     if path.exists():
         saved = json.loads(path.read_text())
@@ -149,16 +153,22 @@ def _check_problem(directory: Path, record: dict[str, Any]) -> None:
                 f"({len(diffs)} difference{'s' * (len(diffs) > 1)}: {shown}); nothing was "
                 "written. Pass another checkpoint_dir, or delete this one to start over."
             )
-        return
-    if directory.exists() and any(directory.iterdir()):
+        return False
+    steps = directory / STEPS_DIR
+    others = [p for p in directory.iterdir() if p != steps] if directory.exists() else []
+    if others or (steps.exists() and any(steps.iterdir())):
         raise ValueError(
             f"checkpoint_dir={str(directory)!r} is not empty and holds no {PROBLEM_FILE}, so it "
             "is not a fit checkpoint directory; nothing was written. Pass a new or empty one."
         )
+    return True
+
+
+def _claim(directory: Path, record: dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{PROBLEM_FILE}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({"format": FORMAT, "problem": record}, indent=1))
-    os.replace(tmp, path)
+    os.replace(tmp, directory / PROBLEM_FILE)
 
 
 class _Interrupt:
@@ -275,9 +285,8 @@ def fit_with_checkpoints(
         None if early_stopping_state is None else _digest(early_stopping_state)
     )
     directory = Path(checkpoint_dir).absolute()
-    _check_problem(
-        directory, problem_record(loss_fn, params, optimizer, early_stopping, data, options)
-    )
+    problem = problem_record(loss_fn, params, optimizer, early_stopping, data, options)
+    unclaimed = _check_problem(directory, problem)
 
     opt_template = jax.eval_shape(optimizer.init, params)
     es_template = None if early_stopping is None else jax.eval_shape(early_stopping.init, params)
@@ -343,16 +352,19 @@ def fit_with_checkpoints(
             tree = {f"{k:05d}": np.asarray(x) for k, x in enumerate(jax.tree.leaves(current))}
             if hist.values.shape[0]:
                 tree["history_values"], tree["history_steps"] = hist.values, hist.steps
-            record = {
+            progress_record = {
                 "applied": applied,
                 "next_step": start + applied,
                 "finished": finished,
                 "loss_dtype": str(hist.values.dtype),
             }
+            if unclaimed:
+                _claim(directory, problem)
+                unclaimed = False
             manager.save(
                 number,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(tree), progress=ocp.args.JsonSave(record)
+                    state=ocp.args.StandardSave(tree), progress=ocp.args.JsonSave(progress_record)
                 ),
             )
             manager.wait_until_finished()
