@@ -114,16 +114,6 @@ def reference(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
     return workdir
 
 
-def test_uninterrupted_and_rerun(env, reference, tmp_path):
-    """Saving changes nothing; the same call again returns the saved final result."""
-    _run_to_end(env, tmp_path)
-    _assert_bitwise_equal(reference, tmp_path)
-    for name in NAMES:
-        (tmp_path / f"checkpoint_{name}.npz").unlink()
-    _run_to_end(env, tmp_path)
-    _assert_bitwise_equal(reference, tmp_path)
-
-
 def test_sigkill_at_random_moments(env, reference, tmp_path):
     """Twelve kills at random times, each run restarted until it ends: same bits."""
     rng = np.random.default_rng(0)
@@ -181,6 +171,11 @@ def test_sigint_saves_and_says_how_to_resume(env, reference, tmp_path):
     assert "run the same fit call with the same checkpoint_dir to resume" in err
     _run_to_end(env, tmp_path)
     _assert_bitwise_equal(reference, tmp_path)
+    # The same calls again return the saved final results.
+    for name in NAMES:
+        (tmp_path / f"checkpoint_{name}.npz").unlink()
+    _run_to_end(env, tmp_path)
+    _assert_bitwise_equal(reference, tmp_path)
 
 
 # In-process tests on a small problem.
@@ -227,7 +222,7 @@ def test_torn_checkpoint_is_never_loaded(tmp_path):
     problem = _problem()
     want = _fit(problem)
     kw = dict(checkpoint_dir=tmp_path, checkpoint_every=10, checkpoint_keep=3)
-    _fit(problem, **kw)
+    _same(want, _fit(problem, **kw))
     steps = tmp_path / "steps"
     newest = max(int(p.name) for p in steps.iterdir())
     # The newest one torn after its rename (files cut short), and a newer write
@@ -295,6 +290,17 @@ def test_other_problem_is_refused(saved_run, change, named):
         _fit(other, **kw)
     assert named in str(e.value)
     assert _listing(directory) == before
+
+
+def test_a_call_that_fails_first_leaves_the_directory_reusable(tmp_path):
+    problem = _problem()
+
+    def broken(w):
+        return problem["loss_fn"](w) * jnp.ones(2)  # not a scalar
+
+    with pytest.raises(ValueError, match="scalar"):
+        _fit(problem, loss_fn=broken, checkpoint_dir=tmp_path, checkpoint_every=10)
+    _same(_fit(problem), _fit(problem, checkpoint_dir=tmp_path, checkpoint_every=10))
 
 
 def test_foreign_directory_is_refused(tmp_path):
