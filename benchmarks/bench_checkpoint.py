@@ -119,6 +119,7 @@ def main() -> None:
         ),
         "repeats": args.repeats,
         "plain_median_s": plain,
+        "plain_times_s": times["None"],
         "intervals": {},
         **machine(),
     }
@@ -128,6 +129,7 @@ def main() -> None:
         saves = -(-args.steps // every)
         report["intervals"][str(every)] = {
             "median_s": median,
+            "times_s": times[str(every)],
             "ratio_to_plain": median / plain,
             "saves": saves,
             "overhead_per_save_ms": (median - plain) / saves * 1e3,
