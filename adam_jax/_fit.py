@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adam_jax import _checks, _fit_checks, _history, _loop, _reporting
+from adam_jax import _checkpoint, _checks, _fit_checks, _history, _loop, _reporting
 from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState
 from adam_jax._history import History
 from adam_jax._result import FitResult
@@ -105,6 +106,9 @@ def fit(
     opt_state: optax.OptState | None = None,
     early_stopping_state: EarlyStoppingState | None = None,
     initial_step: jax.typing.ArrayLike = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_keep: int = 2,
 ) -> FitResult:
     r"""Train ``params`` with ``optimizer`` for up to ``num_steps`` steps in one compiled loop.
 
@@ -220,6 +224,14 @@ def fit(
         counts in its own state; its ``start_step`` is a warm-up, in the same
         numbering.) An int, or an int array, also traced: under vmap each
         problem may resume at its own step. A new value does not recompile.
+      checkpoint_dir: save the whole run state there every ``checkpoint_every``
+        steps with orbax-checkpoint (``pip install adam_jax[checkpoint]``),
+        keeping the last ``checkpoint_keep``; the same call again resumes from
+        the newest complete one, bit-identically, and a Ctrl-C saves before it
+        stops. A directory of another problem is refused. Not under jit/vmap.
+        See the long-runs guide.
+      checkpoint_every: the steps between two saves (needed with ``checkpoint_dir``).
+      checkpoint_keep: how many checkpoints to keep, the newest.
 
     Logging and the bar are driven from inside the compiled loop through
     ``io_callback`` (an effect: it runs under ``jit`` and ``vmap`` whether or
@@ -279,6 +291,8 @@ def fit(
       243 True
     """
 
+    if checkpoint_dir is not None:
+        return _checkpoint.fit_with_checkpoints(fit, **locals())
     _fit_checks.check_positive_int("num_steps", num_steps)
     if log_every is not None:
         _fit_checks.check_positive_int("log_every", log_every)

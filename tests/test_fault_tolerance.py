@@ -1,0 +1,328 @@
+"""Long runs survive faults: ``fit(checkpoint_dir=..., checkpoint_every=...)``.
+
+Worker processes (tests/_fault_worker.py, four short fits covering float32 and
+float64, every ``History`` choice, runs that stop early and runs that do not) are
+killed with SIGKILL at random moments and in the middle of checkpoint writes,
+restarted each time, and must end with results bit-identical to an
+uninterrupted run without checkpoints, computed by a worker too. A SIGINT saves
+and says how to resume; a torn checkpoint is never loaded; a directory of
+another problem is refused without being touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adam_jax
+
+pytest.importorskip("orbax.checkpoint")
+
+WORKER = Path(__file__).with_name("_fault_worker.py")
+NAMES = ["f32_every1_patience", "f64_every3_full", "f32_last7_target", "f64_none_patience"]
+TIMEOUT = 120  # seconds for one worker process; a hung one is killed and fails the test
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The workers import this checkout's adam_jax and share a compilation cache."""
+    root = Path(adam_jax.__file__).resolve().parent.parent
+    out = dict(os.environ)
+    out["PYTHONPATH"] = os.pathsep.join([str(root), out.get("PYTHONPATH", "")])
+    out["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    out["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    out["JAX_PLATFORMS"] = "cpu"
+    return out
+
+
+def _start(env: dict[str, str], mode: str, workdir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-u", str(WORKER), mode, str(workdir), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _wait_for(proc: subprocess.Popen, word: str, count: int = 1) -> bool:
+    """Read stdout until ``word`` has been printed ``count`` times; False if the process ended."""
+    deadline = time.monotonic() + TIMEOUT
+    seen = 0
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            return False
+        seen += line.strip() == word
+        if seen >= count:
+            return True
+    proc.kill()
+    pytest.fail(f"worker printed no {word!r} within {TIMEOUT} s")
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"worker still running after {TIMEOUT} s")
+    return proc.returncode, err
+
+
+def _kill(proc: subprocess.Popen) -> bool:
+    """SIGKILL the worker if it still runs; whether it did."""
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    return _finish(proc)[0] == -signal.SIGKILL
+
+
+def _run_to_end(env: dict[str, str], workdir: Path) -> None:
+    rc, err = _finish(_start(env, "checkpoint", workdir))
+    assert rc == 0, err
+
+
+def _assert_bitwise_equal(reference: Path, workdir: Path) -> None:
+    for name in NAMES:
+        want = np.load(reference / f"plain_{name}.npz")
+        got = np.load(workdir / f"checkpoint_{name}.npz")
+        assert want.files == got.files, name
+        for key in want.files:
+            a, b = want[key], got[key]
+            assert (a.dtype, a.shape) == (b.dtype, b.shape), (name, key)
+            assert a.tobytes() == b.tobytes(), (name, key, a, b)
+
+
+@pytest.fixture(scope="module")
+def reference(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted results, from one worker without checkpoints."""
+    workdir = tmp_path_factory.mktemp("plain")
+    rc, err = _finish(_start(env, "plain", workdir))
+    assert rc == 0, err
+    return workdir
+
+
+def test_sigkill_at_random_moments(env, reference, tmp_path):
+    """Twelve kills at random times, each run restarted until it ends: same bits."""
+    rng = np.random.default_rng(0)
+    kills, chain = 0, 0
+    workdir = tmp_path / "chain0"
+    workdir.mkdir()
+    while kills < 12:
+        proc = _start(env, "checkpoint", workdir)
+        if not _wait_for(proc, "ready"):
+            pytest.fail(_finish(proc)[1])
+        time.sleep(rng.uniform(0.0, 1.5))
+        if _kill(proc):
+            kills += 1
+            continue
+        # The worker finished before the kill: check it, then start a new run.
+        assert proc.returncode == 0, proc.stderr.read()
+        _assert_bitwise_equal(reference, workdir)
+        chain += 1
+        workdir = tmp_path / f"chain{chain}"
+        workdir.mkdir()
+    _run_to_end(env, workdir)
+    _assert_bitwise_equal(reference, workdir)
+
+
+def test_sigkill_during_saves(env, reference, tmp_path):
+    """At least ten kills while a checkpoint is being written, half by the worker itself a few
+    milliseconds into the write, half by this process on reading ``saving``."""
+    rng = np.random.default_rng(1)
+    kills, attempt = 0, 0
+    while kills < 10:
+        attempt += 1
+        assert attempt <= 20, f"only {kills} of 20 workers died in a save"
+        if attempt % 2:
+            proc = _start(env, "checkpoint", tmp_path, f"--die-on-save={rng.uniform(0, 0.02)}")
+            rc, err = _finish(proc)
+            assert rc in (-signal.SIGKILL, 0), err
+            kills += rc == -signal.SIGKILL
+        else:
+            proc = _start(env, "checkpoint", tmp_path)
+            if _wait_for(proc, "saving", count=int(rng.integers(1, 4))):
+                kills += _kill(proc)
+            else:
+                assert _finish(proc)[0] == 0
+    _run_to_end(env, tmp_path)
+    _assert_bitwise_equal(reference, tmp_path)
+
+
+def test_sigint_saves_and_says_how_to_resume(env, reference, tmp_path):
+    proc = _start(env, "checkpoint", tmp_path)
+    assert _wait_for(proc, "saving", count=2)
+    proc.send_signal(signal.SIGINT)
+    rc, err = _finish(proc)
+    assert rc != 0
+    assert "KeyboardInterrupt: fit interrupted: checkpoint saved at step" in err
+    assert "run the same fit call with the same checkpoint_dir to resume" in err
+    _run_to_end(env, tmp_path)
+    _assert_bitwise_equal(reference, tmp_path)
+    # The same calls again return the saved final results.
+    for name in NAMES:
+        (tmp_path / f"checkpoint_{name}.npz").unlink()
+    _run_to_end(env, tmp_path)
+    _assert_bitwise_equal(reference, tmp_path)
+
+
+# In-process tests on a small problem.
+
+
+def _problem(lr=0.05, n=3, dtype=jnp.float64, patience=5):
+    t = jnp.linspace(-1.0, 1.0, 40, dtype=dtype)
+    x = jnp.stack([t**k for k in range(n)], axis=1)
+    y = jnp.sin(2.0 * t)
+
+    def loss_fn(w):
+        return jnp.mean((y - x @ w) ** 2)
+
+    return dict(
+        loss_fn=loss_fn,
+        params=jnp.zeros(n, dtype),
+        optimizer=adam_jax.adam(lr),
+        num_steps=60,
+        early_stopping=adam_jax.early_stopping(patience, 1e-9),
+    )
+
+
+def _fit(problem, **kw):
+    problem = dict(problem, **kw)
+    return adam_jax.fit(problem.pop("loss_fn"), problem.pop("params"), problem.pop("optimizer"),
+                        **problem)  # fmt: skip
+
+
+def _same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert (x.dtype, x.shape, x.tobytes()) == (y.dtype, y.shape, y.tobytes())
+
+
+def _listing(directory: Path) -> list[tuple[str, int, int]]:
+    return sorted(
+        (str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in directory.rglob("*")
+    )
+
+
+def test_torn_checkpoint_is_never_loaded(tmp_path):
+    problem = _problem()
+    want = _fit(problem)
+    kw = dict(checkpoint_dir=tmp_path, checkpoint_every=10, checkpoint_keep=3)
+    _same(want, _fit(problem, **kw))
+    steps = tmp_path / "steps"
+    newest = max(int(p.name) for p in steps.iterdir())
+    # The newest one torn after its rename (files cut short), and a newer write
+    # that never finished (orbax's temporary directory, half copied).
+    for f in (steps / str(newest)).rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    partial = steps / f"{newest + 1}.orbax-checkpoint-tmp"
+    shutil.copytree(steps / str(newest - 1), partial)
+    for f in list(partial.rglob("*"))[::2]:
+        if f.is_file():
+            f.unlink()
+    with pytest.warns(RuntimeWarning, match=f"checkpoint {newest} .* could not be read"):
+        got = _fit(problem, **kw)
+    _same(want, got)
+    _same(want, _fit(problem, **kw))
+
+
+@pytest.mark.parametrize(
+    "history", [adam_jax.History.every(4, max_len=12), adam_jax.History.last(9)]
+)
+def test_resume_with_another_interval(tmp_path, history):
+    """checkpoint_every may change between the calls; history stitches across it."""
+    problem = _problem(patience=1000)
+    want = _fit(problem, history=history)
+    _fit(problem, history=history, checkpoint_dir=tmp_path, checkpoint_every=10,
+         checkpoint_keep=10)  # fmt: skip
+    steps = tmp_path / "steps"
+    for p in steps.iterdir():
+        if int(p.name) > 1:  # back to the first checkpoint, 10 steps in
+            shutil.rmtree(p)
+    got = _fit(problem, history=history, checkpoint_dir=tmp_path, checkpoint_every=8)
+    _same(want, got)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("saved_run")
+    _fit(_problem(), checkpoint_dir=directory, checkpoint_every=25)
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (dict(optimizer=adam_jax.adam(0.02)), "step_size"),
+        (dict(params=jnp.zeros(4)), "params"),
+        (dict(params=jnp.zeros(3, jnp.float32)), "float32"),
+        (dict(params={"w": jnp.zeros(3)}), "params.tree"),
+        (dict(params=jnp.ones(3)), "params.values"),
+        (dict(num_steps=70), "fit.num_steps"),
+        (dict(history=adam_jax.History.last(5)), "fit.history"),
+        (dict(early_stopping=adam_jax.early_stopping(6, 1e-9)), "patience"),
+        (dict(initial_step=3), "fit.initial_step"),
+    ],
+)
+def test_other_problem_is_refused(saved_run, change, named):
+    problem, directory = _problem(), saved_run
+    kw = dict(checkpoint_dir=directory, checkpoint_every=25)
+    before = _listing(directory)
+    other = dict(problem, **change)
+    if "params" in change and isinstance(change["params"], dict):
+        other["loss_fn"] = lambda p: problem["loss_fn"](p["w"])
+    with pytest.raises(ValueError, match=r"holds the checkpoints of a different fit") as e:
+        _fit(other, **kw)
+    assert named in str(e.value)
+    assert _listing(directory) == before
+
+
+def test_a_call_that_fails_first_leaves_the_directory_reusable(tmp_path):
+    problem = _problem()
+
+    def broken(w):
+        return problem["loss_fn"](w) * jnp.ones(2)  # not a scalar
+
+    with pytest.raises(ValueError, match="scalar"):
+        _fit(problem, loss_fn=broken, checkpoint_dir=tmp_path, checkpoint_every=10)
+    _same(_fit(problem), _fit(problem, checkpoint_dir=tmp_path, checkpoint_every=10))
+
+
+def test_foreign_directory_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a fit checkpoint directory"):
+        _fit(_problem(), checkpoint_dir=tmp_path, checkpoint_every=10)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_bad_arguments(tmp_path, monkeypatch):
+    problem = _problem()
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        _fit(problem, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+        _fit(problem, checkpoint_dir=tmp_path, checkpoint_every=0)
+    with pytest.raises(TypeError, match="checkpoint_keep"):
+        _fit(problem, checkpoint_dir=tmp_path, checkpoint_every=5, checkpoint_keep=1.5)
+    with pytest.raises(ValueError, match="concrete inputs"):
+        jax.jit(lambda p: _fit(problem, params=p, checkpoint_dir=tmp_path, checkpoint_every=5))(
+            problem["params"]
+        )
+    monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[checkpoint\]"'):
+        _fit(problem, checkpoint_dir=tmp_path, checkpoint_every=5)
+    assert not any(tmp_path.iterdir())
