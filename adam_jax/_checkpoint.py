@@ -13,6 +13,8 @@ checkpoints, and a directory written by another problem is refused.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -67,7 +69,9 @@ def _describe(obj: Any, name: str, out: dict[str, Any], seen: set[int], depth: i
     """The values an optimizer (or early stopping) is built from, by name.
 
     optax transformations keep their hyperparameters in the closures of
-    ``init``/``update``; the walk reads the closed-over cells by their names.
+    ``init``/``update``, adam_jax's in the arguments of ``jax.tree_util.Partial``
+    objects (a static config dataclass and a NamedTuple of numbers); the walk
+    reads both by name.
     """
     if depth > 8:
         return
@@ -82,6 +86,15 @@ def _describe(obj: Any, name: str, out: dict[str, Any], seen: set[int], depth: i
         out[name] = getattr(obj, "__qualname__", str(obj))
     elif id(obj) in seen:
         return
+    elif isinstance(obj, functools.partial):  # adam_jax's init/update: jax.tree_util.Partial
+        seen.add(id(obj))
+        _describe(obj.func, f"{name}.func", out, seen, depth + 1)
+        _describe(obj.args, f"{name}.args", out, seen, depth + 1)
+        _describe(dict(obj.keywords), f"{name}.keywords", out, seen, depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # static configs
+        seen.add(id(obj))
+        for field in dataclasses.fields(obj):
+            _describe(getattr(obj, field.name), f"{name}.{field.name}", out, seen, depth + 1)
     elif isinstance(obj, types.FunctionType):
         seen.add(id(obj))
         out[name] = f"{obj.__module__}.{obj.__qualname__}"

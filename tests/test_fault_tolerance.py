@@ -268,7 +268,7 @@ def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        (dict(optimizer=adam_jax.adam(0.02)), "step_size"),
+        (dict(optimizer=adam_jax.adam(0.02)), "learning_rate"),
         (dict(params=jnp.zeros(4)), "params"),
         (dict(params=jnp.zeros(3, jnp.float32)), "float32"),
         (dict(params={"w": jnp.zeros(3)}), "params.tree"),
