@@ -1,4 +1,4 @@
-"""The step benchmark (``adam-jax bench``) still runs end to end and writes its JSON.
+"""The step benchmark (``benchmarks/bench_update.py``) runs end to end and writes its JSON.
 
 Tiny sizes and two runs per contender: this checks the script, never a speed.
 """
@@ -6,10 +6,15 @@ Tiny sizes and two runs per contender: this checks the script, never a speed.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from adam_jax import _bench
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_update
+
+BENCHMARKS = Path(bench_update.__file__).parent
 
 TINY = [
     "--one-leaf-log2", "10",
@@ -25,14 +30,14 @@ TINY = [
 
 def test_bench_writes_every_case(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert _bench.main([*TINY, "--json", str(out)]) == 0
+    assert bench_update.main([*TINY, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {"schema", "machine", "settings", "method", "goals", "cases"} <= set(report)
     assert {"cpu", "cores", "versions"} <= set(report["machine"])
     assert {"jax", "jaxlib", "optax", "torch"} <= set(report["machine"]["versions"])
     assert report["settings"]["reps"] == 2
     by_case = {row["case"]: row for row in report["cases"]}
-    assert set(by_case) == set(_bench.CASES)
+    assert set(by_case) == set(bench_update.CASES)
     for row in report["cases"]:
         assert row["optimizer"] == "adam"
         for name in ("adam_jax", "optax"):
@@ -60,4 +65,67 @@ def test_bench_writes_every_case(tmp_path, capsys):
 
 def test_bench_rejects_unknown_case():
     with pytest.raises(SystemExit):
-        _bench.main(["--cases", "nope", "--no-json"])
+        bench_update.main(["--cases", "nope", "--no-json"])
+
+
+def test_results_go_beside_the_script_not_into_the_working_directory(tmp_path, monkeypatch, capsys):
+    assert bench_update.RESULTS == BENCHMARKS / "results"
+    results, cwd = tmp_path / "results", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(bench_update, "RESULTS", results)
+    tiny = [*TINY, "--cases", "one_leaf", "--no-torch"]
+    assert bench_update.main(tiny) == 0
+    assert bench_update.main([*tiny, "--quick"]) == 0
+    assert sorted(p.name for p in results.iterdir()) == ["update-quick.json", "update.json"]
+    assert list(cwd.iterdir()) == []
+    assert f"JSON: {results / 'update-quick.json'}" in capsys.readouterr().out
+
+
+def test_bench_fit_compares_the_three_ways(tmp_path, capsys):
+    import bench_fit
+
+    out = tmp_path / "fit.json"
+    tiny = ["--problems", "12", "--num-steps", "400", "--same-steps", "20", "--slots", "4"]
+    assert bench_fit.main([*tiny, "--repeats", "1", "--only-batched", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"jax", "jaxlib", "optax"} <= set(report["versions"])
+    early, same = report["batched"]["early_stopping"], report["batched"]["same_steps"]
+    assert {"anchor", "vmap_fit", "fit_batched_default", "fit_batched_4"} <= set(early)
+    for rows in (early, same):
+        for name in ("anchor", "vmap_fit", "fit_batched_default"):
+            row = rows[name]
+            assert row["median_s"] > 0 and row["computed"] >= row["needed"] > 0
+            assert row["stop_step_mismatches_vs_anchor"] <= 1  # float32 rounding near MSE = 1
+    # Every problem takes the same steps: nothing is wasted by any of them.
+    assert all(same[k]["computed_over_needed"] == 1.0 for k in ("anchor", "vmap_fit"))
+    assert same["fit_batched_default"]["needed"] == 12 * 20
+    # Under vmap every problem runs until the slowest stops; refilled lanes do not.
+    assert early["fit_batched_4"]["computed"] < early["vmap_fit"]["computed"]
+    assert early["anchor"]["compile_s"] > 0 and "compile_estimate_s" in early["fit_batched_4"]
+    assert "(a) 12 problems" in capsys.readouterr().out
+
+
+def test_bench_scaling_quick(tmp_path, capsys):
+    import bench_scaling
+
+    out = tmp_path / "scaling.json"
+    assert bench_scaling.main(["--quick", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"cpu", "cores", "versions"} <= set(report["machine"])
+    assert report["load_average_start"] is None or len(report["load_average_start"]) == 3
+    caps = {row["cap"]: row for row in report["cap"]}
+    assert set(caps) == {10**3, 10**9}
+    # The cap above the steps the problem needs changes nothing about the run.
+    assert caps[10**9]["steps_run"] < 10**4 and caps[10**9]["history_len"] <= 100_000
+    assert all(row["peak_rss_bytes"] > 0 for row in report["cap"] + report["problems"])
+    assert [row["problems"] for row in report["problems"]] == [1, 8]
+    assert all(row["computed"] >= row["needed"] > 0 for row in report["problems"])
+    for row in report["params"]:
+        for name in ("adam_jax", "optax"):
+            assert row[name]["median_ms"] > 0 and row[name]["bytes_per_param_at_floor_bandwidth"]
+    assert {1, 10} == {row["leaves"] for row in report["params"]}
+    assert [row["leaves"] for row in report["leaves"]] == [10, 30]
+    assert {"problems", "leaves"} <= set(report["summary"])
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "fit_batched against the number of problems" in capsys.readouterr().out
