@@ -296,7 +296,8 @@ def plot(report: dict, path: Path) -> None:
         caps = [r["cap"] for r in cap]
         ax.semilogx(caps, [r["median_s"] * 1e3 for r in cap], "o-", label="wall time (ms)")
         ax.semilogx(caps, [r["peak_rss_bytes"] / 2**20 for r in cap], "s-", label="peak RSS (MiB)")
-        ax.set(xlabel="num_steps cap", title=f"fit: {cap[-1]['steps_run']} steps run, any cap")
+        steps = cap[-1]["steps_run"]
+        ax.set(xlabel="num_steps cap", title=f"fit: {steps} steps run at any cap above {steps}")
         ax.set_ylim(bottom=0)
         ax.legend()
     ax = axes[0, 1]
@@ -320,7 +321,7 @@ def plot(report: dict, path: Path) -> None:
                 [r[name]["bytes_per_param_at_floor_bandwidth"] for r in rows],
                 style,
                 color=f"C{k}",
-                label=f"{name}, {leaves} leaf" + ("s" if leaves > 1 else ""),
+                label=f"{name}, {leaves} " + ("leaves" if leaves > 1 else "leaf"),
             )
     ax.axhline(ADAM_BYTES_PER_PARAM, color="k", lw=0.8, label="floor: 28 B/param")
     ax.set(
