@@ -1,4 +1,4 @@
-"""Benchmark: many small trainings as one jit(vmap(fit)) call vs. a Python loop of optax steps.
+"""Benchmark: many small trainings at once: fit_batched, jit(vmap(fit)) and a hand-written loop.
 
 The problems are "Adam from scratch on a linear regression" (200 samples, 4 weights
 including the intercept; ``tests/references/linear_regression.py``), stopping at the
@@ -12,12 +12,26 @@ Each problem has its own data and its own learning rate (log-spaced).
   loop does. Only a subset of the problems (spread over the learning rates) is
   timed; the time for all is extrapolated by step count, and the output says so.
 
+* ``anchor``: what a JAX user writes by hand: ``jax.jit(jax.vmap(...))`` of a
+  ``lax.while_loop`` of ``optax.adam`` steps in which each problem stops at
+  MSE <= 1 and then stays frozen while the others run on.
+* ``fit_batched``: ``adam_jax.fit_batched``, the problems streaming through
+  lanes refilled as they stop (default lanes and a few other counts).
+
+These three run side by side in one process, their repetitions interleaved
+(medians reported), on two workloads: (a) the problems above, each stopping on
+its own; (b) every problem taking the same number of steps (no early stopping).
+For each: wall time, compile time, and problem-steps computed against needed
+(under ``vmap`` every problem runs until the slowest stops). No contender keeps
+a loss history (``adam_jax.History.none()``), as the hand-written loop keeps none.
+
 Also measured: what ``progress=True, log_every=100`` costs a single fit.
 
 Usage::
 
     python benchmarks/bench_fit.py            # 1,024 problems, under a minute
     python benchmarks/bench_fit.py --quick    # 128 problems, a few seconds
+    python benchmarks/bench_fit.py --only-batched   # the three-way comparison alone
 
 Results go to ``benchmarks/results/fit.json``. Times are float32 on the default
 JAX device.
@@ -121,6 +135,154 @@ def bench_loop(xs, ys, lrs, num_steps, repeats):
     return steps, median, times
 
 
+def anchor(num_steps: int, target: float | None):
+    """``jit(vmap(while_loop(optax.adam step)))``; each problem stops at MSE <= target, frozen."""
+
+    def one(x, y, lr):
+        opt = optax.adam(lr)
+        w = jnp.zeros((1, x.shape[1]), x.dtype)
+        grad = jax.value_and_grad(lambda w: linear_regression.loss(w, x, y), has_aux=True)
+
+        def cond(carry):
+            _, _, i, done = carry
+            return (i < num_steps) & ~done
+
+        def body(carry):
+            w, state, i, _ = carry
+            (_, mse), g = grad(w)
+            stop = (mse <= target) if target is not None else jnp.bool_(False)
+            updates, new_state = opt.update(g, state, w)
+            w, state = jax.tree.map(
+                lambda old, new: jnp.where(stop, old, new),
+                (w, state),
+                (optax.apply_updates(w, updates), new_state),
+            )
+            return w, state, jnp.where(stop, i, i + 1), stop
+
+        w, _, steps, stopped = jax.lax.while_loop(
+            cond, body, (w, opt.init(w), jnp.int32(0), jnp.bool_(False))
+        )
+        return w, steps, stopped
+
+    return jax.jit(jax.vmap(one))
+
+
+def vmap_fit(num_steps: int, target: float | None):
+    def one(x, y, lr):
+        return adam_jax.fit(
+            lambda w: linear_regression.loss(w, x, y),
+            jnp.zeros((1, x.shape[1]), x.dtype),
+            adam_jax.adam(lr),
+            num_steps=num_steps,
+            has_aux=True,
+            early_stopping=None if target is None else adam_jax.early_stopping(None, target=target),
+            history=adam_jax.History.none(),
+        )
+
+    return jax.jit(jax.vmap(one))
+
+
+def make_problem(p):
+    x, y, lr = p
+    return (
+        (lambda w: linear_regression.loss(w, x, y)),
+        jnp.zeros((1, x.shape[1]), x.dtype),
+        adam_jax.adam(lr),
+    )
+
+
+def compile_time(jitted, *args) -> dict:
+    t = time.perf_counter()
+    lowered = jitted.lower(*args)
+    t_lower = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    return {"trace_lower_s": t_lower, "compile_s": time.perf_counter() - t}, compiled
+
+
+def bench_three_ways(xs, ys, lrs, num_steps, target, slot_counts, repeats) -> dict:
+    """The anchor, jit(vmap(fit)) and fit_batched at each lane count, interleaved."""
+    n = len(lrs)
+    args = tuple(jnp.asarray(a) for a in (xs, ys, lrs))
+    es = None if target is None else adam_jax.early_stopping(None, target=target)
+    rows: dict[str, dict] = {}
+    runs = {}
+    for name, build in (("anchor", anchor), ("vmap_fit", vmap_fit)):
+        times, compiled = compile_time(build(num_steps, target), *args)
+        out = jax.block_until_ready(compiled(*args))
+        steps = np.asarray(out[1] if name == "anchor" else out.num_steps, np.int64)
+        # Under vmap the loop runs until the slowest problem is done: the last
+        # iteration of each loop evaluates the stopping step of the slowest problem.
+        iters = int(steps.max()) + (1 if target is not None and steps.max() < num_steps else 0)
+        stopped = (steps < num_steps) if target is not None else np.zeros(n, bool)
+        if name == "vmap_fit":
+            stopped = np.asarray(out.stop_reason) != 0
+        rows[name] = {
+            **times,
+            "steps": steps,
+            "computed": n * iters,
+            "needed": int(steps.sum() + stopped.sum()),
+        }
+        runs[name] = lambda c=compiled: jax.block_until_ready(c(*args))
+    for slots in slot_counts:
+        name = "fit_batched_default" if slots is None else f"fit_batched_{slots}"
+
+        def run(slots=slots):
+            return adam_jax.fit_batched(
+                make_problem, args, num_steps=num_steps, slots=slots, early_stopping=es,
+                has_aux=True, history=adam_jax.History.none(), return_work=True,
+            )  # fmt: skip
+
+        t = time.perf_counter()
+        result, work = run()
+        first = time.perf_counter() - t
+        rows[name] = {
+            "slots": slots or adam_jax.default_slots(n, es is not None),
+            "first_call_s": first,
+            "steps": np.asarray(result.num_steps, np.int64),
+            "computed": work.computed,
+            "needed": work.needed,
+        }
+        runs[name] = run
+    times = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t)
+    reference = rows["anchor"]["steps"]
+    for name, row in rows.items():
+        row["median_s"] = statistics.median(times[name])
+        row["times_s"] = times[name]
+    for row in rows.values():
+        row["computed_over_needed"] = row["computed"] / row["needed"]
+        row["problem_steps_per_s"] = row["needed"] / row["median_s"]
+        row["ratio_to_anchor"] = row["median_s"] / rows["anchor"]["median_s"]
+        row["ratio_to_vmap_fit"] = row["median_s"] / rows["vmap_fit"]["median_s"]
+        row["stop_step_mismatches_vs_anchor"] = int((row.pop("steps") != reference).sum())
+        if "first_call_s" in row:
+            row["compile_estimate_s"] = row["first_call_s"] - row["median_s"]
+    return rows
+
+
+def print_three_ways(title: str, rows: dict) -> None:
+    print(title)
+    print(
+        f"  {'contender':32s} {'median s':>9s} {'/anchor':>8s} {'/vmap':>7s} "
+        f"{'computed/needed':>16s} {'compile s':>10s}"
+    )
+    for name, row in rows.items():
+        compile_s = row.get("compile_s", row.get("compile_estimate_s"))
+        label = name + (f" ({row['slots']} lanes)" if name == "fit_batched_default" else "")
+        print(
+            f"  {label:32s} {row['median_s']:9.3f} {row['ratio_to_anchor']:8.3f} "
+            f"{row['ratio_to_vmap_fit']:7.3f} {row['computed_over_needed']:16.2f} "
+            f"{compile_s:10.2f}"
+        )
+
+
 def bench_progress(num_steps: int, repeats: int) -> dict:
     """One fit with and without ``progress=True, log_every=100``, on two problem sizes."""
     out = {}
@@ -187,6 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-min", type=float, default=3e-3, help="smallest learning rate")
     parser.add_argument("--lr-max", type=float, default=0.3, help="largest learning rate")
     parser.add_argument("--repeats", type=int, default=None, help="default 5 (2 with --quick)")
+    parser.add_argument(
+        "--same-steps", type=int, default=500, help="steps of every problem in workload (b)"
+    )
+    parser.add_argument(
+        "--slots",
+        default="64,128,512,1024",
+        help="lane counts for fit_batched besides the default (comma-separated)",
+    )
+    parser.add_argument(
+        "--only-batched",
+        action="store_true",
+        help="the three-way comparison alone (no Python loop, no progress overhead)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fit.json"))
     args = parser.parse_args(argv)
 
@@ -206,6 +381,31 @@ def main(argv: list[str] | None = None) -> int:
         f"{n} linear regressions, learning rates {lrs[0]:.3g}..{lrs[-1]:.3g}, float32, "
         f"stop at MSE <= 1, at most {args.num_steps} steps"
     )
+    slot_counts = [None, *sorted({min(n, int(k)) for k in args.slots.split(",") if k})]
+    early = bench_three_ways(xs, ys, lrs, args.num_steps, 1.0, slot_counts, repeats)
+    print_three_ways(f"(a) {n} problems, each stopping at MSE <= 1 (cap {args.num_steps}):", early)
+    same = bench_three_ways(xs, ys, lrs, args.same_steps, None, [None], repeats)
+    print_three_ways(f"(b) {n} problems, {args.same_steps} steps each (no early stopping):", same)
+    batched = {
+        "early_stopping": {"num_steps_cap": args.num_steps, "target_mse": 1.0, **early},
+        "same_steps": {"num_steps": args.same_steps, **same},
+        "method": (
+            "one process; repetitions interleaved with a rotating order; medians; "
+            "jitted contenders compiled ahead (trace+lower and compile timed), fit_batched's "
+            "compile estimated as first call minus median; no loss history kept"
+        ),
+    }
+    out = {
+        **info,
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "problems": n,
+        "learning_rates": [float(lrs[0]), float(lrs[-1])],
+        "dtype": "float32",
+        "repeats": repeats,
+        "batched": batched,
+    }
+    if args.only_batched:
+        return _write(out, args.out)
 
     result, first, t_vmap, vmap_times = bench_vmap(xs, ys, lrs, args.num_steps, repeats)
     steps_fit = np.asarray(result.num_steps)
@@ -256,13 +456,8 @@ def main(argv: list[str] | None = None) -> int:
             f"({100 * row['overhead_min']:+.1f}%)"
         )
 
-    out = {
-        **info,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "problems": n,
+    out |= {
         "num_steps_cap": args.num_steps,
-        "learning_rates": [float(lrs[0]), float(lrs[-1])],
-        "dtype": "float32",
         "vmap_fit": {
             "median_s": t_vmap,
             "times_s": vmap_times,
@@ -284,7 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": ratio,
         "progress_overhead": progress,
     }
-    path = Path(args.out)
+    return _write(out, args.out)
+
+
+def _write(out: dict, path: str) -> int:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path}")

@@ -80,3 +80,52 @@ def test_results_go_beside_the_script_not_into_the_working_directory(tmp_path, m
     assert sorted(p.name for p in results.iterdir()) == ["update-quick.json", "update.json"]
     assert list(cwd.iterdir()) == []
     assert f"JSON: {results / 'update-quick.json'}" in capsys.readouterr().out
+
+
+def test_bench_fit_compares_the_three_ways(tmp_path, capsys):
+    import bench_fit
+
+    out = tmp_path / "fit.json"
+    tiny = ["--problems", "12", "--num-steps", "400", "--same-steps", "20", "--slots", "4"]
+    assert bench_fit.main([*tiny, "--repeats", "1", "--only-batched", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"jax", "jaxlib", "optax"} <= set(report["versions"])
+    early, same = report["batched"]["early_stopping"], report["batched"]["same_steps"]
+    assert {"anchor", "vmap_fit", "fit_batched_default", "fit_batched_4"} <= set(early)
+    for rows in (early, same):
+        for name in ("anchor", "vmap_fit", "fit_batched_default"):
+            row = rows[name]
+            assert row["median_s"] > 0 and row["computed"] >= row["needed"] > 0
+            assert row["stop_step_mismatches_vs_anchor"] <= 1  # float32 rounding near MSE = 1
+    # Every problem takes the same steps: nothing is wasted by any of them.
+    assert all(same[k]["computed_over_needed"] == 1.0 for k in ("anchor", "vmap_fit"))
+    assert same["fit_batched_default"]["needed"] == 12 * 20
+    # Under vmap every problem runs until the slowest stops; refilled lanes do not.
+    assert early["fit_batched_4"]["computed"] < early["vmap_fit"]["computed"]
+    assert early["anchor"]["compile_s"] > 0 and "compile_estimate_s" in early["fit_batched_4"]
+    assert "(a) 12 problems" in capsys.readouterr().out
+
+
+def test_bench_scaling_quick(tmp_path, capsys):
+    import bench_scaling
+
+    out = tmp_path / "scaling.json"
+    assert bench_scaling.main(["--quick", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"cpu", "cores", "versions"} <= set(report["machine"])
+    assert report["load_average_start"] is None or len(report["load_average_start"]) == 3
+    caps = {row["cap"]: row for row in report["cap"]}
+    assert set(caps) == {10**3, 10**9}
+    # The cap above the steps the problem needs changes nothing about the run.
+    assert caps[10**9]["steps_run"] < 10**4 and caps[10**9]["history_len"] <= 100_000
+    assert all(row["peak_rss_bytes"] > 0 for row in report["cap"] + report["problems"])
+    assert [row["problems"] for row in report["problems"]] == [1, 8]
+    assert all(row["computed"] >= row["needed"] > 0 for row in report["problems"])
+    for row in report["params"]:
+        for name in ("adam_jax", "optax"):
+            assert row[name]["median_ms"] > 0 and row[name]["bytes_per_param_at_floor_bandwidth"]
+    assert {1, 10} == {row["leaves"] for row in report["params"]}
+    assert [row["leaves"] for row in report["leaves"]] == [10, 30]
+    assert {"problems", "leaves"} <= set(report["summary"])
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "fit_batched against the number of problems" in capsys.readouterr().out
