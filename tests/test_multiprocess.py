@@ -208,7 +208,7 @@ def test_doc_code_is_the_code_the_tests_run():
         return "\n".join(line.strip() for line in text.splitlines() if line.strip())
 
     source = lines(WORKER.read_text())
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    blocks = re.findall(r"```py\n(.*?)```", DOC.read_text(), flags=re.S)
     assert len(blocks) >= 4
     for block in blocks:
         assert lines(block) in source, block
