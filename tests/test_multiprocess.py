@@ -49,6 +49,7 @@ def launch(num_processes: int, out: pathlib.Path, *extra: str) -> list[dict]:
     """Run the worker in ``num_processes`` processes; fail with their stderr if any fails."""
     coordinator = f"localhost:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(WORKER.parents[1])  # this checkout's adam_jax, whatever is installed
     procs, logs = [], []
     for i in range(num_processes):
         log = open(out.parent / f"{out.name}.{i}.log", "w+")

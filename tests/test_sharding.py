@@ -55,6 +55,7 @@ def report():
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(HERE.parent)  # this checkout's adam_jax, whatever is installed
     proc = subprocess.run(
         [sys.executable, str(HERE / "_sharding_checks.py")],
         env=env,
