@@ -320,6 +320,11 @@ def run(
     def step(s: LoopState) -> LoopState:
         return loop.step(s, data)
 
+    if reporter is None and loop.early_stopping is None:
+        # Every problem takes exactly num_steps steps: a trip count the problems
+        # share, so under vmap (over sharded problems too) the loop needs no
+        # reduction across the batch.
+        return jax.lax.fori_loop(0, loop.num_steps, lambda _, s: step(s), state)
     if reporter is None:
         # Under vmap a batched predicate would make the loop select its whole
         # carry, history buffers included, on every step; `step` leaves a done
