@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from typing import NamedTuple, TypeAlias
+from typing import NamedTuple, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ import optax
 from adam_jax import _fit, _loop, _reporting
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
+from adam_jax._loop import LoopState
 from adam_jax._result import FitResult
 
 LossFn: TypeAlias = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
@@ -52,13 +53,13 @@ class Lanes(NamedTuple):
     ids: jax.Array  # the problem each lane holds, -1 when idle
     inputs: object
     data: object
-    state: _loop.LoopState
+    state: LoopState
 
 
 class Output(NamedTuple):
     """Results of the problems that finished during one call, in finishing order."""
 
-    results: FitResult | _loop.LoopState  # leading axis: rows; states until the loop ends
+    results: FitResult | LoopState  # leading axis: rows; states until the loop ends
     ids: jax.Array  # the problem of each row, -1 for an unused row
     computed: jax.Array  # lane-steps computed (idle lanes included)
 
@@ -94,7 +95,7 @@ class _Problems:
         c = self.c
         return _loop.Loop(
             loss_fn=loss_fn,  # type: ignore[arg-type]
-            optimizer=optimizer,  # type: ignore[arg-type]
+            optimizer=optimizer,
             early_stopping=c.early_stopping,
             num_steps=c.num_steps,
             n_data=c.n_data,
@@ -114,18 +115,18 @@ class _Problems:
         as_array = lambda x: jnp.asarray(x) if _fit.is_data(x) else x
         return loss_fn, params, jax.tree.map(as_array, optimizer)
 
-    def init(self, inputs: object, data: object) -> _loop.LoopState:
+    def init(self, inputs: object, data: object) -> LoopState:
         loss_fn, params, optimizer = self.problem(inputs)
         return self._loop(loss_fn, optimizer).init(params, data)
 
-    def step(self, inputs: object, data: object, state: _loop.LoopState) -> _loop.LoopState:
+    def step(self, inputs: object, data: object, state: LoopState) -> LoopState:
         loss_fn, _, optimizer = self.problem(inputs)
         return self._loop(loss_fn, optimizer).step(state, data)
 
-    def done(self, state: _loop.LoopState) -> jax.Array:
+    def done(self, state: LoopState) -> jax.Array:
         return self._loop(None, None).done(state)
 
-    def result(self, state: _loop.LoopState) -> FitResult:
+    def result(self, state: LoopState) -> FitResult:
         return self._loop(None, None).postprocess(state)
 
 
@@ -230,7 +231,7 @@ def advance(
         busy_first = jnp.argsort(c.lanes.ids < 0, stable=True)[:keep]
         c = c._replace(lanes=_take(c.lanes, busy_first))  # type: ignore[arg-type]
         width, filling = keep, False
-    return c.lanes, c.out._replace(results=result(c.out.results))
+    return c.lanes, c.out._replace(results=result(cast(LoopState, c.out.results)))
 
 
 def in_input_order(out: Output, n: int) -> tuple[FitResult, jax.Array]:

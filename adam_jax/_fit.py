@@ -37,7 +37,7 @@ def is_data(leaf: object) -> bool:
 class _Static(NamedTuple):
     """What a compiled fit is cached on (hashable when its callables are)."""
 
-    loss_fn: Callable[..., object]
+    loss_fn: Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
     hyper_def: jax.tree_util.PyTreeDef  # of (optimizer, early_stopping)
     static_leaves: tuple[object, ...]  # the non-data leaves, in order
     data_at: tuple[bool, ...]  # which leaves are data
@@ -210,7 +210,7 @@ def fit(
         ``initial_step`` on, so a resumed fit logs the lines the uninterrupted
         run would have.
       progress: show a tqdm progress bar with the step and the latest value
-        (needs ``pip install adam_jax[progress]``).
+        (needs the ``progress`` extra: ``pip install -e ".[progress]"`` from a checkout).
       opt_state: the optimizer state to start from, e.g. a saved
         ``FitResult.opt_state``, instead of ``optimizer.init(params)``. It must
         have the tree, shapes and dtypes ``init`` gives; nothing is cast.
@@ -329,6 +329,7 @@ def fit(
         log_every=None if log_every is None else int(log_every),
         progress=bool(progress),
     )
+    run: Callable[..., FitResult]
     try:
         hash(static)
     except TypeError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,22 @@ def default_slots(n: int, stops_early: bool = True, n_shards: int = 1) -> int:
     taking the same 500 steps, 1,024 lanes took 0.94x ``jit(vmap(fit))``'s time.
     The default is therefore a quarter of the problems, at least 128 (4,096 on
     an accelerator, which steps thousands of small problems in the time of one).
+
+    Args:
+      n: the number of problems.
+      stops_early: whether the problems may stop before ``num_steps`` (a fit
+        with early stopping).
+      n_shards: the devices the problems are sharded over.
+
+    Returns:
+      The number of lanes per device, at most the problems per device.
+
+    Example:
+      >>> import adam_jax
+      >>> adam_jax.default_slots(1_000, stops_early=False)  # one lane per problem
+      1000
+      >>> adam_jax.default_slots(64, n_shards=8)  # never more lanes than problems
+      8
     """
     per_shard = -(-n // n_shards)
     if not stops_early:
@@ -59,7 +75,9 @@ def default_slots(n: int, stops_early: bool = True, n_shards: int = 1) -> int:
     return max(1, min(per_shard, max(floor, per_shard // 4)))
 
 
-def _problem_axis(inputs: object) -> tuple[jax.sharding.Mesh, PartitionSpec] | None:
+def _problem_axis(
+    inputs: object,
+) -> tuple[jax.sharding.Mesh | jax.sharding.AbstractMesh, PartitionSpec] | None:
     """The mesh axes the problems are sharded over, if the inputs are so sharded."""
     leaf = jax.tree.leaves(inputs)[0]
     sharding = getattr(leaf, "sharding", None)
@@ -196,8 +214,7 @@ def fit_batched(
             f"got early_stopping={early_stopping!r}"
         )
     history = DEFAULT_HISTORY if history is None else _history.as_history(history)
-    streamed = isinstance(inputs, Iterator)
-    if streamed:
+    if isinstance(inputs, Iterator):
         if data is not None and not isinstance(data, Iterator):
             raise TypeError("with inputs given as an iterator of chunks, data must be one too")
         chunks = inputs if data is None else zip(inputs, data, strict=True)
@@ -237,7 +254,7 @@ def _count(inputs: object, what: str) -> int:
             f"the leaves of {what} must share a leading axis of N >= 1 problems, "
             f"got leading sizes {sorted(sizes, key=str)}"
         )
-    return sizes.pop()
+    return cast(int, sizes.pop())
 
 
 def _config(make_problem, data, num_steps, slots, es, has_aux, history, progress, n, shards=1):

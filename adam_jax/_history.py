@@ -41,8 +41,10 @@ class History(NamedTuple):
       >>> import jax.numpy as jnp, optax, adam_jax
       >>> r = adam_jax.fit(lambda p: p**2, jnp.asarray(1.0), optax.sgd(0.1), num_steps=10,
       ...                  history=adam_jax.History.last(3))
-      >>> print(r.steps.tolist(), [round(float(v), 3) for v in r.losses])
-      [7, 8, 9] [0.044, 0.028, 0.018]
+      >>> print(*r.steps.tolist())
+      7 8 9
+      >>> print(*(round(float(v), 3) for v in r.losses))
+      0.044 0.028 0.018
     """
 
     kind: str

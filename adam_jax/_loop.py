@@ -37,7 +37,7 @@ class LogState(NamedTuple):
 
     values: jax.Array
     steps: jax.Array
-    count: jax.Array
+    filled: jax.Array
 
 
 class LoopState(NamedTuple):
@@ -110,7 +110,7 @@ class Loop(NamedTuple):
     history: _history.History
     log_every: int | None
 
-    def _call(self, params: optax.Params, batch: object) -> jax.Array:
+    def _call(self, params: optax.Params, batch: object) -> jax.Array | tuple[jax.Array, jax.Array]:
         return self.loss_fn(params) if self.n_data is None else self.loss_fn(params, batch)
 
     def _batch(self, data: object, step: jax.Array) -> object:
@@ -227,12 +227,13 @@ class Loop(NamedTuple):
         metric = metric.astype(s.last_value.dtype)
         log = s.log
         if log is not None:
+            assert self.log_every is not None  # a log buffer exists only with log_every
             due = active & (step % self.log_every == 0)
-            at = jnp.where(due, log.count, LOG_LEN)
+            at = jnp.where(due, log.filled, LOG_LEN)
             log = LogState(
                 log.values.at[at].set(metric, mode="drop"),
                 log.steps.at[at].set(step, mode="drop"),
-                log.count + due.astype(jnp.int32),
+                log.filled + due.astype(jnp.int32),
             )
         return LoopState(
             i=s.i + active.astype(jnp.int32),
@@ -289,7 +290,7 @@ class Loop(NamedTuple):
             reason=reason,
             log_values=log.values,
             log_steps=log.steps,
-            log_count=log.count,
+            log_count=log.filled,
         )
 
 
@@ -319,6 +320,11 @@ def run(
     def step(s: LoopState) -> LoopState:
         return loop.step(s, data)
 
+    if reporter is None and loop.early_stopping is None:
+        # Every problem takes exactly num_steps steps: a trip count the problems
+        # share, so under vmap (over sharded problems too) the loop needs no
+        # reduction across the batch.
+        return jax.lax.fori_loop(0, loop.num_steps, lambda _, s: step(s), state)
     if reporter is None:
         # Under vmap a batched predicate would make the loop select its whole
         # carry, history buffers included, on every step; `step` leaves a done
@@ -328,14 +334,14 @@ def run(
     def chunk(c: tuple[LoopState, jax.Array]) -> tuple[LoopState, jax.Array]:
         s, target = c
         s = jax.lax.while_loop(
-            lambda s: ~loop.done(s) & (s.i < target) & (s.log is None or s.log.count < LOG_LEN),
+            lambda s: ~loop.done(s) & (s.i < target) & (s.log is None or s.log.filled < LOG_LEN),
             step,
             s,
         )
         # The max ties the host's answer to the (maybe sharded) state.
         target = jnp.maximum(_reporting.call(reporter, _reporting.REPORT, loop.record(s)), s.i)
         if s.log is not None:
-            s = s._replace(log=s.log._replace(count=jnp.zeros_like(s.log.count)))
+            s = s._replace(log=s.log._replace(filled=jnp.zeros_like(s.log.filled)))
         return s, target
 
     target = jnp.maximum(_reporting.call(reporter, _reporting.BEGIN, loop.record(state)), state.i)

@@ -20,7 +20,8 @@ def import_tqdm() -> type:
         from tqdm import tqdm
     except ImportError as e:
         raise ImportError(
-            "progress=True needs tqdm, an optional dependency: pip install adam_jax[progress]"
+            "progress=True needs tqdm, an optional dependency: "
+            'pip install -e ".[progress]" from a checkout'
         ) from e
     return tqdm
 
@@ -73,7 +74,7 @@ class Reporter:
         self.bar = None
 
     def __call__(self, kind: int, record: Record) -> np.ndarray:
-        r = Record(*(np.asarray(x) for x in record))
+        r = jax.tree.map(np.asarray, record)
         batch_shape = r.i.shape
         flat = Record(*(x.reshape(r.i.size, -1) if x.ndim > r.i.ndim else x.reshape(-1) for x in r))
         # Under vmap, the state may become batched only after the first step.

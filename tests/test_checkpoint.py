@@ -3,8 +3,8 @@
 A run is saved in the middle, restored in a fresh Python process and continued there; the
 continued trajectory must be bit-identical to an uninterrupted run. Two formats:
 
-* orbax-checkpoint (``pip install adam_jax[checkpoint]``), the JAX ecosystem's checkpoint
-  library, restoring into the abstract tree of a fresh ``init``;
+* orbax-checkpoint (the ``checkpoint`` extra: ``pip install -e ".[checkpoint]"``), the JAX
+  ecosystem's checkpoint library, restoring into the abstract tree of a fresh ``init``;
 * a plain ``numpy.savez`` of the leaves, restored with the tree structure (and dtypes) of
   a fresh ``init``: optimizer states are plain pytrees of arrays.
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adam_jax
-from adam_jax import StopReason, _early_stopping
+from adam_jax import StopReason
 
 NAN, INF = math.nan, math.inf
 
@@ -430,5 +430,9 @@ def test_bad_update_arguments():
 
 
 def test_docstring_example():
-    result = doctest.testmod(_early_stopping, optionflags=doctest.ELLIPSIS)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for name in ("early_stopping", "EarlyStopping", "EarlyStoppingState", "StopReason"):
+        for test in doctest.DocTestFinder().find(getattr(adam_jax, name), name, globs={}):
+            runner.run(test)
+    result = runner.summarize(verbose=False)
     assert result.attempted > 0 and result.failed == 0

@@ -51,7 +51,7 @@ def make_aux_problem(p):
 
 
 def make_batch_problem(p):
-    x, _y, lr = p  # x, y: this problem's batches, cycled by step
+    x, _, lr = p  # x sets the params' dtype; the loss reads its batches from data
 
     def loss(w, batch):
         bx, by = batch
@@ -225,6 +225,7 @@ def test_sharded_over_8_devices_equals_one_device():
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(HERE.parent)  # this checkout's adam_jax, whatever is installed
     proc = subprocess.run(
         [sys.executable, str(HERE / "_fit_batched_sharded.py")],
         env=env,

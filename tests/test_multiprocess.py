@@ -49,6 +49,7 @@ def launch(num_processes: int, out: pathlib.Path, *extra: str) -> list[dict]:
     """Run the worker in ``num_processes`` processes; fail with their stderr if any fails."""
     coordinator = f"localhost:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(WORKER.parents[1])  # this checkout's adam_jax, whatever is installed
     procs, logs = [], []
     for i in range(num_processes):
         log = open(out.parent / f"{out.name}.{i}.log", "w+")
@@ -208,7 +209,7 @@ def test_doc_code_is_the_code_the_tests_run():
         return "\n".join(line.strip() for line in text.splitlines() if line.strip())
 
     source = lines(WORKER.read_text())
-    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    blocks = re.findall(r"```py\n(.*?)```", DOC.read_text(), flags=re.S)
     assert len(blocks) >= 4
     for block in blocks:
         assert lines(block) in source, block

@@ -55,6 +55,7 @@ def report():
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(HERE.parent)  # this checkout's adam_jax, whatever is installed
     proc = subprocess.run(
         [sys.executable, str(HERE / "_sharding_checks.py")],
         env=env,
@@ -242,9 +243,17 @@ def test_params_on_disjoint_devices_raise_jax_error(report):
     assert err["adam_jax_frames"] == []
 
 
+# fit_batched gives each device its own lanes under shard_map, and sums one
+# counter of the work done (BatchedWork) over the devices: nothing else.
+BATCHED_DRIVER = {
+    "_fit_batched.py": {"jax.shard_map(", "return results, jax.lax.psum(computed, spec[0])"}
+}
+
+
 def test_library_adds_no_collectives_or_resharding():
     # Communication and layout are left to jit and XLA: no module of the package
-    # calls a collective or moves data between shardings.
+    # calls a collective or moves data between shardings, except the batched
+    # driver's shard_map and its one counter.
     pattern = re.compile(
         r"\b(psum|pmean|pmax|all_gather|all_to_all|ppermute|psum_scatter|shard_map|pmap|"
         r"with_sharding_constraint|reshard|device_put)\b"
@@ -254,6 +263,8 @@ def test_library_adds_no_collectives_or_resharding():
         f"{path.name}:{i}: {line.strip()}"
         for path in sorted(package.glob("*.py"))
         for i, line in enumerate(path.read_text().splitlines(), 1)
-        if pattern.search(line) and not line.lstrip().startswith(("#", ">>>", "..."))
+        if pattern.search(line)
+        and not line.lstrip().startswith(("#", ">>>", "..."))
+        and line.strip() not in BATCHED_DRIVER.get(path.name, ())
     }
     assert not found, "\n".join(sorted(found))
