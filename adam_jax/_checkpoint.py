@@ -291,7 +291,11 @@ def fit_with_checkpoints(
     ocp = import_orbax()
     history = _history.as_history(history)
     start = int(np.asarray(initial_step))
-    options = {"num_steps": int(num_steps), "has_aux": bool(has_aux), "initial_step": start}
+    options: dict[str, object] = {
+        "num_steps": int(num_steps),
+        "has_aux": bool(has_aux),
+        "initial_step": start,
+    }
     options["history"] = list(history)
     options["opt_state"] = None if opt_state is None else _digest(opt_state)
     options["early_stopping_state"] = (
@@ -389,6 +393,7 @@ def fit_with_checkpoints(
                 f"({applied} of {num_steps} steps taken) in {str(directory)!r}; "
                 "run the same fit call with the same checkpoint_dir to resume"
             )
+    assert hist is not None  # the loop above ran at least one segment, or restored one
     return _result(current, hist, applied)
 
 

@@ -303,13 +303,7 @@ def fit(
         _reporting.import_tqdm()
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
-    if early_stopping is not None and not (
-        hasattr(early_stopping, "init") and hasattr(early_stopping, "update")
-    ):
-        raise TypeError(
-            "early_stopping must be the object adam_jax.early_stopping(...) returns, "
-            f"got {early_stopping!r}"
-        )
+    _fit_checks.check_early_stopping(early_stopping)
     if early_stopping_state is not None and early_stopping is None:
         raise ValueError(
             "early_stopping_state needs early_stopping: pass the early_stopping(...) "

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adam_jax import _batched, _checks, _fit_checks, _history
+from adam_jax import _batched, _checks, _fit_checks, _history, _reporting
 from adam_jax._batched import MakeProblem
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
@@ -204,15 +204,11 @@ def fit_batched(
     _checks.check_bool("has_aux", has_aux)
     _checks.check_bool("progress", progress)
     _checks.check_bool("return_work", return_work)
+    if progress:
+        _reporting.import_tqdm()
     if not callable(make_problem):
         raise TypeError(f"make_problem must be callable, got make_problem={make_problem!r}")
-    if early_stopping is not None and not (
-        hasattr(early_stopping, "init") and hasattr(early_stopping, "update")
-    ):
-        raise TypeError(
-            "early_stopping must be the object adam_jax.early_stopping(...) returns, "
-            f"got early_stopping={early_stopping!r}"
-        )
+    _fit_checks.check_early_stopping(early_stopping)
     history = DEFAULT_HISTORY if history is None else _history.as_history(history)
     if isinstance(inputs, Iterator):
         if data is not None and not isinstance(data, Iterator):

@@ -21,6 +21,17 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {name}={value}")
 
 
+def check_early_stopping(early_stopping: Any) -> None:
+    """None, or an object with ``init`` and ``update`` like ``adam_jax.early_stopping(...)``."""
+    if early_stopping is not None and not (
+        hasattr(early_stopping, "init") and hasattr(early_stopping, "update")
+    ):
+        raise TypeError(
+            "early_stopping must be the object adam_jax.early_stopping(...) returns, "
+            f"got early_stopping={early_stopping!r}"
+        )
+
+
 def data_length(data: Any) -> int | None:
     if data is None:
         return None
