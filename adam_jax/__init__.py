@@ -1,4 +1,4 @@
-"""adam_jax: Adam, AMSGrad and Adamax for JAX, exact against PyTorch, optax and Keras."""
+"""adam_jax: Adam, AMSGrad, Adamax, NAdam, RAdam for JAX, exact against torch, optax and Keras."""
 
 from adam_jax._adam import AdamState, adam, adamw, scale_by_adam
 from adam_jax._adamax import AdamaxState, adamax, adamaxw, scale_by_adamax
@@ -10,6 +10,8 @@ from adam_jax._early_stopping import (
     early_stopping,
 )
 from adam_jax._fit import FitResult, fit
+from adam_jax._nadam import NAdamState, nadam, nadamw, scale_by_nadam
+from adam_jax._radam import RAdamState, radam, radamw, scale_by_radam
 from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
 
 __version__ = "0.1.0"
@@ -21,6 +23,8 @@ __all__ = [
     "EarlyStopping",
     "EarlyStoppingState",
     "FitResult",
+    "NAdamState",
+    "RAdamState",
     "StopReason",
     "adam",
     "adamax",
@@ -30,9 +34,15 @@ __all__ = [
     "bytes_per_device",
     "early_stopping",
     "fit",
+    "nadam",
+    "nadamw",
+    "radam",
+    "radamw",
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_amsgrad",
+    "scale_by_nadam",
+    "scale_by_radam",
     "zero1_spec",
     "zero1_state_shardings",
 ]
