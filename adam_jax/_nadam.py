@@ -191,8 +191,8 @@ def scale_by_nadam(
       >>> opt = adam_jax.scale_by_nadam(eps=0.0)
       >>> state = opt.init(jnp.zeros(2))
       >>> u, state = opt.update(jnp.array([3.0, -3.0]), state)
-      >>> print(u.round(4))
-      [ 1. -1.]
+      >>> print(u.round(4))  # (1 + 0.1·μ₂/(1 - μ₁μ₂))·sign(g): more than Adam's first step
+      [ 1.0565 -1.0565]
 
     References:
       Dozat, *Incorporating Nesterov Momentum into Adam*, ICLR 2016 workshop.
@@ -277,7 +277,7 @@ def nadam(
       >>> state = opt.init(params)
       >>> updates, state = opt.update(2 * params, state, params)
       >>> print(optax.apply_updates(params, updates).round(4))
-      [ 0.9 -1.9]
+      [ 0.8944 -1.8944]
 
     References:
       Dozat, *Incorporating Nesterov Momentum into Adam*, ICLR 2016 workshop.
