@@ -170,7 +170,7 @@ def scale_by_nadam(
       it in its default dtype (float32 unless ``torch.set_default_dtype(torch.float64)``).
       :math:`1 - \Pi_t` is formed from the stored product, so it carries a relative
       error of about :math:`u\,\Pi_t/(1-\Pi_t)` (unit roundoff :math:`u`): negligible
-      for the usual :math:`\beta_1`, a few hundred float32 ulps for :math:`\beta_1`
+      for the usual :math:`\beta_1`, up to about :math:`1/(1-\beta_1)` ulps for :math:`\beta_1`
       near 0.999 with a large ``momentum_decay``.
     * Complex params use :math:`|g|^2 = \bar g g` with a real ``v``; torch treats
       real and imaginary parts as independent reals.
