@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+import math
+from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.typing import ArrayLike, DTypeLike
 
 from adam_jax import _alias, _checks, _common
+from adam_jax._common import Decay
 
 
 class NAdamState(NamedTuple):
@@ -24,25 +29,38 @@ class NAdamState(NamedTuple):
         any leaf is float64, else float32).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     m: optax.Updates
     v: optax.Updates
     mu_product: jax.Array
 
 
+class NAdamHyperparams(NamedTuple):
+    """The leaves of :func:`scale_by_nadam`."""
+
+    b1: Decay
+    b2: Decay
+    eps: chex.Numeric
+    momentum_decay: chex.Numeric
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class NAdamConfig:
+    mu_dtype: np.dtype | None
+    nu_dtype: np.dtype | None
+
+
 class Step(NamedTuple):
     """The scalars one NAdam update shares between leaves of one real compute dtype."""
 
-    b1: _common.Decay
-    b2: _common.Decay
-    eps: jax.Array
-    c2: jax.Array  # 1 - b2**t
+    sc: _common.Scalars  # b1, b2, eps and the second-moment correction 1 - b2**t
     g_coef: jax.Array  # (1 - mu_t) / (1 - prod_{i<=t} mu_i)
     m_coef: jax.Array  # mu_{t+1} / (1 - prod_{i<=t+1} mu_i)
 
 
 def momentum_schedule(
-    b1: _common.Decay, momentum_decay: chex.Numeric, t: jax.Array
+    b1: Decay, momentum_decay: jax.Array, t: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """``(mu_t, 1 - mu_t)`` with ``mu_t = b1·(1 - 0.5·0.96^(t·momentum_decay))``.
 
@@ -53,83 +71,111 @@ def momentum_schedule(
     return b1.d * (1 - half_decay), b1.one_minus_d + b1.d * half_decay
 
 
-def step_scalars(
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    momentum_decay: Any,
-    count: jax.Array,
-    mu_product: jax.Array,
-    dtype: Any,
-) -> tuple[Step, jax.Array]:
-    """The per-step scalars for leaves of real compute ``dtype``, and the new ``mu_product``.
-
-    The schedule and its running product are computed in ``mu_product``'s dtype
-    (the widest among the leaves) and the coefficients cast to ``dtype``.
-    """
+def schedule_coefficients(
+    hp: NAdamHyperparams, count: jax.Array, mu_product: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(g_coef, m_coef, new mu_product)`` in ``mu_product``'s dtype (the widest
+    among the leaves), computed once per update."""
     pdt = mu_product.dtype
-    b1_p = _common.decay_pair(b1, pdt)
-    md = jnp.asarray(momentum_decay, pdt)
+    b1 = _common.decay_pair(hp.b1, pdt)
+    md = jnp.asarray(hp.momentum_decay).astype(pdt)
     t = count.astype(pdt)
-    mu, one_minus_mu = momentum_schedule(b1_p, md, t)
-    mu_next, _ = momentum_schedule(b1_p, md, t + 1)
+    mu, one_minus_mu = momentum_schedule(b1, md, t)
+    mu_next, _ = momentum_schedule(b1, md, t + 1)
     product = mu_product * mu
-    g_coef = one_minus_mu / (1 - product)
-    m_coef = mu_next / (1 - product * mu_next)
-    b1_ = _common.decay_pair(b1, dtype)
-    b2_ = _common.decay_pair(b2, dtype)
-    step = Step(
-        b1=b1_,
-        b2=b2_,
-        eps=jnp.asarray(eps, dtype),
-        c2=_common.correction(b2_, count),
-        g_coef=g_coef.astype(dtype),
-        m_coef=m_coef.astype(dtype),
-    )
-    return step, product
+    return one_minus_mu / (1 - product), mu_next / (1 - product * mu_next), product
+
+
+def step_scalars(
+    hp: NAdamHyperparams, count: jax.Array, g_coef: jax.Array, m_coef: jax.Array, dtype: np.dtype
+) -> Step:
+    """The per-step scalars for leaves of real compute ``dtype``."""
+    sc = _common.scalars(dtype, count, hp.b1, hp.b2, hp.eps)
+    return Step(sc, g_coef.astype(dtype), m_coef.astype(dtype))
 
 
 def nadam_leaf(
     g: jax.Array, m: jax.Array, v: jax.Array, s: Step
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One leaf's NAdam step: ``(direction, new m, new v)`` in the storage dtypes."""
-    cdt = _common.compute_dtype(g.dtype)
+    cdt, rdt = _common.dtypes_of(g)
     g_ = g.astype(cdt)
-    m_new = _common.ema(g_, m.astype(cdt), s.b1)
-    v_new = _common.ema(_common.abs_sq(g_), v.astype(s.c2.dtype), s.b2)
-    # Each term is kept finite before the sum, as in Adam's Nesterov form.
-    m_term = _common.no_overflow(s.m_coef * m_new, m_new)
-    g_term = _common.no_overflow(s.g_coef * g_, g_)
+    m_new = _common.ema(g_, m.astype(cdt), s.sc.b1)  # m = b1·m + (1-b1)·g
+    v_new = _common.ema(
+        _common.abs_sq(g_), v.astype(rdt), s.sc.b2, nonnegative=True
+    )  # v = b2·v + (1-b2)·|g|²
+    # m̂ = m_coef·m + g_coef·g; each term is kept finite before the sum, as in Adam's
+    # Nesterov form.
+    m_term = _common.no_overflow(m_new * s.m_coef, m_new)
+    g_term = _common.no_overflow(g_ * s.g_coef, g_)
     m_hat = _common.no_overflow(m_term + g_term, m_new, g_)
-    u = _common.adam_direction(m_hat, v_new, s.c2, s.eps, None, eps_hat=False)
+    u = _common.adam_direction(m_hat, v_new, s.sc, eps_hat=False, m_is_corrected=True)
     return u.astype(g.dtype), _common.store(m_new, m), v_new.astype(v.dtype)
 
 
-def product_dtype(params: optax.Params) -> jnp.dtype:
+def product_dtype(params: optax.Params) -> np.dtype:
     """The widest real compute dtype among the leaves (float32 for an empty tree)."""
     dtypes = [
         _common.real_dtype(_common.compute_dtype(p.dtype))
-        for _, p in _checks.leaves_with_paths(params, "params")
+        for p in jax.tree.leaves(params)
         if hasattr(p, "dtype")
     ]
-    return jnp.dtype(jnp.result_type(jnp.float32, *dtypes))
+    return np.dtype(jnp.result_type(jnp.float32, *dtypes))
 
 
-def check_nadam_hyperparams(b1: Any, b2: Any, eps: Any, momentum_decay: Any) -> None:
+def nadam_hyperparams(
+    b1: ArrayLike, b2: ArrayLike, eps: ArrayLike, momentum_decay: ArrayLike
+) -> NAdamHyperparams:
+    """Check concrete values and store the decays as ``(b, 1 - b)`` leaves."""
     _checks.check_decay("b1", b1)
     _checks.check_decay("b2", b2)
     _checks.check_non_negative("eps", eps)
     _checks.check_interval("momentum_decay", momentum_decay, 0.0, high_open=False)
+    return NAdamHyperparams(_common.decay_leaves(b1), _common.decay_leaves(b2), eps, momentum_decay)
+
+
+def _init(config: NAdamConfig, params: optax.Params) -> NAdamState:
+    return NAdamState(
+        count=_common.init_count(),
+        m=_common.zeros_like(params, config.mu_dtype),
+        v=_common.zeros_like(params, config.nu_dtype, real=True, squares=True),
+        mu_product=jnp.ones([], product_dtype(params)),
+    )
+
+
+def _update(
+    config: NAdamConfig,
+    hp: NAdamHyperparams,
+    updates: optax.Updates,
+    state: NAdamState,
+    params: optax.Params | None = None,
+) -> tuple[optax.Updates, NAdamState]:
+    del params
+    _checks.prepare_update(updates, state, NAdamState, "scale_by_nadam")
+    _checks.traced_interval("b1", hp.b1.d, 0.0, 1.0)
+    _checks.traced_interval("b2", hp.b2.d, 0.0, 1.0)
+    _checks.traced_interval("eps", hp.eps, 0.0)
+    _checks.traced_interval("momentum_decay", hp.momentum_decay, 0.0, math.inf, high_open=False)
+    count = _common.increment(state.count)
+    g_coef, m_coef, product = schedule_coefficients(hp, count, state.mu_product)
+    steps = _common.by_dtype(updates, lambda dt: step_scalars(hp, count, g_coef, m_coef, dt))
+
+    def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+        g = jnp.asarray(g)
+        return nadam_leaf(g, m, v, steps[_common.dtypes_of(g)[1]])
+
+    u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
+    return u, NAdamState(count=count, m=m, v=v, mu_product=product)
 
 
 def scale_by_nadam(
-    b1: chex.Numeric = 0.9,
-    b2: chex.Numeric = 0.999,
-    eps: chex.Numeric = 1e-8,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
     *,
-    momentum_decay: chex.Numeric = 4e-3,
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    momentum_decay: ArrayLike = 4e-3,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with NAdam and Dozat's momentum schedule, without a learning rate.
 
@@ -185,7 +231,10 @@ def scale_by_nadam(
       nu_dtype: dtype to store ``v`` in; default as in :func:`adam_jax.scale_by_adam`
         (the param dtype, float32 for float16 params).
 
-    Any numeric hyperparameter may be a Python number or a JAX array, traced too.
+    Hyperparameters are pytree leaves and may be traced, as in
+    :func:`adam_jax.scale_by_adam`; traced values are range-checked only under
+    ``jax.experimental.checkify.checkify``. The options (``mu_dtype``, ``nu_dtype``)
+    are static.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`NAdamState`.
@@ -201,51 +250,26 @@ def scale_by_nadam(
     References:
       Dozat, *Incorporating Nesterov Momentum into Adam*, ICLR 2016 workshop.
     """
-    check_nadam_hyperparams(b1, b2, eps, momentum_decay)
-    mu_dtype = _checks.canonical_dtype("mu_dtype", mu_dtype)
-    nu_dtype = _checks.canonical_dtype("nu_dtype", nu_dtype)
-
-    def init_fn(params):
-        return NAdamState(
-            count=_common.init_count(),
-            m=_common.zeros_like(params, mu_dtype),
-            v=_common.zeros_like(params, nu_dtype, real=True, squares=True),
-            mu_product=jnp.ones([], product_dtype(params)),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        _checks.prepare_update(updates, state, NAdamState, "scale_by_nadam")
-        count = _common.increment(state.count)
-        steps, product = {}, state.mu_product
-        for g in jax.tree.leaves(updates):
-            rdt = _common.real_dtype(_common.compute_dtype(g.dtype))
-            if rdt not in steps:
-                steps[rdt], product = step_scalars(
-                    b1, b2, eps, momentum_decay, count, state.mu_product, rdt
-                )
-
-        def leaf(g, m, v):
-            return nadam_leaf(g, m, v, steps[_common.real_dtype(_common.compute_dtype(g.dtype))])
-
-        u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
-        return u, NAdamState(count=count, m=m, v=v, mu_product=product)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    hp = nadam_hyperparams(b1, b2, eps, momentum_decay)
+    config = NAdamConfig(
+        _checks.canonical_dtype("mu_dtype", mu_dtype),
+        _checks.canonical_dtype("nu_dtype", nu_dtype),
+    )
+    return _alias.transformation(_init, _update, config, hp)
 
 
 def nadam(
     learning_rate: optax.ScalarOrSchedule = 2e-3,
-    b1: chex.Numeric = 0.9,
-    b2: chex.Numeric = 0.999,
-    eps: chex.Numeric = 1e-8,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
     *,
-    momentum_decay: chex.Numeric = 4e-3,
-    weight_decay: chex.Numeric = 0.0,
+    momentum_decay: ArrayLike = 4e-3,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdam with a learning rate, weight decay and ``maximize``: ``torch.optim.NAdam``.
 
@@ -297,16 +321,16 @@ def nadam(
 
 def nadamw(
     learning_rate: optax.ScalarOrSchedule = 2e-3,
-    b1: chex.Numeric = 0.9,
-    b2: chex.Numeric = 0.999,
-    eps: chex.Numeric = 1e-8,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
     *,
-    momentum_decay: chex.Numeric = 4e-3,
-    weight_decay: chex.Numeric = 1e-4,
-    mask: Any = None,
+    momentum_decay: ArrayLike = 4e-3,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: _alias.Mask = None,
     maximize: bool = False,
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdam with decoupled weight decay, scaled by the learning rate.
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, NamedTuple
+import dataclasses
+from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.typing import ArrayLike, DTypeLike
 
 from adam_jax import _alias, _checks, _common
+from adam_jax._common import Decay
 
 FORMS = ("torch", "optax")
 
@@ -24,34 +27,39 @@ class RAdamState(NamedTuple):
       v: second moment, shaped like the params, in ``nu_dtype`` (real for complex params).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
     m: optax.Updates
     v: optax.Updates
+
+
+class RAdamHyperparams(NamedTuple):
+    """The leaves of :func:`scale_by_radam`."""
+
+    b1: Decay
+    b2: Decay
+    eps: chex.Numeric
+    eps_root: chex.Numeric
+    threshold: chex.Numeric
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class RAdamConfig:
+    form: str
+    mu_dtype: np.dtype | None
+    nu_dtype: np.dtype | None
 
 
 class Step(NamedTuple):
     """The scalars one RAdam update shares between leaves of one real compute dtype."""
 
-    b1: _common.Decay
-    b2: _common.Decay
-    eps: jax.Array
-    eps_root: jax.Array | None
-    c1: jax.Array  # 1 - b1**t
-    c2: jax.Array  # 1 - b2**t
+    sc: _common.Scalars  # b1, b2, eps, eps_root and the bias corrections
     rectified: jax.Array  # bool: rho_t above the threshold
     r: jax.Array  # the rectification factor r_t (1 where not rectified)
 
 
 def step_scalars(
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    eps_root: Any,
-    threshold: Any,
-    count: jax.Array,
-    dtype: Any,
-    *,
-    inclusive: bool,
+    hp: RAdamHyperparams, count: jax.Array, dtype: np.dtype, *, inclusive: bool
 ) -> Step:
     r"""The per-step scalars for leaves of real compute ``dtype``.
 
@@ -59,68 +67,97 @@ def step_scalars(
     :math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)` and
     :math:`r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}`.
     """
-    b1_ = _common.decay_pair(b1, dtype)
-    b2_ = _common.decay_pair(b2, dtype)
-    c2 = _common.correction(b2_, count)
+    sc = _common.scalars(dtype, count, hp.b1, hp.b2, hp.eps, hp.eps_root)
+    b2 = sc.b2
+    c2: jax.Array = sc.c2  # type: ignore[assignment]  # always bias-corrected
     t = count.astype(dtype)
-    rho_inf = 2 / b2_.one_minus_d - 1
-    rho = rho_inf - 2 * t * b2_.d**t / c2
-    thr = jnp.asarray(threshold, dtype)
+    rho_inf = 2 / b2.one_minus_d - 1
+    rho = rho_inf - 2 * t * b2.d**t / c2
+    thr = jnp.asarray(hp.threshold).astype(dtype)
     rectified = rho >= thr if inclusive else rho > thr
     # Off the rectified branch r is unused; a safe rho keeps it (and its derivative) finite.
     rho_safe = jnp.where(rectified, rho, rho_inf)
     r = jnp.sqrt(
         (rho_safe - 4) * (rho_safe - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_safe)
     )
-    return Step(
-        b1=b1_,
-        b2=b2_,
-        eps=jnp.asarray(eps, dtype),
-        eps_root=None if _is_zero(eps_root) else jnp.asarray(eps_root, dtype),
-        c1=_common.correction(b1_, count),
-        c2=c2,
-        rectified=rectified,
-        r=jnp.where(rectified, r, 1),
-    )
-
-
-def _is_zero(x: Any) -> bool:
-    """A plain 0, which adding would not change (second moments are never -0.0)."""
-    return isinstance(x, numbers.Real) and x == 0
+    return Step(sc, rectified, jnp.where(rectified, r, 1))
 
 
 def radam_leaf(
     g: jax.Array, m: jax.Array, v: jax.Array, s: Step, *, eps_hat: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One leaf's RAdam step: ``(direction, new m, new v)`` in the storage dtypes."""
-    cdt = _common.compute_dtype(g.dtype)
+    cdt, rdt = _common.dtypes_of(g)
     g_ = g.astype(cdt)
-    m_new = _common.ema(g_, m.astype(cdt), s.b1)
-    v_new = _common.ema(_common.abs_sq(g_), v.astype(s.c2.dtype), s.b2)
-    m_hat = _common.no_overflow(_common.divide(m_new, s.c1), m_new)
-    adaptive = _common.adam_direction(m_hat, v_new, s.c2, s.eps, s.eps_root, eps_hat=eps_hat)
-    u = jnp.where(s.rectified, s.r.astype(cdt) * adaptive, m_hat)
+    m_new = _common.ema(g_, m.astype(cdt), s.sc.b1)  # m = b1·m + (1-b1)·g
+    v_new = _common.ema(
+        _common.abs_sq(g_), v.astype(rdt), s.sc.b2, nonnegative=True
+    )  # v = b2·v + (1-b2)·|g|²
+    r1: jax.Array = s.sc.r1  # type: ignore[assignment]  # always bias-corrected
+    m_hat = _common.no_overflow(m_new * r1, m_new)  # m / (1 - b1^t)
+    adaptive = _common.adam_direction(m_new, v_new, s.sc, eps_hat=eps_hat)
+    u = jnp.where(s.rectified, adaptive * s.r, m_hat)
     return u.astype(g.dtype), _common.store(m_new, m), v_new.astype(v.dtype)
 
 
-def check_radam_hyperparams(b1: Any, b2: Any, eps: Any, eps_root: Any, threshold: Any) -> None:
+def radam_hyperparams(
+    b1: ArrayLike, b2: ArrayLike, eps: ArrayLike, eps_root: ArrayLike, threshold: ArrayLike
+) -> RAdamHyperparams:
+    """Check concrete values and store the decays as ``(b, 1 - b)`` leaves."""
     _checks.check_decay("b1", b1)
     _checks.check_decay("b2", b2)
     _checks.check_non_negative("eps", eps)
     _checks.check_non_negative("eps_root", eps_root)
     _checks.check_non_negative("threshold", threshold)
+    return RAdamHyperparams(
+        _common.decay_leaves(b1), _common.decay_leaves(b2), eps, eps_root, threshold
+    )
+
+
+def _init(config: RAdamConfig, params: optax.Params) -> RAdamState:
+    return RAdamState(
+        count=_common.init_count(),
+        m=_common.zeros_like(params, config.mu_dtype),
+        v=_common.zeros_like(params, config.nu_dtype, real=True, squares=True),
+    )
+
+
+def _update(
+    config: RAdamConfig,
+    hp: RAdamHyperparams,
+    updates: optax.Updates,
+    state: RAdamState,
+    params: optax.Params | None = None,
+) -> tuple[optax.Updates, RAdamState]:
+    del params
+    _checks.prepare_update(updates, state, RAdamState, "scale_by_radam")
+    _checks.traced_interval("b1", hp.b1.d, 0.0, 1.0)
+    _checks.traced_interval("b2", hp.b2.d, 0.0, 1.0)
+    _checks.traced_interval("eps", hp.eps, 0.0)
+    _checks.traced_interval("eps_root", hp.eps_root, 0.0)
+    _checks.traced_interval("threshold", hp.threshold, 0.0)
+    count = _common.increment(state.count)
+    optax_form = config.form == "optax"
+    steps = _common.by_dtype(updates, lambda dt: step_scalars(hp, count, dt, inclusive=optax_form))
+
+    def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+        g = jnp.asarray(g)
+        return radam_leaf(g, m, v, steps[_common.dtypes_of(g)[1]], eps_hat=not optax_form)
+
+    u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
+    return u, RAdamState(count=count, m=m, v=v)
 
 
 def scale_by_radam(
-    b1: chex.Numeric = 0.9,
-    b2: chex.Numeric = 0.999,
-    eps: chex.Numeric = 1e-8,
-    eps_root: chex.Numeric = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
     *,
-    threshold: chex.Numeric = 5.0,
+    threshold: ArrayLike = 5.0,
     form: str = "torch",
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with Rectified Adam (Liu et al., 2020), without a learning rate.
 
@@ -163,7 +200,9 @@ def scale_by_radam(
       mu_dtype, nu_dtype: storage dtypes of ``m`` and ``v``, as in
         :func:`adam_jax.scale_by_adam`.
 
-    Any numeric hyperparameter may be a Python number or a JAX array, traced too.
+    Hyperparameters are pytree leaves and may be traced, as in
+    :func:`adam_jax.scale_by_adam`; traced values are range-checked only under
+    ``jax.experimental.checkify.checkify``. ``form`` and the dtypes are static.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`RAdamState`.
@@ -179,55 +218,30 @@ def scale_by_radam(
     References:
       Liu et al., *On the Variance of the Adaptive Learning Rate and Beyond*, ICLR 2020.
     """
-    check_radam_hyperparams(b1, b2, eps, eps_root, threshold)
+    hp = radam_hyperparams(b1, b2, eps, eps_root, threshold)
     _checks.check_choice("form", form, FORMS)
-    mu_dtype = _checks.canonical_dtype("mu_dtype", mu_dtype)
-    nu_dtype = _checks.canonical_dtype("nu_dtype", nu_dtype)
-    optax_form = form == "optax"
-
-    def init_fn(params):
-        return RAdamState(
-            count=_common.init_count(),
-            m=_common.zeros_like(params, mu_dtype),
-            v=_common.zeros_like(params, nu_dtype, real=True, squares=True),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        _checks.prepare_update(updates, state, RAdamState, "scale_by_radam")
-        count = _common.increment(state.count)
-        steps = {}
-        for g in jax.tree.leaves(updates):
-            rdt = _common.real_dtype(_common.compute_dtype(g.dtype))
-            if rdt not in steps:
-                steps[rdt] = step_scalars(
-                    b1, b2, eps, eps_root, threshold, count, rdt, inclusive=optax_form
-                )
-
-        def leaf(g, m, v):
-            s = steps[_common.real_dtype(_common.compute_dtype(g.dtype))]
-            return radam_leaf(g, m, v, s, eps_hat=not optax_form)
-
-        u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
-        return u, RAdamState(count=count, m=m, v=v)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    config = RAdamConfig(
+        form,
+        _checks.canonical_dtype("mu_dtype", mu_dtype),
+        _checks.canonical_dtype("nu_dtype", nu_dtype),
+    )
+    return _alias.transformation(_init, _update, config, hp)
 
 
 def radam(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
-    b1: chex.Numeric = 0.9,
-    b2: chex.Numeric = 0.999,
-    eps: chex.Numeric = 1e-8,
-    eps_root: chex.Numeric = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
     *,
-    weight_decay: chex.Numeric = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
-    threshold: chex.Numeric = 5.0,
+    threshold: ArrayLike = 5.0,
     form: str = "torch",
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RAdam with a learning rate, weight decay and ``maximize``: ``torch.optim.RAdam``.
 
@@ -285,18 +299,18 @@ def radam(
 
 def radamw(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
-    b1: chex.Numeric = 0.9,
-    b2: chex.Numeric = 0.999,
-    eps: chex.Numeric = 1e-8,
-    eps_root: chex.Numeric = 0.0,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
     *,
-    weight_decay: chex.Numeric = 1e-4,
-    mask: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: _alias.Mask = None,
     maximize: bool = False,
-    threshold: chex.Numeric = 5.0,
+    threshold: ArrayLike = 5.0,
     form: str = "torch",
-    mu_dtype: Any | None = None,
-    nu_dtype: Any | None = None,
+    mu_dtype: DTypeLike | None = None,
+    nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RAdam with decoupled weight decay, scaled by the learning rate.
 
