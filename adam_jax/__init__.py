@@ -1,4 +1,4 @@
-"""adam_jax: Adam, AMSGrad and Adamax for JAX, exact against PyTorch, optax and Keras."""
+"""adam_jax: Adam, AMSGrad, Adamax, NAdam, RAdam for JAX, exact against torch, optax and Keras."""
 
 import importlib.metadata
 
@@ -13,6 +13,8 @@ from adam_jax._early_stopping import (
 )
 from adam_jax._fit import FitResult, History, fit
 from adam_jax._fit_batched import BatchedWork, default_slots, fit_batched
+from adam_jax._nadam import NAdamState, nadam, nadamw, scale_by_nadam
+from adam_jax._radam import RAdamState, radam, radamw, scale_by_radam
 from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
 
 try:
@@ -29,6 +31,8 @@ __all__ = [
     "EarlyStoppingState",
     "FitResult",
     "History",
+    "NAdamState",
+    "RAdamState",
     "StopReason",
     "adam",
     "adamax",
@@ -40,9 +44,15 @@ __all__ = [
     "early_stopping",
     "fit",
     "fit_batched",
+    "nadam",
+    "nadamw",
+    "radam",
+    "radamw",
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_amsgrad",
+    "scale_by_nadam",
+    "scale_by_radam",
     "zero1_spec",
     "zero1_state_shardings",
 ]

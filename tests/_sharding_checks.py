@@ -64,9 +64,17 @@ OPTIMIZERS = {
     ),
     "amsgrad_corrected_maximize": lambda: adam_jax.amsgrad(1e-2, max_of="corrected", maximize=True),
     "adamaxw_eps_in_max": lambda: adam_jax.adamaxw(2e-3, eps_in_max=True),
+    "nadamw": lambda: adam_jax.nadamw(1e-2, weight_decay=1e-2),
+    "radam": lambda: adam_jax.radam(1e-2, weight_decay=1e-3),
 }
 N_STEPS = 3
-STATE_TYPES = (adam_jax.AdamState, adam_jax.AMSGradState, adam_jax.AdamaxState)
+STATE_TYPES = (
+    adam_jax.AdamState,
+    adam_jax.AMSGradState,
+    adam_jax.AdamaxState,
+    adam_jax.NAdamState,
+    adam_jax.RAdamState,
+)
 
 # Params of mixed dtypes and layouts on a ("data", "model") mesh of 2 x 4 devices.
 PARAM_SPECS = {
@@ -132,7 +140,7 @@ def moment_mismatches(state, shardings, mode):
     inner = inner_state(state)
     bad = []
     for field in inner._fields:
-        if field == "count":
+        if field in ("count", "mu_product"):  # scalars, not shaped like the params
             continue
         for key, leaf in getattr(inner, field).items():
             bad += tree_mismatches({key: leaf}, shardings, field, mode)

@@ -1,7 +1,7 @@
 """Bad input, exhaustively, as a table.
 
-Every public entry point: the eight constructors (``scale_by_adam``, ``scale_by_amsgrad``,
-``scale_by_adamax``, ``adam``, ``adamw``, ``amsgrad``, ``adamax``, ``adamaxw``), with every
+Every public entry point: the fourteen constructors (``scale_by_adam``, ``scale_by_amsgrad``,
+``scale_by_adamax``, ``scale_by_nadam``, ``scale_by_radam`` and their aliases), with every
 argument each one accepts (read from its signature), and their ``init`` and ``update``.
 Bad values: wrong types, out-of-range values, non-scalar hyperparameters, mismatched trees,
 integer params, a learning-rate schedule that returns a non-scalar.
@@ -44,9 +44,15 @@ CONSTRUCTORS: dict[str, Callable[..., Any]] = {
         "amsgrad",
         "adamax",
         "adamaxw",
+        "scale_by_nadam",
+        "nadam",
+        "nadamw",
+        "scale_by_radam",
+        "radam",
+        "radamw",
     ]
 }
-ALIASES = ["adam", "adamw", "amsgrad", "adamax", "adamaxw"]
+ALIASES = ["adam", "adamw", "amsgrad", "adamax", "adamaxw", "nadam", "nadamw", "radam", "radamw"]
 
 KIND = {
     "learning_rate": "learning_rate",
@@ -62,6 +68,9 @@ KIND = {
     "decoupled_weight_decay": "flag",
     "eps_in_max": "flag",
     "max_of": "choice",
+    "form": "choice",
+    "momentum_decay": "non_negative_or_inf",
+    "threshold": "non_negative",
     "mu_dtype": "dtype",
     "nu_dtype": "dtype",
     "mask": "mask",
@@ -107,6 +116,7 @@ BAD: dict[str, list[Bad]] = {
         Bad("minus_inf", -INF, ValueError, "-inf"),
         Bad("jax_array_negative", jnp.asarray(-2.0), ValueError, "-2.0"),
     ],
+    "non_negative_or_inf": [],  # filled below: "non_negative" except inf, which is allowed
     "learning_rate": [
         Bad("str", "0.1", TypeError, "'0.1'"),
         Bad("bool", True, TypeError, "True"),
@@ -148,6 +158,7 @@ STRICT_BAD: dict[str, list[Bad]] = {
         Bad("callable", _not_a_schedule, TypeError),
         Bad("vector", jnp.full(3, 1e-8), ValueError, "(3,)"),
     ],
+    "non_negative_or_inf": [],
     "learning_rate": [
         Bad("list", [1e-3], ValueError, "(1,)"),
     ],
@@ -160,6 +171,9 @@ STRICT_BAD: dict[str, list[Bad]] = {
     ],
     "mask": [],
 }
+for _table in (BAD, STRICT_BAD):
+    _table["non_negative_or_inf"] = [b for b in _table["non_negative"] if b.label != "inf"]
+
 # weight_decay goes to optax.add_decayed_weights, which accepts a schedule: only the
 # decays and eps/eps_root reject callables.
 NOT_FOR = {("callable", "weight_decay")}
@@ -398,6 +412,12 @@ def _state_of(name):
         "amsgrad": "adam",
         "adamax": "adamaxw",
         "adamaxw": "adamw",
+        "scale_by_nadam": "scale_by_radam",
+        "scale_by_radam": "scale_by_nadam",
+        "nadam": "radam",
+        "nadamw": "adamw",
+        "radam": "nadam",
+        "radamw": "adamw",
     }[name]
     return lambda: CONSTRUCTORS[other]().init(PARAMS)
 
@@ -411,6 +431,12 @@ EXPECTED_STATE = {
     "amsgrad": "AMSGradState",
     "adamax": "AdamaxState",
     "adamaxw": "AdamaxState",
+    "scale_by_nadam": "NAdamState",
+    "scale_by_radam": "RAdamState",
+    "nadam": "NAdamState",
+    "nadamw": "NAdamState",
+    "radam": "RAdamState",
+    "radamw": "RAdamState",
 }
 
 STRICT_CALLS: list[Call] = [
@@ -493,7 +519,7 @@ STRICT_CALLS: list[Call] = [
             ("mask", "['b']"),
             params=PARAMS,
         )
-        for n in ["adamw", "adamaxw"]
+        for n in ["adamw", "adamaxw", "nadamw", "radamw"]
     ],
 ]
 

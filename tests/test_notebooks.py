@@ -319,6 +319,36 @@ assert zero1[-1] < 0.15 * plain[-1]
             "assert all(same_steps)",
         ),
     ],
+    "08_nadam_radam": [
+        (
+            "    _, state = opt.update(jnp.ones(1), state)",
+            """\
+# the state's running product is the product of the plotted schedule, far below 0.9**100
+mu = 0.9 * (1 - 0.5 * 0.96 ** (np.arange(1, 101) * 0.004))
+np.testing.assert_allclose(float(state.mu_product), np.prod(mu), rtol=1e-12)
+assert float(state.mu_product) < 1e-20 * 0.9**100
+""",
+        ),
+        (
+            "def losses(opt, steps=400):",
+            """\
+first = {k: int(np.flatnonzero(v < 1e-6)[0]) for k, v in runs.items()}
+torch_nadam, keras_nadam, optax_nadam, adam = (first[k] for k in runs)
+assert max(keras_nadam, optax_nadam) < torch_nadam < adam
+after = {k: v[first[k] :].max() for k, v in runs.items()}
+assert after["NAdam, momentum_decay=0.004 (torch)"] > 1.0  # jumps back up near the minimum
+assert all(a < 1e-3 for k, a in after.items() if "torch" not in k)
+assert all(v[-1] < 1e-12 for v in runs.values())
+# momentum_decay=inf is optax.nadam
+np.testing.assert_allclose(
+    losses(adam_jax.nadam(lr, momentum_decay=np.inf)),
+    runs["NAdam, constant momentum (optax)"],
+    rtol=1e-9,
+    atol=1e-15,
+)
+""",
+        ),
+    ],
     "09_digits_mlp": [
         (
             "LR, WD = 3e-3, 1e-4",

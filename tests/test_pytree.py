@@ -28,8 +28,14 @@ OPTIMIZERS = {
     "amsgrad": lambda lr=1e-2, **kw: adam_jax.amsgrad(lr, **kw),
     "adamax": lambda lr=1e-2, **kw: adam_jax.adamax(lr, **kw),
     "adamaxw": lambda lr=1e-2, **kw: adam_jax.adamaxw(lr, **kw),
+    "scale_by_nadam": lambda lr=None, **kw: adam_jax.scale_by_nadam(**kw),
+    "nadam": lambda lr=1e-2, **kw: adam_jax.nadam(lr, **kw),
+    "nadamw": lambda lr=1e-2, **kw: adam_jax.nadamw(lr, **kw),
+    "scale_by_radam": lambda lr=None, **kw: adam_jax.scale_by_radam(**kw),
+    "radam": lambda lr=1e-2, **kw: adam_jax.radam(lr, **kw),
+    "radamw": lambda lr=1e-2, **kw: adam_jax.radamw(lr, **kw),
 }
-ALIASES = ["adam", "adamw", "amsgrad", "adamax", "adamaxw"]
+ALIASES = ["adam", "adamw", "amsgrad", "adamax", "adamaxw", "nadam", "nadamw", "radam", "radamw"]
 
 
 def _params(dtype=jnp.float32):
@@ -60,10 +66,12 @@ def test_ten_values_compile_once(name, hyper):
     values = np.linspace(0.9, 0.999, 10) if hyper == "b2" else np.geomspace(1e-4, 1e-1, 10)
     params = _params()
     step = jax.jit(chex.assert_max_traces(_step, n=1))
+    # RAdam's first steps are momentum steps, which do not use b2: rho_t > 5 from step 6.
+    steps = 6 if "radam" in name else 3
     finals = []
     for v in values:
         opt = OPTIMIZERS[name](b2=float(v)) if hyper == "b2" else OPTIMIZERS[name](float(v))
-        finals.append(_run(opt, params, step=step)[0]["w"])
+        finals.append(_run(opt, params, steps=steps, step=step)[0]["w"])
     chex.clear_trace_counter()
     assert len({np.asarray(f).tobytes() for f in finals}) == 10  # the values were used
 
@@ -242,6 +250,10 @@ def test_swapped_state_and_grads_are_named(name):
         ("adamw", "eps", -1e-8),
         ("adam", "learning_rate", -0.1),
         ("adamw", "weight_decay", -0.1),
+        ("nadam", "momentum_decay", -1.0),
+        ("nadamw", "b1", 1.0),
+        ("radam", "threshold", -1.0),
+        ("radamw", "eps_root", -1e-8),
     ],
 )
 def test_checkify_names_a_traced_out_of_range_hyperparameter(name, hyper, bad):

@@ -43,6 +43,8 @@ OPTIMIZERS = [
     "adamw_masked",
     "amsgrad_corrected_maximize",
     "adamaxw_eps_in_max",
+    "nadamw",
+    "radam",
 ]
 # Relative error allowed between a sharded run and the same run on one device.
 RTOL = {"float64": 1e-12, "float32": 1e-6, "complex64": 1e-6, "bfloat16": 1e-2}
