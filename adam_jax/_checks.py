@@ -104,7 +104,7 @@ def traced_interval(
     ``checkify.debug_check``: it reports the argument and its value when the caller
     is wrapped in ``jax.experimental.checkify.checkify``, and stages nothing that
     runs otherwise. Concrete values were checked when the optimizer was built."""
-    if not _is_traced(value):
+    if not _is_traced(value) or _explicit_mesh_in_context():
         return
     upper = value < high if high_open else value <= high
     bracket = ")" if high_open else "]"
@@ -114,6 +114,17 @@ def traced_interval(
         f"{name} must be in [{low!r}, {hi}{bracket}, got {name}={{}}",
         value,
     )
+
+
+def _explicit_mesh_in_context() -> bool:
+    """Whether a mesh with Explicit axes is in context.
+
+    There, JAX cannot batch a ``checkify`` check over a sharded batch axis (its
+    batching sorts the sharded predicate), so under ``jax.vmap`` on such a mesh
+    a traced hyperparameter is not range-checked.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
 
 
 def check_non_negative_int(name: str, value: Any) -> None:
