@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _devices import run_on_8_cpu_devices
 
 import adam_jax
 
@@ -220,20 +218,7 @@ def test_bad_inputs_are_named():
 
 def test_sharded_over_8_devices_equals_one_device():
     """Lanes split over 8 CPU devices (Auto and Explicit meshes) give one device's results."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(HERE.parent)  # this checkout's adam_jax, whatever is installed
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "_fit_batched_sharded.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    proc = run_on_8_cpu_devices("_fit_batched_sharded.py")
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.load(io.StringIO(proc.stdout))
     assert report["devices"] == 8

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _devices import run_on_8_cpu_devices
 from jax.sharding import PartitionSpec as P
 
 import adam_jax
@@ -52,20 +50,7 @@ RTOL = {"float64": 1e-12, "float32": 1e-6, "complex64": 1e-6, "bfloat16": 1e-2}
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(HERE.parent)  # this checkout's adam_jax, whatever is installed
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "_sharding_checks.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    proc = run_on_8_cpu_devices("_sharding_checks.py")
     if proc.returncode != 0:
         pytest.fail(f"tests/_sharding_checks.py failed:\n{proc.stderr[-6000:]}")
     return json.loads(proc.stdout)
