@@ -1,0 +1,259 @@
+"""What checkpointed runs of ``fit`` and ``fit_batched`` share.
+
+A record of the problem (``fit.json``) recognises a directory's run and refuses
+another, naming what differs; orbax-checkpoint's ``CheckpointManager`` writes
+each checkpoint under a temporary name and renames it when complete, and
+:func:`restore_newest` skips one that still fails to read; :class:`Interrupt`
+turns the first Ctrl-C into a checkpoint at the end of the running segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import signal
+import threading
+import types
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+FORMAT = 1
+PROBLEM_FILE = "fit.json"
+STEPS_DIR = "steps"
+
+
+def import_orbax(entry: str = "fit") -> types.ModuleType:
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:
+        raise ImportError(
+            f'{entry}(checkpoint_dir=...) needs orbax-checkpoint: pip install -e ".[checkpoint]" '
+            '(or pip install "adam_jax[checkpoint]")'
+        ) from e
+    return ocp
+
+
+def _leaf_record(x: Any) -> dict[str, Any]:
+    a = np.asarray(x)
+    return {"shape": list(a.shape), "dtype": str(a.dtype)}
+
+
+def digest(tree: Any) -> str:
+    h = hashlib.sha256()
+    for x in jax.tree.leaves(tree):
+        a = np.ascontiguousarray(np.asarray(x))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _describe(obj: Any, name: str, out: dict[str, Any], seen: set[int], depth: int = 0) -> None:
+    """The values an optimizer (or early stopping) is built from, by name.
+
+    optax transformations keep their hyperparameters in the closures of
+    ``init``/``update``, adam_jax's in the arguments of ``jax.tree_util.Partial``
+    objects (a static config dataclass and a NamedTuple of numbers); the walk
+    reads both by name.
+    """
+    if depth > 8:
+        return
+    if obj is None or isinstance(obj, bool | int | str):
+        out[name] = obj
+    elif isinstance(obj, float):
+        out[name] = repr(obj)
+    elif isinstance(obj, np.ndarray | np.generic | jax.Array):
+        a = np.asarray(obj)
+        out[name] = repr(a.tolist()) if a.size <= 16 else f"{a.dtype}{a.shape}:{digest(a)}"
+    elif isinstance(obj, type | np.dtype):
+        out[name] = getattr(obj, "__qualname__", str(obj))
+    elif id(obj) in seen:
+        return
+    elif isinstance(obj, functools.partial):  # adam_jax's init/update: jax.tree_util.Partial
+        seen.add(id(obj))
+        _describe(obj.func, f"{name}.func", out, seen, depth + 1)
+        _describe(obj.args, f"{name}.args", out, seen, depth + 1)
+        _describe(dict(obj.keywords), f"{name}.keywords", out, seen, depth + 1)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # static configs
+        seen.add(id(obj))
+        for field in dataclasses.fields(obj):
+            _describe(getattr(obj, field.name), f"{name}.{field.name}", out, seen, depth + 1)
+    elif isinstance(obj, types.FunctionType):
+        seen.add(id(obj))
+        out[name] = f"{obj.__module__}.{obj.__qualname__}"
+        for var, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=True):
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            _describe(value, f"{name}.{var}", out, seen, depth + 1)
+    elif isinstance(obj, tuple | list):
+        seen.add(id(obj))
+        fields = getattr(obj, "_fields", None) or range(len(obj))
+        for field, value in zip(fields, obj, strict=True):
+            _describe(value, f"{name}.{field}", out, seen, depth + 1)
+    elif isinstance(obj, dict):
+        seen.add(id(obj))
+        for key in sorted(obj, key=str):
+            _describe(obj[key], f"{name}.{key}", out, seen, depth + 1)
+    else:
+        out[name] = type(obj).__qualname__
+
+
+def problem_record(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    optimizer: Any,
+    early_stopping: Any,
+    data: Any,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """What makes a run the same run: compared key by key when a directory is reused."""
+    name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+    record: dict[str, Any] = {"loss_fn": f"{getattr(loss_fn, '__module__', '')}.{name}"}
+    record["params.tree"] = str(jax.tree.structure(params))
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        record[f"params{jax.tree_util.keystr(path)}"] = _leaf_record(x)
+    record["params.values"] = digest(params)
+    record["data.tree"] = str(jax.tree.structure(data))
+    for path, x in jax.tree_util.tree_flatten_with_path(data)[0]:
+        record[f"data{jax.tree_util.keystr(path)}"] = _leaf_record(x)
+    _describe(optimizer, "optimizer", record, set())
+    _describe(early_stopping, "early_stopping", record, set())
+    record.update({f"fit.{k}": v for k, v in options.items()})
+    return json.loads(json.dumps(record, default=str))
+
+
+def check_problem(directory: Path, record: dict[str, Any], entry: str = "fit") -> bool:
+    """Refuse a directory that holds another run; whether the record is still to be written.
+
+    The record is written just before the first save (:func:`claim`), so a call
+    that fails before saving anything leaves no record to refuse its correction.
+    """
+    path = directory / PROBLEM_FILE
+    if path.exists():
+        saved = json.loads(path.read_text())
+        old = saved.get("problem", {})
+        diffs = [
+            f"{key}: {old.get(key, '(absent)')} in the directory, "
+            f"{record.get(key, '(absent)')} in this call"
+            for key in sorted(set(old) | set(record), key=str)
+            if old.get(key) != record.get(key)
+        ]
+        if saved.get("format") != FORMAT:
+            diffs.insert(0, f"format {saved.get('format')} (this version writes {FORMAT})")
+        if diffs:
+            shown = "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")
+            raise ValueError(
+                f"checkpoint_dir={str(directory)!r} holds the checkpoints of a different {entry} "
+                f"({len(diffs)} difference{'s' * (len(diffs) > 1)}: {shown}); nothing was "
+                "written. Pass another checkpoint_dir, or delete this one to start over."
+            )
+        return False
+    steps = directory / STEPS_DIR
+    others = [p for p in directory.iterdir() if p != steps] if directory.exists() else []
+    if others or (steps.exists() and any(steps.iterdir())):
+        raise ValueError(
+            f"checkpoint_dir={str(directory)!r} is not empty and holds no {PROBLEM_FILE}, so it "
+            "is not a fit checkpoint directory; nothing was written. Pass a new or empty one."
+        )
+    return True
+
+
+def claim(directory: Path, record: dict[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{PROBLEM_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"format": FORMAT, "problem": record}, indent=1))
+    os.replace(tmp, directory / PROBLEM_FILE)
+
+
+class Interrupt:
+    """A SIGINT handler for the duration of the call: the first Ctrl-C asks for a
+    checkpoint at the end of the current segment; a second one interrupts at once."""
+
+    def __init__(self, every: int, entry: str = "fit", unit: str = "steps") -> None:
+        self.every, self.entry, self.unit = every, entry, unit
+        self.requested = False
+        self.previous: Any = None
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        print(
+            f"{self.entry}: Ctrl-C, saving a checkpoint when the current segment (at most "
+            f"{self.every} {self.unit}) ends; press Ctrl-C again to stop without saving",
+            flush=True,
+        )
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def manager(ocp: types.ModuleType, directory: Path, keep: int) -> Any:
+    """Synchronous saves: the next segment starts once the last one is on disk."""
+    return ocp.CheckpointManager(
+        directory / STEPS_DIR,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=False,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_background_delete=True,
+        ),
+    )
+
+
+def save(ocp: types.ModuleType, mgr: Any, tree: dict[str, Any], record: dict[str, Any]) -> None:
+    # Numbered after every checkpoint there, a torn newer one included.
+    number = max(mgr.all_steps(), default=0) + 1
+    mgr.save(
+        number,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), progress=ocp.args.JsonSave(record)
+        ),
+    )
+    mgr.wait_until_finished()
+
+
+def restore_newest(
+    ocp: types.ModuleType,
+    mgr: Any,
+    directory: Path,
+    abstract: Callable[[dict[str, Any]], dict[str, np.ndarray]],
+) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The newest checkpoint that reads back whole, as (arrays, progress record), or None.
+
+    ``abstract(record)`` gives the arrays' shapes and dtypes (zeros) from the
+    checkpoint's progress record. orbax writes a checkpoint under a temporary
+    name and renames it when complete, and lists only complete ones; one that
+    still fails to read is skipped with a warning.
+    """
+    for step in sorted(mgr.all_steps(), reverse=True):
+        try:
+            meta = mgr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+            record = dict(meta.progress)
+            template = abstract(record)
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(template))
+            state = mgr.restore(step, args=args).state
+            return {k: np.asarray(state[k]) for k in template}, record
+        except Exception as e:
+            warnings.warn(
+                f"checkpoint {step} in {str(directory)!r} could not be read "
+                f"({type(e).__name__}: {e}); trying the one before it",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    return None
