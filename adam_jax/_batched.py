@@ -130,40 +130,13 @@ class _Problems:
         return self._loop(None, None).postprocess(state)
 
 
-def advance(
-    lanes: Lanes | None,
-    inputs: object,
-    data: object,
-    base: jax.Array,
-    *,
-    config: Config,
-    final: bool,
-) -> tuple[Lanes, Output]:
-    """Run the queued ``inputs`` (leading axis: problems) through the lanes.
-
-    Returns when the queue is empty (the lanes still hold running problems,
-    to be continued by the next call), or with ``final`` when every problem is
-    done. The queued problems are numbered ``base``, ``base + 1``, ...; lanes
-    carried in from an earlier call keep their numbers.
-    """
+def _machine(config: Config, inputs: object, data: object, base: jax.Array, rows: int):
+    """The loop pieces of a batched run over the queued ``inputs``: ``body(carry, filling)``
+    (one iteration, then hand-over and refill) and ``more(carry, keep, filling)``."""
     p = _Problems(config)
     init, step = jax.vmap(p.init), jax.vmap(p.step)
-    done, result = jax.vmap(p.done), jax.vmap(p.result)
+    done = jax.vmap(p.done)
     n = jax.tree.leaves(inputs)[0].shape[0]
-    queue = jnp.zeros([], jnp.int32)
-    if lanes is None:
-        width = min(config.slots, n)
-        first = jnp.arange(width, dtype=jnp.int32)
-        lane_inputs, lane_data = _take(inputs, first), _take(data, first)
-        lanes = Lanes(base + first, lane_inputs, lane_data, init(lane_inputs, lane_data))
-        queue += width
-    width = lanes.ids.shape[0]
-    rows = n + width
-    out = Output(
-        jax.tree.map(lambda r: jnp.zeros((rows, *r.shape[1:]), r.dtype), lanes.state),
-        jnp.full((rows,), -1, jnp.int32),
-        jnp.zeros([], jnp.int32),
-    )
 
     def hand_over(c: _Carry, finished: jax.Array) -> _Carry:
         """Write the finished lanes' results to the next rows; those lanes become idle."""
@@ -199,7 +172,7 @@ def advance(
             lanes=lanes, queue=jnp.minimum(c.queue + jnp.sum(idle, dtype=jnp.int32), n)
         )
 
-    def body(c: _Carry, *, filling: bool) -> _Carry:
+    def body(c: _Carry, filling: bool) -> _Carry:
         running = c.lanes.ids >= 0
         state = step(c.lanes.inputs, c.lanes.data, c.lanes.state)
         c = c._replace(
@@ -213,25 +186,121 @@ def advance(
             return jax.lax.cond(due, refill, lambda c, _: c, c, finished)
         return jax.lax.cond(jnp.any(finished), hand_over, lambda c, _: c, c, finished)
 
-    c = _Carry(lanes, queue, out, jnp.zeros([], jnp.int32))
+    def more(c: _Carry, keep: int, filling: bool) -> jax.Array:
+        busy = jnp.sum(c.lanes.ids >= 0, dtype=jnp.int32) > keep
+        return (c.queue < n) | busy if filling else busy
+
+    return body, more
+
+
+def _first_lanes(
+    inputs: object, data: object, base: jax.Array, config: Config
+) -> tuple[Lanes, jax.Array]:
+    """Lanes holding the first queued problems, and the queue position after them."""
+    init = jax.vmap(_Problems(config).init)
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    width = min(config.slots, n)
+    first = jnp.arange(width, dtype=jnp.int32)
+    lane_inputs, lane_data = _take(inputs, first), _take(data, first)
+    lanes = Lanes(base + first, lane_inputs, lane_data, init(lane_inputs, lane_data))
+    return lanes, jnp.zeros([], jnp.int32) + width
+
+
+def _empty_output(state: LoopState, rows: int) -> Output:
+    return Output(
+        jax.tree.map(lambda r: jnp.zeros((rows, *r.shape[1:]), r.dtype), state),
+        jnp.full((rows,), -1, jnp.int32),
+        jnp.zeros([], jnp.int32),
+    )
+
+
+def _compact(lanes: Lanes, keep: int) -> Lanes:
+    """The first ``keep`` busy lanes, in lane order (the running ones move to the front)."""
+    busy_first = jnp.argsort(lanes.ids < 0, stable=True)[:keep]
+    return _take(lanes, busy_first)  # type: ignore[return-value]
+
+
+def advance(
+    lanes: Lanes | None,
+    inputs: object,
+    data: object,
+    base: jax.Array,
+    *,
+    config: Config,
+    final: bool,
+) -> tuple[Lanes, Output]:
+    """Run the queued ``inputs`` (leading axis: problems) through the lanes.
+
+    Returns when the queue is empty (the lanes still hold running problems,
+    to be continued by the next call), or with ``final`` when every problem is
+    done. The queued problems are numbered ``base``, ``base + 1``, ...; lanes
+    carried in from an earlier call keep their numbers.
+    """
+    result = jax.vmap(_Problems(config).result)
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    queue = jnp.zeros([], jnp.int32)
+    if lanes is None:
+        lanes, queue = _first_lanes(inputs, data, base, config)
+    width = lanes.ids.shape[0]
+    rows = n + width
+    body, more = _machine(config, inputs, data, base, rows)
+    c = _Carry(lanes, queue, _empty_output(lanes.state, rows), jnp.zeros([], jnp.int32))
     filling = True
     while True:
         # The first loop refills lanes while the queue lasts; with `final` it and
         # each later one run until at most 1/SHRINK of the lanes are busy, and the
         # next keeps only those lanes.
         keep = width // SHRINK if final else width
-
-        def more(c: _Carry, keep: int = keep, filling: bool = filling) -> jax.Array:
-            busy = jnp.sum(c.lanes.ids >= 0, dtype=jnp.int32) > keep
-            return (c.queue < n) | busy if filling else busy
-
-        c = jax.lax.while_loop(more, functools.partial(body, filling=filling), c)
+        c = jax.lax.while_loop(
+            functools.partial(more, keep=keep, filling=filling),
+            functools.partial(body, filling=filling),
+            c,
+        )
         if not final or not keep:
             break
-        busy_first = jnp.argsort(c.lanes.ids < 0, stable=True)[:keep]
-        c = c._replace(lanes=_take(c.lanes, busy_first))  # type: ignore[arg-type]
+        c = c._replace(lanes=_compact(c.lanes, keep))
         width, filling = keep, False
     return c.lanes, c.out._replace(results=result(cast(LoopState, c.out.results)))
+
+
+def segment(
+    lanes: Lanes,
+    queue: jax.Array,
+    inputs: object,
+    data: object,
+    base: jax.Array,
+    budget: jax.Array,
+    *,
+    config: Config,
+    filling: bool,
+    every: int,
+) -> tuple[Lanes, jax.Array, Output, jax.Array, jax.Array]:
+    """At most ``budget`` (<= ``every``) iterations of one loop of a final :func:`advance`.
+
+    A checkpointed run is a chain of these: each lane takes the same steps at the
+    same widths as in one ``advance`` call, wherever the chain is cut. Returns the
+    lanes, the queue position, the problems finished, the iterations run, and
+    whether the loop has ended (the caller then keeps ``width // SHRINK`` lanes
+    with :func:`compact_jit`, or stops when that is none).
+    """
+    result = jax.vmap(_Problems(config).result)
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    width = lanes.ids.shape[0]
+    # Each lane finishes at most one problem per iteration.
+    rows = min(n + width, every * width)
+    body, more = _machine(config, inputs, data, base, rows)
+    keep = width // SHRINK
+
+    def go_on(ci: tuple[_Carry, jax.Array]) -> jax.Array:
+        return more(ci[0], keep, filling) & (ci[1] < budget)
+
+    def one(ci: tuple[_Carry, jax.Array]) -> tuple[_Carry, jax.Array]:
+        return body(ci[0], filling), ci[1] + 1
+
+    c = _Carry(lanes, queue, _empty_output(lanes.state, rows), jnp.zeros([], jnp.int32))
+    c, taken = jax.lax.while_loop(go_on, one, (c, jnp.zeros([], jnp.int32)))
+    out = c.out._replace(results=result(cast(LoopState, c.out.results)))
+    return c.lanes, c.queue, out, taken, ~more(c, keep, filling)
 
 
 def in_input_order(out: Output, n: int) -> tuple[FitResult, jax.Array]:
@@ -252,6 +321,9 @@ def run_all(inputs: object, data: object, *, config: Config) -> tuple[FitResult,
 
 run_all_jit = jax.jit(run_all, static_argnames=("config",))
 advance_jit = jax.jit(advance, static_argnames=("config", "final"))
+first_lanes_jit = jax.jit(_first_lanes, static_argnames=("config",))
+segment_jit = jax.jit(segment, static_argnames=("config", "filling", "every"))
+compact_jit = jax.jit(_compact, static_argnames=("keep",))
 
 
 class BatchProgress:

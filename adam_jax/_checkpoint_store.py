@@ -41,7 +41,7 @@ def import_orbax(entry: str = "fit") -> types.ModuleType:
     return ocp
 
 
-def _leaf_record(x: Any) -> dict[str, Any]:
+def leaf_record(x: Any) -> dict[str, Any]:
     a = np.asarray(x)
     return {"shape": list(a.shape), "dtype": str(a.dtype)}
 
@@ -114,20 +114,21 @@ def problem_record(
     early_stopping: Any,
     data: Any,
     options: dict[str, Any],
+    prefix: str = "fit",
 ) -> dict[str, Any]:
     """What makes a run the same run: compared key by key when a directory is reused."""
     name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
     record: dict[str, Any] = {"loss_fn": f"{getattr(loss_fn, '__module__', '')}.{name}"}
     record["params.tree"] = str(jax.tree.structure(params))
     for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        record[f"params{jax.tree_util.keystr(path)}"] = _leaf_record(x)
+        record[f"params{jax.tree_util.keystr(path)}"] = leaf_record(x)
     record["params.values"] = digest(params)
     record["data.tree"] = str(jax.tree.structure(data))
     for path, x in jax.tree_util.tree_flatten_with_path(data)[0]:
-        record[f"data{jax.tree_util.keystr(path)}"] = _leaf_record(x)
+        record[f"data{jax.tree_util.keystr(path)}"] = leaf_record(x)
     _describe(optimizer, "optimizer", record, set())
     _describe(early_stopping, "early_stopping", record, set())
-    record.update({f"fit.{k}": v for k, v in options.items()})
+    record.update({f"{prefix}.{k}": v for k, v in options.items()})
     return json.loads(json.dumps(record, default=str))
 
 

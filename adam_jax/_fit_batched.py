@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 from typing import NamedTuple, cast
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adam_jax import _batched, _checks, _fit_checks, _history, _reporting
+from adam_jax import _batched, _checkpoint_batched, _checks, _fit_checks, _history, _reporting
 from adam_jax._batched import MakeProblem
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
@@ -118,6 +119,9 @@ def fit_batched(
     history: History | None = None,
     progress: bool = False,
     return_work: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_keep: int = 2,
 ) -> FitResult | tuple[FitResult, BatchedWork]:
     r"""Train many problems in one compiled program, each stopping on its own, with no wasted steps.
 
@@ -206,6 +210,11 @@ def fit_batched(
     _checks.check_bool("return_work", return_work)
     if progress:
         _reporting.import_tqdm()
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = _check_checkpoint_args(
+            inputs, data, checkpoint_dir, checkpoint_every, checkpoint_keep
+        )
     if not callable(make_problem):
         raise TypeError(f"make_problem must be callable, got make_problem={make_problem!r}")
     _fit_checks.check_early_stopping(early_stopping)
@@ -236,8 +245,28 @@ def fit_batched(
             has_aux,
             history,
             progress,
+            checkpoint,
         )
     return (result, work) if return_work else result
+
+
+def _check_checkpoint_args(inputs, data, checkpoint_dir, every, keep) -> dict[str, object]:
+    if every is None:
+        raise ValueError("checkpoint_dir needs checkpoint_every, the iterations between two saves")
+    _fit_checks.check_positive_int("checkpoint_every", every)
+    _fit_checks.check_positive_int("checkpoint_keep", keep)
+    if isinstance(inputs, Iterator):
+        raise ValueError(
+            f"checkpoint_dir={str(checkpoint_dir)!r} is not supported with inputs given as an "
+            "iterator of chunks; pass the inputs as arrays, or run without checkpoint_dir"
+        )
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((inputs, data))):
+        raise ValueError(
+            "checkpoint_dir needs concrete inputs: call fit_batched with checkpoints outside "
+            "jit and vmap (it saves from the host between compiled segments)"
+        )
+    _checkpoint_batched.import_orbax()
+    return dict(checkpoint_dir=checkpoint_dir, checkpoint_every=every, checkpoint_keep=keep)
 
 
 def _count(inputs: object, what: str) -> int:
@@ -276,7 +305,9 @@ def _needed(result: FitResult) -> int:
     return int(np.sum(np.asarray(result.num_steps, np.int64)) + np.sum(stopped))
 
 
-def _all_at_once(make_problem, inputs, data, num_steps, slots, es, has_aux, history, progress):
+def _all_at_once(
+    make_problem, inputs, data, num_steps, slots, es, has_aux, history, progress, checkpoint
+):
     n = _count(inputs, "inputs")
     if data is not None and _count(data, "data") != n:
         raise ValueError(f"data must have a leading axis of N = {n} problems, like inputs")
@@ -290,6 +321,17 @@ def _all_at_once(make_problem, inputs, data, num_steps, slots, es, has_aux, hist
     config = _config(
         make_problem, data, num_steps, slots, es, has_aux, history, progress, n, shards
     )
+    if checkpoint is not None:
+        if axis is not None:
+            raise ValueError(
+                f"checkpoint_dir={str(checkpoint['checkpoint_dir'])!r} is not supported with "
+                f"inputs sharded over a mesh ({shards} devices); pass inputs on one device, "
+                "or run without checkpoint_dir"
+            )
+        result, computed = _checkpoint_batched.fit_batched_with_checkpoints(
+            make_problem, inputs, data, config, n, **checkpoint
+        )
+        return result, BatchedWork(computed, _needed(result))
     run = (
         functools.partial(_batched.run_all_jit, config=config)
         if axis is None
