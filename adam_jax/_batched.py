@@ -273,9 +273,8 @@ def segment(
     *,
     config: Config,
     filling: bool,
-    every: int,
 ) -> tuple[Lanes, jax.Array, Output, jax.Array, jax.Array]:
-    """At most ``budget`` (<= ``every``) iterations of one loop of a final :func:`advance`.
+    """At most ``budget`` iterations of one loop of a final :func:`advance`.
 
     A checkpointed run is a chain of these: each lane takes the same steps at the
     same widths as in one ``advance`` call, wherever the chain is cut. Returns the
@@ -286,8 +285,7 @@ def segment(
     result = jax.vmap(_Problems(config).result)
     n = jax.tree.leaves(inputs)[0].shape[0]
     width = lanes.ids.shape[0]
-    # Each lane finishes at most one problem per iteration.
-    rows = min(n + width, every * width)
+    rows = n + width  # as in advance, so that the budget is no part of the compiled program
     body, more = _machine(config, inputs, data, base, rows)
     keep = width // SHRINK
 
@@ -322,7 +320,7 @@ def run_all(inputs: object, data: object, *, config: Config) -> tuple[FitResult,
 run_all_jit = jax.jit(run_all, static_argnames=("config",))
 advance_jit = jax.jit(advance, static_argnames=("config", "final"))
 first_lanes_jit = jax.jit(_first_lanes, static_argnames=("config",))
-segment_jit = jax.jit(segment, static_argnames=("config", "filling", "every"))
+segment_jit = jax.jit(segment, static_argnames=("config", "filling"))
 compact_jit = jax.jit(_compact, static_argnames=("keep",))
 
 

@@ -81,7 +81,7 @@ def fit_batched_with_checkpoints(
     unclaimed = store.check_problem(directory, problem, ENTRY)
 
     every, base = checkpoint_every, jnp.zeros([], jnp.int32)
-    run = functools.partial(_batched.segment_jit, config=config, every=every)
+    run = functools.partial(_batched.segment_jit, config=config)
     lanes_t, queue_t = jax.eval_shape(
         functools.partial(_batched.first_lanes_jit, config=config), inputs, data, base
     )

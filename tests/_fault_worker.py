@@ -1,8 +1,10 @@
-"""The process tests/test_fault_tolerance.py kills: a few short fits, with or without checkpoints.
+"""The process the fault tests kill: a few short fits, with or without checkpoints.
 
-Usage: ``python tests/_fault_worker.py plain|checkpoint WORKDIR [--die-on-save=SECONDS]``.
+Usage: ``python tests/_fault_worker.py MODE WORKDIR [--die-on-save=SECONDS]``, MODE one of
+``plain``, ``checkpoint`` (fits, for tests/test_fault_tolerance.py), ``batched-plain``
+and ``batched-checkpoint`` (fit_batched runs, for tests/test_fault_tolerance_batched.py).
 
-Every fit's result goes to ``WORKDIR/{mode}_{name}.npz``. In ``checkpoint`` mode a
+Every run's result goes to ``WORKDIR/{mode}_{name}.npz``. In a checkpoint mode a
 watcher thread prints ``saving`` when a checkpoint write starts (orbax's temporary
 directory appears), and with ``--die-on-save`` the process sends itself SIGKILL
 that many seconds after the first one it sees: a kill in the middle of a save.
@@ -27,6 +29,7 @@ import numpy as np  # noqa: E402
 import adam_jax  # noqa: E402
 
 EVERY = 10
+BATCHED_EVERY = 25  # iterations
 
 
 def _regression(dtype):
@@ -67,6 +70,41 @@ def configs() -> dict[str, dict]:
     return out
 
 
+def _batched_data_problem(p):
+    x, lr = p  # x sets the params' dtype; the loss reads its batches from data
+
+    def loss(w, batch):
+        bx, by = batch
+        error = by - bx @ w
+        return 0.5 * jnp.sum(error**2), jnp.mean(error**2)
+
+    return loss, jnp.zeros((2, 1), x.dtype), adam_jax.amsgrad(lr)
+
+
+def batched_configs() -> dict[str, dict]:
+    """A fit_batched run whose tail shrinks twice (16 lanes, then 4, then 1); float32 and
+    other options are covered in process by tests/test_fault_tolerance_batched.py."""
+    rng = np.random.default_rng(0)
+    n = 40
+    x = rng.normal(size=(n, 16, 2))
+    y = x @ (rng.normal(size=(n, 2, 1)) * 2) + 0.3 * rng.normal(size=(n, 16, 1))
+    lr = np.geomspace(1e-2, 0.3, n)[rng.permutation(n)]
+    f64 = (jnp.asarray(x, jnp.float64), jnp.asarray(lr, jnp.float64))
+    batches = tuple(jnp.asarray(a.reshape(n, 4, 4, *a.shape[2:])) for a in (x, y))
+    return {
+        "b64_patience_last5_data": dict(
+            make_problem=_batched_data_problem,
+            inputs=f64,
+            data=batches,
+            has_aux=True,
+            num_steps=400,
+            slots=16,
+            early_stopping=adam_jax.early_stopping(8, 1e-4),
+            history=adam_jax.History.last(5),
+        ),
+    }
+
+
 def _watch(directory: Path, die_after: float | None) -> None:
     seen: set[str] = set()
     while True:
@@ -88,15 +126,22 @@ def main() -> None:
     for arg in sys.argv[3:]:
         if arg.startswith("--die-on-save="):
             die_after = float(arg.split("=", 1)[1])
-    if mode == "checkpoint":
+    if mode.endswith("checkpoint"):
         threading.Thread(target=_watch, args=(workdir, die_after), daemon=True).start()
     print("ready", flush=True)
-    for name, kw in configs().items():
+    batched = mode.startswith("batched")
+    for name, kw in (batched_configs() if batched else configs()).items():
         kw = dict(kw)
-        params, optimizer = kw.pop("params"), kw.pop("optimizer")
-        if mode == "checkpoint":
-            kw.update(checkpoint_dir=workdir / name, checkpoint_every=EVERY, checkpoint_keep=2)
-        result = adam_jax.fit(_loss, params, optimizer, **kw)
+        if mode.endswith("checkpoint"):
+            every = BATCHED_EVERY if batched else EVERY
+            kw.update(checkpoint_dir=workdir / name, checkpoint_every=every, checkpoint_keep=2)
+        if batched:
+            result, work = adam_jax.fit_batched(kw.pop("make_problem"), kw.pop("inputs"),
+                                                return_work=True, **kw)  # fmt: skip
+            result = (result, tuple(work))
+        else:
+            params, optimizer = kw.pop("params"), kw.pop("optimizer")
+            result = adam_jax.fit(_loss, params, optimizer, **kw)
         leaves = {f"{i:03d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(result))}
         leaves["tree"] = np.asarray(str(jax.tree.structure(result)))
         np.savez(workdir / f"{mode}_{name}.npz", **leaves)
