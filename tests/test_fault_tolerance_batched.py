@@ -1,0 +1,264 @@
+"""Long batched runs survive faults: ``fit_batched(checkpoint_dir=..., checkpoint_every=...)``.
+
+A worker process (tests/_fault_worker.py, batched modes: 40 float64 problems with
+per-problem data, ``has_aux``, patience and ``History.last``, in 16 lanes whose tail
+shrinks to 4 and then 1) is killed with SIGKILL at random moments and in the middle of
+checkpoint writes, restarted each time, and must end with the result and work counts
+of an uninterrupted run without checkpoints, bit for bit. A SIGINT saves and says how to
+resume. In process: resumed runs in float32 and float64 from checkpoints in every phase of
+the tail, a torn checkpoint, directories of other problems, bad arguments.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_fault_tolerance import _finish, _kill, _listing, _start, _wait_for
+from test_fault_tolerance import env as env  # the workers' environment, a fixture
+
+import adam_jax
+
+pytest.importorskip("orbax.checkpoint")
+
+NAMES = ["b64_patience_last5_data"]
+
+
+def _run_to_end(env: dict[str, str], workdir: Path) -> None:
+    rc, err = _finish(_start(env, "batched-checkpoint", workdir))
+    assert rc == 0, err
+
+
+def _assert_bitwise_equal(reference: Path, workdir: Path) -> None:
+    for name in NAMES:
+        want = np.load(reference / f"batched-plain_{name}.npz")
+        got = np.load(workdir / f"batched-checkpoint_{name}.npz")
+        assert want.files == got.files, name
+        for key in want.files:
+            a, b = want[key], got[key]
+            assert (a.dtype, a.shape) == (b.dtype, b.shape), (name, key)
+            assert a.tobytes() == b.tobytes(), (name, key, a, b)
+
+
+@pytest.fixture(scope="module")
+def reference(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted result and work counts, from one worker without checkpoints."""
+    workdir = tmp_path_factory.mktemp("batched_plain")
+    rc, err = _finish(_start(env, "batched-plain", workdir))
+    assert rc == 0, err
+    return workdir
+
+
+def test_sigkill_at_random_moments_and_during_saves(env, reference, tmp_path):
+    """Twelve kills of one run, restarted after each: every other one at a random moment
+    after start-up, the others by the worker itself a few milliseconds into a write."""
+    rng = np.random.default_rng(0)
+    kills = 0
+    for attempt in itertools.count():
+        assert attempt < 24, f"only {kills} of 24 workers were killed"
+        if attempt % 2:
+            proc = _start(
+                env, "batched-checkpoint", tmp_path, f"--die-on-save={rng.uniform(0, 0.02)}"
+            )
+            rc, err = _finish(proc)
+            assert rc in (-signal.SIGKILL, 0), err
+            kills += rc == -signal.SIGKILL
+        else:
+            proc = _start(env, "batched-checkpoint", tmp_path)
+            if not _wait_for(proc, "ready"):
+                pytest.fail(_finish(proc)[1])
+            time.sleep(rng.uniform(0.5, 4.0))
+            if _kill(proc):
+                kills += 1
+            else:
+                assert proc.returncode == 0, proc.stderr.read()
+        if kills >= 12:
+            break
+    _run_to_end(env, tmp_path)
+    _assert_bitwise_equal(reference, tmp_path)
+
+
+def test_sigint_saves_and_says_how_to_resume(env, reference, tmp_path):
+    proc = _start(env, "batched-checkpoint", tmp_path)
+    assert _wait_for(proc, "saving", count=2)
+    proc.send_signal(signal.SIGINT)
+    rc, err = _finish(proc)
+    assert rc != 0
+    assert "KeyboardInterrupt: fit_batched interrupted: checkpoint saved after" in err
+    assert "run the same fit_batched call with the same checkpoint_dir to resume" in err
+    _run_to_end(env, tmp_path)
+    _assert_bitwise_equal(reference, tmp_path)
+
+
+# In-process tests: 40 regressions in 16 lanes; the tail shrinks to 4 lanes, then 1.
+
+
+def _inputs(dtype, n=40):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 16, 2))
+    y = x @ (rng.normal(size=(n, 2, 1)) * 2) + 0.3 * rng.normal(size=(n, 16, 1))
+    lr = np.geomspace(1e-2, 0.3, n)[rng.permutation(n)]
+    return tuple(jnp.asarray(a, dtype) for a in (x, y, lr))
+
+
+def _maker(optimizer=adam_jax.adam):
+    def make_problem(p):
+        x, y, lr = p
+
+        def loss(w):
+            return jnp.mean((x @ w - y) ** 2)
+
+        return loss, jnp.zeros((2, 1), x.dtype), optimizer(lr)
+
+    return make_problem
+
+
+MAKE = _maker()
+OPTIONS = dict(
+    num_steps=400,
+    slots=16,
+    early_stopping=adam_jax.early_stopping(None, target=0.12),
+    history=adam_jax.History.every(2, max_len=30),
+    return_work=True,
+)
+
+
+def _fit(dtype, make=MAKE, inputs=None, **kw):
+    inputs = _inputs(dtype) if inputs is None else inputs
+    return adam_jax.fit_batched(make, inputs, **{**OPTIONS, **kw})
+
+
+def _same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert (x.dtype, x.shape, x.tobytes()) == (y.dtype, y.shape, y.tobytes())
+
+
+def _progress(directory: Path) -> dict[int, dict]:
+    """Each checkpoint's progress record, by number (orbax's JSON file)."""
+    return {
+        int(p.name): json.loads((p / "progress" / "metadata").read_text())
+        for p in (directory / "steps").iterdir()
+        if p.name.isdigit()
+    }
+
+
+@pytest.fixture(scope="module", params=["float32", "float64"])
+def uninterrupted(request):
+    dtype = jnp.dtype(request.param)
+    return dtype, _fit(dtype)
+
+
+def test_resume_from_every_phase_of_the_tail(uninterrupted, tmp_path):
+    """From a checkpoint while lanes refill, at 4 lanes and at 1, with another interval."""
+    dtype, want = uninterrupted
+    got = _fit(dtype, checkpoint_dir=tmp_path, checkpoint_every=60, checkpoint_keep=100)
+    _same(want, got)
+    progress = _progress(tmp_path)
+    widths = [progress[k]["width"] for k in sorted(progress)]
+    assert widths[0] == 16 and 4 in widths and widths[-1] == 1, widths
+    assert progress[max(progress)]["finished"]
+    for width in (1, 4, 16):
+        # Back to the first checkpoint at this width: the run's state there.
+        first = min(k for k in progress if progress[k]["width"] == width)
+        for k in progress:
+            if k > first:
+                shutil.rmtree(tmp_path / "steps" / str(k))
+        assert sorted(_progress(tmp_path)) == [k for k in sorted(progress) if k <= first]
+        assert not progress[first]["finished"]
+        _same(want, _fit(dtype, checkpoint_dir=tmp_path, checkpoint_every=45, checkpoint_keep=100))
+        progress = _progress(tmp_path)
+
+
+def test_interval_longer_than_the_run(uninterrupted, tmp_path):
+    dtype, want = uninterrupted
+    got = _fit(dtype, checkpoint_dir=tmp_path, checkpoint_every=10**6)
+    _same(want, got)
+    progress = _progress(tmp_path)
+    assert len(progress) == 1 and progress[1]["finished"], progress
+    # The finished run's result is read back, without a step.
+    _same(want, _fit(dtype, checkpoint_dir=tmp_path, checkpoint_every=10**6))
+    assert len(_progress(tmp_path)) == 1
+
+
+def test_torn_checkpoint_is_never_loaded(tmp_path):
+    want = _fit(jnp.float32)
+    kw = dict(checkpoint_dir=tmp_path, checkpoint_every=100, checkpoint_keep=3)
+    _same(want, _fit(jnp.float32, **kw))
+    steps = tmp_path / "steps"
+    newest = max(int(p.name) for p in steps.iterdir())
+    # The newest one torn after its rename (files cut short), and a newer write
+    # that never finished (orbax's temporary directory, half copied).
+    for f in (steps / str(newest)).rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    partial = steps / f"{newest + 1}.orbax-checkpoint-tmp"
+    shutil.copytree(steps / str(newest - 1), partial)
+    for f in list(partial.rglob("*"))[::2]:
+        if f.is_file():
+            f.unlink()
+    with pytest.warns(RuntimeWarning, match=f"checkpoint {newest} .* could not be read"):
+        got = _fit(jnp.float32, **kw)
+    _same(want, got)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("saved_batched_run")
+    _fit(jnp.float32, checkpoint_dir=directory, checkpoint_every=1_000)
+    return directory
+
+
+def _other_tree(p):
+    return MAKE(p[0])
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (dict(inputs=_inputs(jnp.float32, n=41)), "inputs[0]"),  # shape: 41 problems
+        (dict(inputs=tuple(a.astype(jnp.float16) for a in _inputs(jnp.float32))), "float16"),
+        (dict(inputs=(_inputs(jnp.float32), jnp.zeros(40)), make=_other_tree), "inputs.tree"),
+        (dict(inputs=tuple(a * 2 for a in _inputs(jnp.float32))), "inputs.values"),
+        (dict(make=_maker(adam_jax.amsgrad)), "optimizer"),
+        (dict(num_steps=300), "fit_batched.num_steps"),
+        (dict(slots=8), "fit_batched.slots"),
+        (dict(history=adam_jax.History.last(5)), "fit_batched.history"),
+        (dict(early_stopping=adam_jax.early_stopping(None, target=0.1)), "target"),
+    ],
+)
+def test_other_problem_is_refused(saved_run, change, named):
+    before = _listing(saved_run)
+    with pytest.raises(ValueError, match="holds the checkpoints of a different fit_batched") as e:
+        _fit(jnp.float32, checkpoint_dir=saved_run, checkpoint_every=1_000, **change)
+    assert named in str(e.value)
+    assert _listing(saved_run) == before
+
+
+def test_bad_arguments(tmp_path, monkeypatch):
+    inputs = _inputs(jnp.float32)
+    with pytest.raises(ValueError, match="checkpoint_dir needs checkpoint_every"):
+        _fit(jnp.float32, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+        _fit(jnp.float32, checkpoint_dir=tmp_path, checkpoint_every=0)
+    with pytest.raises(TypeError, match="checkpoint_keep"):
+        _fit(jnp.float32, checkpoint_dir=tmp_path, checkpoint_every=5, checkpoint_keep=1.5)
+    with pytest.raises(ValueError, match=r"checkpoint_dir=.* iterator of chunks"):
+        _fit(jnp.float32, inputs=iter([inputs]), checkpoint_dir=tmp_path, checkpoint_every=5)
+    with pytest.raises(ValueError, match="concrete inputs"):
+        jax.jit(lambda i: _fit(jnp.float32, inputs=i, checkpoint_dir=tmp_path,
+                               checkpoint_every=5)[0].params)(inputs)  # fmt: skip
+    monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)
+    with pytest.raises(ImportError, match=r"fit_batched\(checkpoint_dir=\.\.\.\) needs orbax"):
+        _fit(jnp.float32, checkpoint_dir=tmp_path, checkpoint_every=5)
+    assert not any(tmp_path.iterdir())
