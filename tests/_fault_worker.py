@@ -126,9 +126,11 @@ def main() -> None:
     for arg in sys.argv[3:]:
         if arg.startswith("--die-on-save="):
             die_after = float(arg.split("=", 1)[1])
+    # Before the watcher starts: its "saving" (of a write a killed run left) could
+    # otherwise share the line.
+    print("ready", flush=True)
     if mode.endswith("checkpoint"):
         threading.Thread(target=_watch, args=(workdir, die_after), daemon=True).start()
-    print("ready", flush=True)
     batched = mode.startswith("batched")
     for name, kw in (batched_configs() if batched else configs()).items():
         kw = dict(kw)
