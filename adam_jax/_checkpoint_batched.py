@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adam_jax import _batched
+from adam_jax import _batched, _fit_checks
 from adam_jax import _checkpoint_store as store
 from adam_jax._batched import Config, MakeProblem
 from adam_jax._result import FitResult
@@ -32,8 +33,26 @@ from adam_jax._result import FitResult
 ENTRY = "fit_batched"
 
 
-def import_orbax() -> None:
+def check_args(
+    inputs: object, data: object, checkpoint_dir: str | os.PathLike, every: Any, keep: Any
+) -> dict[str, Any]:
+    """The checkpoint arguments of ``fit_batched``, checked before anything runs."""
+    if every is None:
+        raise ValueError("checkpoint_dir needs checkpoint_every, the iterations between two saves")
+    _fit_checks.check_positive_int("checkpoint_every", every)
+    _fit_checks.check_positive_int("checkpoint_keep", keep)
+    if isinstance(inputs, Iterator):
+        raise ValueError(
+            f"checkpoint_dir={str(checkpoint_dir)!r} is not supported with inputs given as an "
+            "iterator of chunks; pass the inputs as arrays, or run without checkpoint_dir"
+        )
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((inputs, data))):
+        raise ValueError(
+            "checkpoint_dir needs concrete inputs: call fit_batched with checkpoints outside "
+            "jit and vmap (it saves from the host between compiled segments)"
+        )
     store.import_orbax(ENTRY)
+    return dict(checkpoint_dir=checkpoint_dir, checkpoint_every=every, checkpoint_keep=keep)
 
 
 def _record(make_problem: MakeProblem, inputs: object, data: object, config: Config, n: int):

@@ -160,6 +160,20 @@ def fit_batched(
     the lanes and their finished results. ``data`` must then be an iterator
     of matching chunks, or None. The results come back as NumPy arrays.
 
+    **Long runs.** With ``checkpoint_dir``, the lanes hand control back every
+    ``checkpoint_every`` iterations and the run state is saved: the lanes (their
+    problems, inputs, loop states), the queue position, the stage of the
+    narrowing tail, the results of the problems finished so far and the work
+    counts. Running the identical call again with the same directory resumes
+    from the newest complete checkpoint; the result (and ``return_work``'s
+    counts) is bit for bit that of the same call without checkpoints. Not saved:
+    ``inputs``, ``data`` and ``make_problem``, which the repeated call passes
+    again. A directory written by another problem is refused with an error
+    naming what differs; the first Ctrl-C saves at the end of the running
+    segment and says how to resume. Inputs given as an iterator of chunks or
+    sharded over several devices are not supported with checkpoints (a
+    ``ValueError``). See the *Long runs* guide.
+
     Args:
       make_problem: ``make_problem(one_inputs) -> (loss_fn, params, optimizer)``.
       inputs: a pytree whose leaves share a leading axis of N problems, or an
@@ -179,6 +193,14 @@ def fit_batched(
       progress: a tqdm bar of problems finished, with the min and median of
         the latest values of the running problems.
       return_work: also return a :class:`BatchedWork`.
+      checkpoint_dir: save the whole run state there every ``checkpoint_every``
+        iterations with orbax-checkpoint (``pip install adam_jax[checkpoint]``),
+        keeping the last ``checkpoint_keep``; the same call again resumes from
+        the newest complete checkpoint and returns exactly what an uninterrupted
+        call returns. Inputs as arrays on one device only (see below).
+      checkpoint_every: the iterations between two saves (needed with
+        ``checkpoint_dir``); one iteration is one step in every lane.
+      checkpoint_keep: how many checkpoints to keep, the newest.
 
     Returns:
       A :class:`adam_jax.FitResult` whose fields have a leading axis of N, in
@@ -212,7 +234,7 @@ def fit_batched(
         _reporting.import_tqdm()
     checkpoint = None
     if checkpoint_dir is not None:
-        checkpoint = _check_checkpoint_args(
+        checkpoint = _checkpoint_batched.check_args(
             inputs, data, checkpoint_dir, checkpoint_every, checkpoint_keep
         )
     if not callable(make_problem):
@@ -248,25 +270,6 @@ def fit_batched(
             checkpoint,
         )
     return (result, work) if return_work else result
-
-
-def _check_checkpoint_args(inputs, data, checkpoint_dir, every, keep) -> dict[str, object]:
-    if every is None:
-        raise ValueError("checkpoint_dir needs checkpoint_every, the iterations between two saves")
-    _fit_checks.check_positive_int("checkpoint_every", every)
-    _fit_checks.check_positive_int("checkpoint_keep", keep)
-    if isinstance(inputs, Iterator):
-        raise ValueError(
-            f"checkpoint_dir={str(checkpoint_dir)!r} is not supported with inputs given as an "
-            "iterator of chunks; pass the inputs as arrays, or run without checkpoint_dir"
-        )
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((inputs, data))):
-        raise ValueError(
-            "checkpoint_dir needs concrete inputs: call fit_batched with checkpoints outside "
-            "jit and vmap (it saves from the host between compiled segments)"
-        )
-    _checkpoint_batched.import_orbax()
-    return dict(checkpoint_dir=checkpoint_dir, checkpoint_every=every, checkpoint_keep=keep)
 
 
 def _count(inputs: object, what: str) -> int:
