@@ -1,12 +1,15 @@
 """Run by tests/test_fit_batched.py with 8 CPU devices: fit_batched sharded vs on one device.
 
 Prints a JSON report: for an Auto and an Explicit mesh, how many devices held
-results and whether every field equals the single-device run bit for bit.
+results and whether every field equals the single-device run bit for bit; and the
+error that sharded inputs with ``checkpoint_dir`` get.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +54,14 @@ def main() -> None:
             "shards": len(result.num_steps.sharding.device_set),
             "equal": all(jax.tree.leaves(equal)),
         }
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            adam_jax.fit_batched(make_problem, sharded_inputs, **kwargs, checkpoint_dir=tmp,
+                                 checkpoint_every=10)  # fmt: skip
+            report["checkpoint_error"] = None
+        except ValueError as e:
+            report["checkpoint_error"] = str(e)
+        report["checkpoint_dir_empty"] = not any(Path(tmp).iterdir())
     print(json.dumps(report))
 
 

@@ -226,3 +226,7 @@ def test_sharded_over_8_devices_equals_one_device():
         row = report[mode]
         assert row["shards"] == 8, row
         assert row["equal"], row
+    # Checkpoints are for inputs on one device: sharded ones are refused, nothing written.
+    assert "checkpoint_dir=" in report["checkpoint_error"]
+    assert "sharded over a mesh (8 devices)" in report["checkpoint_error"]
+    assert report["checkpoint_dir_empty"]
