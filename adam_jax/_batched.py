@@ -273,21 +273,23 @@ def segment(
     *,
     config: Config,
     filling: bool,
+    final: bool,
 ) -> tuple[Lanes, jax.Array, Output, jax.Array, jax.Array]:
-    """At most ``budget`` iterations of one loop of a final :func:`advance`.
+    """At most ``budget`` iterations of one loop of :func:`advance`.
 
     A checkpointed run is a chain of these: each lane takes the same steps at the
     same widths as in one ``advance`` call, wherever the chain is cut. Returns the
     lanes, the queue position, the problems finished, the iterations run, and
-    whether the loop has ended (the caller then keeps ``width // SHRINK`` lanes
-    with :func:`compact_jit`, or stops when that is none).
+    whether the loop has ended (the caller then goes on with the next chunk, or,
+    with ``final``, keeps ``width // SHRINK`` lanes with :func:`compact_jit`, or
+    stops when that is none).
     """
     result = jax.vmap(_Problems(config).result)
     n = jax.tree.leaves(inputs)[0].shape[0]
     width = lanes.ids.shape[0]
     rows = n + width  # as in advance, so that the budget is no part of the compiled program
     body, more = _machine(config, inputs, data, base, rows)
-    keep = width // SHRINK
+    keep = width // SHRINK if final else width
 
     def go_on(ci: tuple[_Carry, jax.Array]) -> jax.Array:
         return more(ci[0], keep, filling) & (ci[1] < budget)
@@ -320,7 +322,7 @@ def run_all(inputs: object, data: object, *, config: Config) -> tuple[FitResult,
 run_all_jit = jax.jit(run_all, static_argnames=("config",))
 advance_jit = jax.jit(advance, static_argnames=("config", "final"))
 first_lanes_jit = jax.jit(_first_lanes, static_argnames=("config",))
-segment_jit = jax.jit(segment, static_argnames=("config", "filling"))
+segment_jit = jax.jit(segment, static_argnames=("config", "filling", "final"))
 compact_jit = jax.jit(_compact, static_argnames=("keep",))
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +41,9 @@ def check_args(
         raise ValueError("checkpoint_dir needs checkpoint_every, the iterations between two saves")
     _fit_checks.check_positive_int("checkpoint_every", every)
     _fit_checks.check_positive_int("checkpoint_keep", keep)
-    if isinstance(inputs, Iterator):
-        raise ValueError(
-            f"checkpoint_dir={str(checkpoint_dir)!r} is not supported with inputs given as an "
-            "iterator of chunks; pass the inputs as arrays, or run without checkpoint_dir"
-        )
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((inputs, data))):
+    if not isinstance(inputs, Iterator) and any(
+        isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((inputs, data))
+    ):
         raise ValueError(
             "checkpoint_dir needs concrete inputs: call fit_batched with checkpoints outside "
             "jit and vmap (it saves from the host between compiled segments)"
@@ -81,90 +78,149 @@ def _with_rows(template: Any, rows: int) -> list[np.ndarray]:
     return [np.zeros((rows, *x.shape[1:]), x.dtype) for x in jax.tree.leaves(template)]
 
 
+class _Chunks:
+    """The chunks of problems, pulled one ahead (the last one runs the narrowing tail);
+    a resumed run pulls again those the checkpoint had consumed, and checks them."""
+
+    def __init__(self, chunks: Iterator[tuple[object, object]], count: Callable[[object], int]):
+        self.chunks, self.count = chunks, count
+        self.digests: list[str] = []
+        self.index = self.base = 0  # the current chunk, and its first problem's number
+        self.current = self._pull()
+        if self.current is None:
+            raise ValueError("inputs is an empty iterator: it must yield at least one chunk")
+        self.following = self._pull()
+
+    def _pull(self) -> tuple[object, object] | None:
+        chunk = next(self.chunks, None)
+        if chunk is not None:
+            self.digests.append(store.digest(chunk))
+        return chunk
+
+    @property
+    def n(self) -> int:
+        return self.count(cast(tuple, self.current)[0])
+
+    def advance(self) -> None:
+        self.base += self.n
+        self.index += 1
+        self.current, self.following = self.following, self._pull()
+
+    def skip_to(self, record: dict[str, Any]) -> None:
+        """Pull chunks until this run is where the checkpoint's run was."""
+        while self.index < record["chunk"] and self.following is not None:
+            self.advance()
+        if self.digests != record["chunks"]:
+            raise ValueError(
+                f"inputs yielded other chunks than the run that wrote the checkpoint "
+                f"({len(self.digests)} chunks pulled, {len(record['chunks'])} recorded, "
+                "or their values differ): pass the identical iterator of chunks to resume"
+            )
+
+
 def fit_batched_with_checkpoints(
     make_problem: MakeProblem,
-    inputs: object,
-    data: object,
-    config: Config,
-    n: int,
+    chunks: Iterator[tuple[object, object]],
+    config: Callable[[object, object], Config],
+    count: Callable[[object], int],
     *,
+    streamed: bool,
     checkpoint_dir: str | os.PathLike,
     checkpoint_every: int,
     checkpoint_keep: int,
 ) -> tuple[FitResult, int]:
-    """``fit_batched`` on arrays, saved every ``checkpoint_every`` iterations; the result
-    in input order and the lane-steps computed."""
+    """``fit_batched`` on ``(inputs, data)`` chunks (one for arrays), saved every
+    ``checkpoint_every`` iterations; the result in input order and the lane-steps computed.
+
+    ``config(inputs, data)`` builds the run's config from the first chunk."""
     ocp = store.import_orbax(ENTRY)
     directory = Path(checkpoint_dir).absolute()
-    problem = _record(make_problem, inputs, data, config, n)
+    source = _Chunks(chunks, count)
+    inputs, data = cast(tuple, source.current)
+    run_config = config(inputs, data)
+    problem = _record(make_problem, inputs, data, run_config, source.n)
+    problem[f"{ENTRY}.inputs.kind"] = "iterator of chunks" if streamed else "arrays"
     unclaimed = store.check_problem(directory, problem, ENTRY)
 
-    every, base = checkpoint_every, jnp.zeros([], jnp.int32)
-    run = functools.partial(_batched.segment_jit, config=config)
+    every, zero = checkpoint_every, jnp.zeros([], jnp.int32)
+    run = functools.partial(_batched.segment_jit, config=run_config)
     lanes_t, queue_t = jax.eval_shape(
-        functools.partial(_batched.first_lanes_jit, config=config), inputs, data, base
+        functools.partial(_batched.first_lanes_jit, config=run_config), inputs, data, zero
     )
     results_t = jax.eval_shape(
-        functools.partial(run, filling=True), lanes_t, queue_t, inputs, data, base, base
-    )[2].results
+        functools.partial(run, filling=True, final=True),
+        lanes_t, queue_t, inputs, data, zero, zero,
+    )[2].results  # fmt: skip
     lanes_def, results_def = jax.tree.structure(lanes_t), jax.tree.structure(results_t)
 
     def abstract(record: dict[str, Any]) -> dict[str, np.ndarray]:
         out = {f"lanes{k:05d}": x for k, x in enumerate(_with_rows(lanes_t, record["width"]))}
-        out.update({f"results{k:05d}": x for k, x in enumerate(_with_rows(results_t, n))})
-        out["have"] = np.zeros(n, bool)
+        rows = _with_rows(results_t, record["rows"])
+        out.update({f"results{k:05d}": x for k, x in enumerate(rows)})
+        out["ids"] = np.zeros(record["rows"], np.int32)
         return out
 
     mgr = store.manager(ocp, directory, checkpoint_keep)
-    bar = _batched.BatchProgress(n) if config.progress else contextlib.nullcontext()
+    total = None if streamed else source.n
+    bar = _batched.BatchProgress(total) if run_config.progress else contextlib.nullcontext()
     with mgr, store.Interrupt(every, ENTRY, "iterations") as interrupt, bar:
         saved = store.restore_newest(ocp, mgr, directory, abstract)
         if saved is None:
-            lanes, queue = _batched.first_lanes_jit(inputs, data, base, config=config)
-            results = _with_rows(results_t, n)
-            have = np.zeros(n, bool)
+            lanes, queue = _batched.first_lanes_jit(inputs, data, zero, config=run_config)
+            results = [_with_rows(results_t, 0)]
+            ids = [np.zeros(0, np.int32)]
             filling, iterations, computed, finished = True, 0, 0, False
         else:
             arrays, record = saved
+            source.skip_to(record)
             k = lanes_def.num_leaves
             lanes = lanes_def.unflatten([jnp.asarray(arrays[f"lanes{i:05d}"]) for i in range(k)])
-            results = [arrays[f"results{i:05d}"] for i in range(results_def.num_leaves)]
-            have = arrays["have"]
+            results = [[arrays[f"results{i:05d}"] for i in range(results_def.num_leaves)]]
+            ids = [arrays["ids"]]
             queue = jnp.asarray(record["queue"], jnp.int32)
             filling, finished = record["filling"], record["finished"]
             iterations, computed = record["iterations"], record["computed"]
             if isinstance(bar, _batched.BatchProgress):
-                bar.bar.update(int(have.sum()))
+                bar.bar.update(record["rows"])
         while not finished:
             budget = every
             while budget and not finished:
+                inputs, data = cast(tuple, source.current)
+                final = source.following is None
                 lanes, queue, out, taken, ended = run(
-                    lanes, queue, inputs, data, base, jnp.int32(budget), filling=filling
-                )
+                    lanes, queue, inputs, data, jnp.int32(source.base), jnp.int32(budget),
+                    filling=filling, final=final,
+                )  # fmt: skip
                 # Only the rows written come back to the host.
-                ids = np.asarray(out.ids)
-                written = ids >= 0
-                for r, o in zip(results, jax.tree.leaves(out.results), strict=True):
-                    r[ids[written]] = np.asarray(o)[written]
-                have[ids[written]] = True
+                written = np.flatnonzero(np.asarray(out.ids) >= 0)
+                results.append([np.asarray(o)[written] for o in jax.tree.leaves(out.results)])
+                ids.append(np.asarray(out.ids)[written])
                 computed += int(out.computed)
                 budget -= int(taken)
                 iterations += int(taken)
-                if bool(ended):
-                    keep = lanes.ids.shape[0] // _batched.SHRINK
-                    if keep:
-                        lanes, filling = _batched.compact_jit(lanes, keep=keep), False
-                    else:
-                        finished = True
+                if not bool(ended):
+                    continue
+                if not final:  # the queue is empty: the lanes go on with the next chunk
+                    source.advance()
+                    queue = jnp.zeros([], jnp.int32)
+                elif keep := lanes.ids.shape[0] // _batched.SHRINK:
+                    lanes, filling = _batched.compact_jit(lanes, keep=keep), False
+                else:
+                    finished = True
+            results = [[np.concatenate(r) for r in zip(*results, strict=True)]]
+            ids = [np.concatenate(ids)]
             tree = {f"lanes{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(lanes))}
-            tree.update({f"results{i:05d}": x for i, x in enumerate(results)})
-            tree["have"] = have
+            tree.update({f"results{i:05d}": x for i, x in enumerate(results[0])})
+            tree["ids"] = ids[0]
             progress_record = {
+                "chunk": source.index,
+                "chunks": source.digests,
                 "queue": int(queue),
                 "width": int(lanes.ids.shape[0]),
                 "filling": bool(filling),
                 "iterations": iterations,
                 "computed": computed,
+                "rows": len(ids[0]),
                 "finished": finished,
             }
             if unclaimed:
@@ -176,8 +232,10 @@ def fit_batched_with_checkpoints(
         if interrupt.requested and not finished:
             raise KeyboardInterrupt(
                 f"fit_batched interrupted: checkpoint saved after {iterations} iterations "
-                f"({int(have.sum())} of {n} problems finished) in {str(directory)!r}; "
+                f"({len(ids[0])} problems finished) in {str(directory)!r}; "
                 "run the same fit_batched call with the same checkpoint_dir to resume"
             )
-    result = results_def.unflatten([jnp.asarray(r) for r in results])
-    return result, computed
+    order = np.argsort(np.concatenate(ids), kind="stable")
+    rows = [np.concatenate(r)[order] for r in zip(*results, strict=True)]
+    as_array = np.asarray if streamed else jnp.asarray
+    return results_def.unflatten([as_array(r) for r in rows]), computed

@@ -170,7 +170,9 @@ def fit_batched(
     ``inputs``, ``data`` and ``make_problem``, which the repeated call passes
     again. A directory written by another problem is refused with an error
     naming what differs; the first Ctrl-C saves at the end of the running
-    segment and says how to resume. Inputs given as an iterator of chunks or
+    segment and says how to resume. With inputs given as an iterator of chunks,
+    the identical call must yield the same chunks again: those the checkpoint
+    had consumed are pulled again, checked against it, and skipped. Inputs
     sharded over several devices are not supported with checkpoints (a
     ``ValueError``). See the *Long runs* guide.
 
@@ -197,7 +199,7 @@ def fit_batched(
         iterations with orbax-checkpoint (``pip install adam_jax[checkpoint]``),
         keeping the last ``checkpoint_keep``; the same call again resumes from
         the newest complete checkpoint and returns exactly what an uninterrupted
-        call returns. Inputs as arrays on one device only (see below).
+        call returns. Not with inputs sharded over several devices (see below).
       checkpoint_every: the iterations between two saves (needed with
         ``checkpoint_dir``); one iteration is one step in every lane.
       checkpoint_keep: how many checkpoints to keep, the newest.
@@ -245,17 +247,27 @@ def fit_batched(
         if data is not None and not isinstance(data, Iterator):
             raise TypeError("with inputs given as an iterator of chunks, data must be one too")
         chunks = inputs if data is None else zip(inputs, data, strict=True)
-        result, work = _stream(
-            make_problem,
-            chunks,
-            data is not None,
-            num_steps,
-            slots,
-            early_stopping,
-            has_aux,
-            history,
-            progress,
-        )
+        if checkpoint is not None:
+            pairs = chunks if data is not None else ((c, None) for c in chunks)
+            count = functools.partial(_count, what="each chunk of inputs")
+            config = lambda i, d: _config(make_problem, d, num_steps, slots, early_stopping,
+                                          has_aux, history, progress, count(i))  # fmt: skip
+            result, computed = _checkpoint_batched.fit_batched_with_checkpoints(
+                make_problem, pairs, config, count, streamed=True, **checkpoint
+            )
+            work = BatchedWork(computed, _needed(result))
+        else:
+            result, work = _stream(
+                make_problem,
+                chunks,
+                data is not None,
+                num_steps,
+                slots,
+                early_stopping,
+                has_aux,
+                history,
+                progress,
+            )
     else:
         result, work = _all_at_once(
             make_problem,
@@ -332,8 +344,9 @@ def _all_at_once(
                 "or run without checkpoint_dir"
             )
         result, computed = _checkpoint_batched.fit_batched_with_checkpoints(
-            make_problem, inputs, data, config, n, **checkpoint
-        )
+            make_problem, iter([(inputs, data)]), lambda i, d: config, lambda x: n,
+            streamed=False, **checkpoint,
+        )  # fmt: skip
         return result, BatchedWork(computed, _needed(result))
     run = (
         functools.partial(_batched.run_all_jit, config=config)

@@ -212,6 +212,38 @@ def test_torn_checkpoint_is_never_loaded(tmp_path):
     _same(want, got)
 
 
+def _chunks(sizes=(24, 8, 8)):
+    inputs = _inputs(jnp.float32)
+    cuts = np.cumsum((0, *sizes))
+    return [tuple(a[i:j] for a in inputs) for i, j in itertools.pairwise(cuts)]
+
+
+def test_iterator_of_chunks_resumes_in_every_chunk(tmp_path):
+    """The chunks the checkpoint had consumed are pulled again and skipped."""
+    chunks = _chunks()
+    want = _fit(jnp.float32, inputs=iter(chunks))
+    kw = dict(checkpoint_dir=tmp_path, checkpoint_every=15, checkpoint_keep=100)
+    _same(want, _fit(jnp.float32, inputs=iter(chunks), **kw))
+    kw["checkpoint_every"] = 100
+    progress = _progress(tmp_path)
+    assert {p["chunk"] for p in progress.values()} == {0, 1, 2}, progress
+    for chunk in (2, 1, 0):
+        # Back to the first checkpoint in this chunk.
+        first = min(k for k in progress if progress[k]["chunk"] == chunk)
+        for k in progress:
+            if k > first:
+                shutil.rmtree(tmp_path / "steps" / str(k))
+        _same(want, _fit(jnp.float32, inputs=iter(chunks), **kw))
+        progress = _progress(tmp_path)
+    # Other chunks than those consumed: refused.
+    for k in progress:
+        if k > first:
+            shutil.rmtree(tmp_path / "steps" / str(k))
+    other = [chunks[0], tuple(a * 2 for a in chunks[1]), chunks[2]]
+    with pytest.raises(ValueError, match="inputs yielded other chunks"):
+        _fit(jnp.float32, inputs=iter(other), **kw)
+
+
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("saved_batched_run")
@@ -253,8 +285,6 @@ def test_bad_arguments(tmp_path, monkeypatch):
         _fit(jnp.float32, checkpoint_dir=tmp_path, checkpoint_every=0)
     with pytest.raises(TypeError, match="checkpoint_keep"):
         _fit(jnp.float32, checkpoint_dir=tmp_path, checkpoint_every=5, checkpoint_keep=1.5)
-    with pytest.raises(ValueError, match=r"checkpoint_dir=.* iterator of chunks"):
-        _fit(jnp.float32, inputs=iter([inputs]), checkpoint_dir=tmp_path, checkpoint_every=5)
     with pytest.raises(ValueError, match="concrete inputs"):
         jax.jit(lambda i: _fit(jnp.float32, inputs=i, checkpoint_dir=tmp_path,
                                checkpoint_every=5)[0].params)(inputs)  # fmt: skip
