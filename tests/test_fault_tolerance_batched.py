@@ -6,7 +6,8 @@ shrinks to 4 and then 1) is killed with SIGKILL at random moments and in the mid
 checkpoint writes, restarted each time, and must end with the result and work counts
 of an uninterrupted run without checkpoints, bit for bit. A SIGINT saves and says how to
 resume. In process: resumed runs in float32 and float64 from checkpoints in every phase of
-the tail, a torn checkpoint, directories of other problems, bad arguments.
+the tail, inputs as an iterator of chunks, a torn checkpoint, directories of other
+problems, bad arguments.
 """
 
 from __future__ import annotations
