@@ -218,6 +218,8 @@ def manager(ocp: types.ModuleType, directory: Path, keep: int) -> Any:
 
 
 def save(ocp: types.ModuleType, mgr: Any, tree: dict[str, Any], record: dict[str, Any]) -> None:
+    # orbax refuses empty arrays; restore_newest makes them again from their template.
+    tree = {k: x for k, x in tree.items() if np.size(x)}
     # Numbered after every checkpoint there, a torn newer one included.
     number = max(mgr.all_steps(), default=0) + 1
     mgr.save(
@@ -247,9 +249,10 @@ def restore_newest(
             meta = mgr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
             record = dict(meta.progress)
             template = abstract(record)
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(template))
-            state = mgr.restore(step, args=args).state
-            return {k: np.asarray(state[k]) for k in template}, record
+            stored = {k: x for k, x in template.items() if x.size}
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(stored))
+            state = mgr.restore(step, args=args).state if stored else {}
+            return {k: np.asarray(state[k]) if x.size else x for k, x in template.items()}, record
         except Exception as e:
             warnings.warn(
                 f"checkpoint {step} in {str(directory)!r} could not be read "

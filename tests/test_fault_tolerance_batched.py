@@ -192,6 +192,21 @@ def test_interval_longer_than_the_run(uninterrupted, tmp_path):
     assert len(_progress(tmp_path)) == 1
 
 
+def test_empty_arrays_are_saved_and_restored(tmp_path):
+    """No history (empty arrays in every lane) and a first save before any problem has
+    finished (no result rows yet): orbax stores no empty array, they are made again."""
+    kw = dict(num_steps=12, early_stopping=None, history=adam_jax.History.none())
+    want = _fit(jnp.float32, **kw)
+    ckpt = dict(checkpoint_dir=tmp_path, checkpoint_every=10, checkpoint_keep=10)
+    _same(want, _fit(jnp.float32, **kw, **ckpt))
+    progress = _progress(tmp_path)
+    assert progress[1]["rows"] == 0 and len(progress) > 2, progress
+    for k in progress:
+        if k > 1:
+            shutil.rmtree(tmp_path / "steps" / str(k))
+    _same(want, _fit(jnp.float32, **kw, **ckpt))
+
+
 def test_torn_checkpoint_is_never_loaded(tmp_path):
     want = _fit(jnp.float32)
     kw = dict(checkpoint_dir=tmp_path, checkpoint_every=100, checkpoint_keep=3)
