@@ -4,12 +4,13 @@ With ``checkpoint_dir``, the lanes run in segments of at most
 ``checkpoint_every`` iterations (:func:`adam_jax._batched.segment`, one step in
 every lane per iteration), and after each the run state is saved with
 orbax-checkpoint: the lanes (their problems, inputs and loop states, at the
-current width), the queue position, whether the lanes still refill, the
-results of the problems finished so far (host arrays in input order) and the
-iterations and lane-steps counted. Each lane takes the same steps at the same
-widths as in one uninterrupted call, so the resumed result is bit-identical.
-The problem record, refusal and Ctrl-C handling are those of ``fit``
-(:mod:`adam_jax._checkpoint_store`).
+current width), the chunk and queue position, whether the lanes still refill,
+the results of the problems finished so far (host arrays, with their problem
+numbers) and the iterations and lane-steps counted. Each lane takes the same
+steps at the same widths as in one uninterrupted call, so the resumed result
+is bit-identical. Arrays are one chunk; with an iterator the chunks consumed
+are recorded by digest, pulled again on resume and skipped. The problem record,
+refusal and Ctrl-C handling are those of ``fit`` (:mod:`adam_jax._checkpoint_store`).
 """
 
 from __future__ import annotations
