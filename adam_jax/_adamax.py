@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from adam_jax import _alias, _checks, _common
@@ -72,21 +73,21 @@ def _update(
     )
 
     def leaf(g: jax.Array, m: jax.Array, u: jax.Array) -> tuple[jax.Array, ...]:
-        g = jnp.asarray(g)
         cdt, rdt = _common.dtypes_of(g)
         s = scalars[rdt]
         r1: jax.Array = s.r1  # type: ignore[assignment]  # always bias-corrected
-        g_ = g.astype(cdt)
-        m_new = _common.ema(g_, m.astype(cdt), s.b1)  # m = b1·m + (1-b1)·g
-        u_decayed = _common.decayed(s.b2, u.astype(rdt), nonnegative=True)
+        g_ = _common.cast(g, cdt)
+        m_new = _common.ema(g_, _common.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
+        u_decayed = _common.decayed(s.b2, _common.cast(u, rdt), nonnegative=True)
+        abs_g = lax.abs(g_) if g_.dtype == rdt else jnp.abs(g_)
         # d = m̂/denominator with m̂ = m/(1-b1^t), corrected last (see adam_direction).
         if config.eps_in_max:  # u = max(b2·u, |g| + eps),  d = m̂/u
-            u_new = jnp.maximum(jnp.abs(g_) + s.eps, u_decayed)
-            d = _common.divide(m_new, u_new) * r1
+            u_new = lax.max(lax.add(abs_g, s.eps), u_decayed)
+            d = _common.scale(r1, _common.divide(m_new, u_new))
         else:  # u = max(b2·u, |g|),  d = m̂/(u + eps)
-            u_new = jnp.maximum(u_decayed, jnp.abs(g_))
-            d = _common.divide(m_new, u_new + s.eps) * r1
-        return d.astype(g.dtype), _common.store(m_new, m), u_new.astype(u.dtype)
+            u_new = lax.max(u_decayed, abs_g)
+            d = _common.scale(r1, _common.divide(m_new, lax.add(u_new, s.eps)))
+        return _common.cast(d, g.dtype), _common.store(m_new, m), _common.cast(u_new, u.dtype)
 
     d, m, u = _common.map_leaves(leaf, 3, updates, state.m, state.u)
     return d, AdamaxState(count=count, m=m, u=u)

@@ -6,9 +6,9 @@ import dataclasses
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from adam_jax import _alias, _checks, _common
@@ -67,22 +67,22 @@ def _update(
     corrected = config.max_of == "corrected" and config.bias_correction
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array) -> tuple[jax.Array, ...]:
-        g = jnp.asarray(g)
         cdt, rdt = _common.dtypes_of(g)
         s = scalars[rdt]
-        g_ = g.astype(cdt)
-        m_new = _common.ema(g_, m.astype(cdt), s.b1)
-        v_new = _common.ema(_common.abs_sq(g_), v.astype(rdt), s.b2, nonnegative=True)
-        candidate = v_new * s.r2 if corrected and s.r2 is not None else v_new  # max of v̂ or of v
-        v_max_new = jnp.maximum(v_max.astype(rdt), candidate)
+        g_ = _common.cast(g, cdt)
+        m_new = _common.ema(g_, _common.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
+        v_new = _common.ema(_common.abs_sq(g_), _common.cast(v, rdt), s.b2, nonnegative=True)
+        # v_max = max(v_max, v̂) or max(v_max, v)
+        candidate = lax.mul(v_new, s.r2) if corrected and s.r2 is not None else v_new
+        v_max_new = lax.max(_common.cast(v_max, rdt), candidate)
         u = _common.adam_direction(
             m_new, v_max_new, s, eps_hat=config.eps_hat, s_is_corrected=corrected
         )
         return (
-            u.astype(g.dtype),
+            _common.cast(u, g.dtype),
             _common.store(m_new, m),
-            v_new.astype(v.dtype),
-            v_max_new.astype(v_max.dtype),
+            _common.cast(v_new, v.dtype),
+            _common.cast(v_max_new, v_max.dtype),
         )
 
     u, m, v, v_max = _common.map_leaves(leaf, 4, updates, state.m, state.v, state.v_max)

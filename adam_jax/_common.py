@@ -9,10 +9,15 @@ Scalars that depend only on the hyperparameters, the step count and the dtype
 (decay casts, bias corrections, eps casts) are built once per update for every
 compute dtype among the leaves (:func:`by_dtype`), not once per leaf: a many-leaf
 update then stages, traces and compiles little more than its per-leaf arithmetic.
+Hyperparameters that are not traced (Python numbers, concrete arrays) are cast on
+the host, and what they decide is decided there: no clamp for a nonzero decay, no
+``+ eps_root`` for ``eps_root=0``. Traced ones (vmapped, or passed into ``jit``)
+keep those operations, with the same results.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, TypeVar
@@ -22,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
 from adam_jax import _checks
@@ -108,7 +114,7 @@ class Decay(NamedTuple):
 
     d: chex.Numeric
     one_minus_d: chex.Numeric
-    cap: tuple[jax.Array, jax.Array] | None = None  # (-c, c), see decayed
+    cap: tuple[Any, Any] | tuple[()] | None = None  # (-c, c), see decayed
 
 
 def decay_leaves(decay: ArrayLike | Decay) -> Decay:
@@ -123,11 +129,31 @@ def decay_leaves(decay: ArrayLike | Decay) -> Decay:
 
 def decay_pair(decay: ArrayLike | Decay, dtype: DTypeLike) -> Decay:
     """``(decay, 1 - decay)`` as arrays in ``dtype`` (see :func:`decay_leaves`), and
-    the ``cap`` that :func:`decayed` clamps the decayed value to."""
+    the ``cap`` that :func:`decayed` clamps the decayed value to.
+
+    A concrete (not traced) decay is cast on the host and its ``cap`` resolved here:
+    for ``d != 0`` the clamp is the identity and is left out of the program
+    (:data:`UNBOUNDED`), so a many-leaf update stages no more than its arithmetic.
+    """
     d, one_minus_d, _ = decay_leaves(decay)
+    if not _is_traced(d) and not _is_traced(one_minus_d):
+        d_np = np.asarray(d).astype(dtype)
+        om_np = np.asarray(one_minus_d).astype(dtype)
+        if d_np != 0:
+            return Decay(d_np, om_np, UNBOUNDED)
+        big = np.asarray(np.finfo(real_dtype(dtype)).max, real_dtype(dtype))
+        return Decay(d_np, om_np, (-big, big))
     d_ = jnp.asarray(d).astype(dtype)
     cap = jnp.where(d_ == 0, jnp.finfo(dtype).max, jnp.inf).astype(real_dtype(dtype))
     return Decay(d_, jnp.asarray(one_minus_d).astype(dtype), (-cap, cap))
+
+
+# The cap of a decay known not to be 0: x is left as it is.
+UNBOUNDED: tuple[()] = ()
+
+
+def _is_traced(x: Any) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
 
 
 def correction(decay: Decay, count: jax.Array) -> jax.Array:
@@ -160,13 +186,29 @@ def abs_sq(g: jax.Array) -> jax.Array:
     """``|g|² = conj(g)·g``, real for complex ``g``."""
     if jnp.iscomplexobj(g):
         return jnp.real(g) ** 2 + jnp.imag(g) ** 2
-    return g * g
+    return lax.mul(g, g)
+
+
+def scale(c: ArrayLike, x: jax.Array) -> jax.Array:
+    """``c·x`` for a real scalar ``c`` in ``x``'s (real) compute dtype.
+
+    The per-leaf arithmetic binds lax primitives directly (here and in
+    :func:`ema`, :func:`decayed`, :func:`adam_direction`): a jnp operator traces
+    through a jitted wrapper, which made tracing a many-leaf update several times
+    slower. The staged program is the same. jnp's promotion (a real scalar times
+    a complex ``x``) is kept where dtypes differ.
+    """
+    if x.dtype == getattr(c, "dtype", None):
+        return lax.mul(c, x)
+    return jnp.multiply(c, x)
 
 
 def ema(g: jax.Array, moment: jax.Array, decay: Decay, *, nonnegative: bool = False) -> jax.Array:
     """``decay·moment + (1-decay)·g`` in the order optax uses, for bit-parity.
     ``nonnegative``: the moment is never negative (a second moment)."""
-    return decay.one_minus_d * g + decayed(decay, moment, nonnegative=nonnegative)
+    m = decayed(decay, moment, nonnegative=nonnegative)
+    g_term = scale(decay.one_minus_d, g)
+    return lax.add(g_term, m) if g_term.dtype == m.dtype else g_term + m
 
 
 def decayed(decay: Decay, x: jax.Array, *, nonnegative: bool = False) -> jax.Array:
@@ -177,14 +219,17 @@ def decayed(decay: Decay, x: jax.Array, *, nonnegative: bool = False) -> jax.Arr
     no memory, so the next step must not see ``0·inf = NaN``. ``x`` is clamped to
     ``cap = (-c, c)``, where ``c`` is the dtype's maximum when ``d`` is 0 and inf otherwise: one
     operation per leaf, which leaves ``x`` (and its derivative) as it is wherever
-    it matters.
+    it matters. A decay known on the host to be nonzero (:data:`UNBOUNDED`) needs
+    no clamp at all.
     """
     d, cap = decay.d, decay.cap
+    if cap is not None and len(cap) == 0:  # UNBOUNDED
+        return scale(d, x)
     if cap is None or jnp.iscomplexobj(x) or cap[0].dtype != x.dtype:
         return d * jnp.where((d == 0) & jnp.isinf(x), jnp.zeros((), x.dtype), x)
     if nonnegative:  # a second moment or an infinity norm: one bound is enough
-        return d * jnp.minimum(x, cap[1])
-    return d * jax.lax.clamp(cap[0], x, cap[1])
+        return lax.mul(d, lax.min(x, cap[1]))
+    return lax.mul(d, lax.clamp(cap[0], x, cap[1]))
 
 
 def map_leaves(
@@ -209,8 +254,19 @@ def by_dtype(updates: optax.Updates, make: Callable[[np.dtype], T]) -> dict[np.d
 
 def dtypes_of(g: ArrayLike) -> tuple[np.dtype, np.dtype]:
     """The compute dtype of a gradient leaf and its real counterpart."""
-    cdt = compute_dtype(jnp.result_type(g))
+    return _dtypes(np.dtype(jnp.result_type(g)))
+
+
+@functools.cache
+def _dtypes(dtype: np.dtype) -> tuple[np.dtype, np.dtype]:
+    cdt = compute_dtype(dtype)
     return cdt, real_dtype(cdt)
+
+
+def cast(x: ArrayLike, dtype: DTypeLike) -> jax.Array:
+    """``x.astype(dtype)``, staging nothing when ``x`` already has that dtype."""
+    x, dtype = jnp.asarray(x), jax.dtypes.canonicalize_dtype(dtype)
+    return x if x.dtype == dtype else x.astype(dtype)
 
 
 class Scalars(NamedTuple):
@@ -223,8 +279,8 @@ class Scalars(NamedTuple):
     b2: Decay
     c1: jax.Array | None
     c2: jax.Array | None
-    eps: jax.Array
-    eps_root: jax.Array | None
+    eps: ArrayLike
+    eps_root: ArrayLike | None
     c1_next: jax.Array | None = None  # 1 - b1**(t+1), for Nesterov momentum only
     alpha: jax.Array | None = None  # sqrt(c2)/c1, Keras's step-size factor
     # 1/c1, 1/c2, 1/c1_next. Leaves are multiplied by these reciprocals rather than
@@ -251,8 +307,11 @@ def scalars(
     ``c2`` (only when ``correct_b2``) and ``c1_next`` (only for ``nesterov``); with
     ``count=None`` (no bias correction), none of them."""
     b1_, b2_ = decay_pair(b1, dtype), decay_pair(b2, dtype)
-    eps_ = jnp.asarray(eps).astype(dtype)
-    root = None if eps_root is None else jnp.asarray(eps_root).astype(dtype)
+    eps_ = scalar(eps, dtype)
+    root = None if eps_root is None else scalar(eps_root, dtype)
+    if isinstance(root, np.ndarray) and root == 0:
+        # s + 0 is s for every s >= +0, NaN and inf: the update is unchanged.
+        root = None
     c1 = c2 = c1_next = alpha = r1 = r2 = r1_next = None
     if count is not None:
         c1 = correction(b1_, count)
@@ -263,6 +322,13 @@ def scalars(
         r2 = None if c2 is None else 1 / c2
         r1_next = None if c1_next is None else 1 / c1_next
     return Scalars(b1_, b2_, c1, c2, eps_, root, c1_next, alpha, r1, r2, r1_next)
+
+
+def scalar(x: ArrayLike, dtype: DTypeLike) -> ArrayLike:
+    """A hyperparameter in ``dtype``; cast on the host when it is not traced."""
+    if _is_traced(x):
+        return jnp.asarray(x).astype(dtype)
+    return np.asarray(x).astype(dtype)
 
 
 def nesterov_first_moment(g: jax.Array, m_new: jax.Array, s: Scalars) -> jax.Array:
@@ -308,9 +374,14 @@ def store(x: jax.Array, like: jax.Array) -> jax.Array:
     overflowed ``v`` is inf, which makes the update 0, as in torch and optax.
     """
     dtype = jnp.dtype(like.dtype)
-    if jnp.finfo(dtype).max >= jnp.finfo(x.dtype).max:
-        return x.astype(dtype)
+    if not _narrower(dtype, jnp.dtype(x.dtype)):
+        return cast(x, dtype)
     return no_overflow(x.astype(dtype), x)
+
+
+@functools.cache
+def _narrower(dtype: np.dtype, than: np.dtype) -> bool:
+    return bool(jnp.finfo(dtype).max < jnp.finfo(than).max)
 
 
 def adam_direction(
@@ -344,19 +415,21 @@ def adam_direction(
     r1 = None if m_is_corrected else sc.r1
     c2, r2, eps, eps_root = sc.c2, sc.r2, sc.eps, sc.eps_root
     if c2 is None or r2 is None:
-        ratio = divide(m, jnp.sqrt(_plus(s, eps_root)) + eps)
+        ratio = divide(m, _denominator(s, eps_root, eps))
     elif eps_hat:
-        s_raw = s * c2 if s_is_corrected else s
-        ratio = divide(m, jnp.sqrt(_plus(s_raw, eps_root)) + eps)
-        return ratio * (jnp.sqrt(c2) if r1 is None or sc.alpha is None else sc.alpha)
+        s_raw = lax.mul(s, c2) if s_is_corrected else s
+        ratio = divide(m, _denominator(s_raw, eps_root, eps))
+        return scale(jnp.sqrt(c2) if r1 is None or sc.alpha is None else sc.alpha, ratio)
     else:
-        s_hat = s if s_is_corrected else s * r2
-        ratio = divide(m, jnp.sqrt(_plus(s_hat, eps_root)) + eps)
-    return ratio if r1 is None else ratio * r1
+        s_hat = s if s_is_corrected else lax.mul(s, r2)
+        ratio = divide(m, _denominator(s_hat, eps_root, eps))
+    return ratio if r1 is None else scale(r1, ratio)
 
 
-def _plus(x: jax.Array, c: jax.Array | None) -> jax.Array:
-    return x if c is None else x + c
+def _denominator(s: jax.Array, eps_root: ArrayLike | None, eps: ArrayLike) -> jax.Array:
+    """``sqrt(s + eps_root) + eps``, for a real ``s`` in the scalars' dtype."""
+    root = lax.sqrt(s if eps_root is None else lax.add(s, eps_root))
+    return lax.add(root, eps)
 
 
 def divide(x: jax.Array, den: jax.Array) -> jax.Array:
@@ -367,4 +440,4 @@ def divide(x: jax.Array, den: jax.Array) -> jax.Array:
     """
     if jnp.iscomplexobj(x):
         return jax.lax.complex(jnp.real(x) / den, jnp.imag(x) / den)
-    return x / den
+    return lax.div(x, den)

@@ -7,7 +7,8 @@ elements. Each repetition jits a fresh function, so nothing is reused from the l
 one except JAX's caches of its own small helpers (one warm-up repetition fills them).
 Reported: medians over ``--reps`` repetitions of trace (``jit(...).trace``), lowering
 (``.lower()``) and compile (``.compile()``), the median time of one step, and the ratio
-ours/optax of each. A last case runs one leaf of 2**24 elements (step time only).
+ours/optax of each. Ours and optax's repetitions (and steps) alternate, so a change in
+the machine's load falls on both. A last case runs one leaf of 2**24 elements (step time only).
 
 Usage::
 
@@ -87,31 +88,40 @@ def build_times(opt, params, state, grads) -> tuple[dict[str, float], object]:
     return {"trace_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2}, compiled
 
 
-def step_time(compiled, params, state, grads, repeats: int) -> float:
-    out = compiled(params, state, grads)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params, state, grads))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def step_time(compiled, params, state, grads) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(params, state, grads))
+    return time.perf_counter() - t0
 
 
-def measure(make, n_leaves: int, size: int, reps: int, step_repeats: int) -> dict[str, float]:
+def measure(
+    makes, n_leaves: int, size: int, reps: int, step_repeats: int
+) -> list[dict[str, float]]:
+    """Build and step times for each of ``makes``, their repetitions interleaved so
+    that a change in the machine's load falls on all of them alike."""
     params, grads = tree(n_leaves, size, 0.5), tree(n_leaves, size, -0.25)
-    opt = make()
-    state = opt.init(params)
-    build_times(opt, params, state, grads)  # warm-up: JAX's own helper caches
-    runs = []
-    compiled = None
+    states = [make().init(params) for make in makes]
+    for make, state in zip(makes, states, strict=True):
+        build_times(make(), params, state, grads)  # warm-up: JAX's own helper caches
+    runs: list[list[dict[str, float]]] = [[] for _ in makes]
+    compiled: list[object] = [None for _ in makes]
     for _ in range(reps):
-        times, compiled = build_times(make(), params, state, grads)
-        runs.append(times)
-    result = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    result["build_s"] = result["trace_s"] + result["lower_s"] + result["compile_s"]
-    result["step_s"] = step_time(compiled, params, state, grads, step_repeats)
-    return result
+        for i, (make, state) in enumerate(zip(makes, states, strict=True)):
+            times, compiled[i] = build_times(make(), params, state, grads)
+            runs[i].append(times)
+    steps: list[list[float]] = [[] for _ in makes]
+    for i, state in enumerate(states):
+        jax.block_until_ready(compiled[i](params, state, grads))  # type: ignore[operator]
+    for _ in range(step_repeats):
+        for i, state in enumerate(states):
+            steps[i].append(step_time(compiled[i], params, state, grads))
+    results = []
+    for i in range(len(makes)):
+        result = {k: statistics.median(r[k] for r in runs[i]) for k in runs[i][0]}
+        result["build_s"] = result["trace_s"] + result["lower_s"] + result["compile_s"]
+        result["step_s"] = statistics.median(steps[i])
+        results.append(result)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':<18}" + "".join(f"{k:>12}" for k in keys))
     pairs = {k: v for k, v in PAIRS.items() if args.only in (None, k)}
     for name, (ours, theirs) in pairs.items():
-        a = measure(ours, n_leaves, args.size, reps, 20)
-        b = measure(theirs, n_leaves, args.size, reps, 20)
+        a, b = measure((ours, theirs), n_leaves, args.size, reps, 20)
         ratio = {k: a[k] / b[k] for k in keys}
         report["cases"][name] = {"adam_jax": a, "optax": b, "ratio": ratio}  # type: ignore[index]
         for label, row in (("adam_jax", a), ("optax", b)):
@@ -151,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     big = 2**20 if args.quick else 2**24
     for name, (ours, theirs) in pairs.items():
-        a = measure(ours, 1, big, 1, 10)["step_s"]
-        b = measure(theirs, 1, big, 1, 10)["step_s"]
+        a, b = (r["step_s"] for r in measure((ours, theirs), 1, big, 1, 10))
         report["cases"][f"{name}-one-leaf-{big}"] = {  # type: ignore[index]
             "adam_jax": {"step_s": a},
             "optax": {"step_s": b},
