@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common
+from adam_jax import _alias, _checks, _common, _dtypes
 from adam_jax._common import Decay
 
 
@@ -84,8 +84,8 @@ def adam_scalars(
 def _init(config: AdamConfig, params: optax.Params) -> AdamState:
     return AdamState(
         count=_common.init_count(),
-        m=_common.zeros_like(params, config.mu_dtype),
-        v=_common.zeros_like(params, config.nu_dtype, real=True, squares=True),
+        m=_dtypes.zeros_like(params, config.mu_dtype),
+        v=_dtypes.zeros_like(params, config.nu_dtype, real=True, squares=True),
     )
 
 
@@ -104,19 +104,19 @@ def _update(
     )
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-        cdt, rdt = _common.dtypes_of(g)
+        cdt, rdt = _dtypes.dtypes_of(g)
         s = scalars[rdt]
-        g_ = _common.cast(g, cdt)
-        m_new = _common.ema(g_, _common.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
+        g_ = _dtypes.cast(g, cdt)
+        m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
         v_new = _common.ema(
-            _common.abs_sq(g_), _common.cast(v, rdt), s.b2, nonnegative=True
+            _common.abs_sq(g_), _dtypes.cast(v, rdt), s.b2, nonnegative=True
         )  # v = b2·v + (1-b2)·|g|²
         if config.nesterov:  # m̂ = b1·m/(1-b1^(t+1)) + (1-b1)·g/(1-b1^t)
             m_hat = _common.nesterov_first_moment(g_, m_new, s)
             u = _common.adam_direction(m_hat, v_new, s, eps_hat=config.eps_hat, m_is_corrected=True)
         else:  # u = m̂/(sqrt(v̂ + eps_root) + eps)
             u = _common.adam_direction(m_new, v_new, s, eps_hat=config.eps_hat)
-        return _common.cast(u, g.dtype), _common.store(m_new, m), _common.cast(v_new, v.dtype)
+        return _dtypes.cast(u, g.dtype), _common.store(m_new, m), _dtypes.cast(v_new, v.dtype)
 
     u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
     return u, AdamState(count=count, m=m, v=v)

@@ -13,7 +13,7 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common
+from adam_jax import _alias, _checks, _common, _dtypes
 from adam_jax._common import Decay
 
 
@@ -49,8 +49,8 @@ class AdamaxConfig:
 def _init(config: AdamaxConfig, params: optax.Params) -> AdamaxState:
     return AdamaxState(
         count=_common.init_count(),
-        m=_common.zeros_like(params, config.mu_dtype),
-        u=_common.zeros_like(params, None, real=True),
+        m=_dtypes.zeros_like(params, config.mu_dtype),
+        u=_dtypes.zeros_like(params, None, real=True),
     )
 
 
@@ -73,12 +73,12 @@ def _update(
     )
 
     def leaf(g: jax.Array, m: jax.Array, u: jax.Array) -> tuple[jax.Array, ...]:
-        cdt, rdt = _common.dtypes_of(g)
+        cdt, rdt = _dtypes.dtypes_of(g)
         s = scalars[rdt]
         r1: jax.Array = s.r1  # type: ignore[assignment]  # always bias-corrected
-        g_ = _common.cast(g, cdt)
-        m_new = _common.ema(g_, _common.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
-        u_decayed = _common.decayed(s.b2, _common.cast(u, rdt), nonnegative=True)
+        g_ = _dtypes.cast(g, cdt)
+        m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
+        u_decayed = _common.decayed(s.b2, _dtypes.cast(u, rdt), nonnegative=True)
         abs_g = lax.abs(g_) if g_.dtype == rdt else jnp.abs(g_)
         # d = m̂/denominator with m̂ = m/(1-b1^t), corrected last (see adam_direction).
         if config.eps_in_max:  # u = max(b2·u, |g| + eps),  d = m̂/u
@@ -87,7 +87,7 @@ def _update(
         else:  # u = max(b2·u, |g|),  d = m̂/(u + eps)
             u_new = lax.max(u_decayed, abs_g)
             d = _common.scale(r1, _common.divide(m_new, lax.add(u_new, s.eps)))
-        return _common.cast(d, g.dtype), _common.store(m_new, m), _common.cast(u_new, u.dtype)
+        return _dtypes.cast(d, g.dtype), _common.store(m_new, m), _dtypes.cast(u_new, u.dtype)
 
     d, m, u = _common.map_leaves(leaf, 3, updates, state.m, state.u)
     return d, AdamaxState(count=count, m=m, u=u)

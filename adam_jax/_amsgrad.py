@@ -11,7 +11,7 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common
+from adam_jax import _alias, _checks, _common, _dtypes
 from adam_jax._adam import AdamHyperparams, adam_hyperparams, adam_scalars
 
 MAX_OF = ("raw", "corrected")
@@ -47,9 +47,9 @@ class AMSGradConfig:
 def _init(config: AMSGradConfig, params: optax.Params) -> AMSGradState:
     return AMSGradState(
         count=_common.init_count(),
-        m=_common.zeros_like(params, config.mu_dtype),
-        v=_common.zeros_like(params, config.nu_dtype, real=True, squares=True),
-        v_max=_common.zeros_like(params, config.nu_dtype, real=True, squares=True),
+        m=_dtypes.zeros_like(params, config.mu_dtype),
+        v=_dtypes.zeros_like(params, config.nu_dtype, real=True, squares=True),
+        v_max=_dtypes.zeros_like(params, config.nu_dtype, real=True, squares=True),
     )
 
 
@@ -67,22 +67,22 @@ def _update(
     corrected = config.max_of == "corrected" and config.bias_correction
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array) -> tuple[jax.Array, ...]:
-        cdt, rdt = _common.dtypes_of(g)
+        cdt, rdt = _dtypes.dtypes_of(g)
         s = scalars[rdt]
-        g_ = _common.cast(g, cdt)
-        m_new = _common.ema(g_, _common.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
-        v_new = _common.ema(_common.abs_sq(g_), _common.cast(v, rdt), s.b2, nonnegative=True)
+        g_ = _dtypes.cast(g, cdt)
+        m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
+        v_new = _common.ema(_common.abs_sq(g_), _dtypes.cast(v, rdt), s.b2, nonnegative=True)
         # v_max = max(v_max, v̂) or max(v_max, v)
         candidate = lax.mul(v_new, s.r2) if corrected and s.r2 is not None else v_new
-        v_max_new = lax.max(_common.cast(v_max, rdt), candidate)
+        v_max_new = lax.max(_dtypes.cast(v_max, rdt), candidate)
         u = _common.adam_direction(
             m_new, v_max_new, s, eps_hat=config.eps_hat, s_is_corrected=corrected
         )
         return (
-            _common.cast(u, g.dtype),
+            _dtypes.cast(u, g.dtype),
             _common.store(m_new, m),
-            _common.cast(v_new, v.dtype),
-            _common.cast(v_max_new, v_max.dtype),
+            _dtypes.cast(v_new, v.dtype),
+            _dtypes.cast(v_max_new, v_max.dtype),
         )
 
     u, m, v, v_max = _common.map_leaves(leaf, 4, updates, state.m, state.v, state.v_max)

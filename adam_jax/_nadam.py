@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common
+from adam_jax import _alias, _checks, _common, _dtypes
 from adam_jax._common import Decay
 
 
@@ -98,7 +98,7 @@ def nadam_leaf(
     g: jax.Array, m: jax.Array, v: jax.Array, s: Step
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One leaf's NAdam step: ``(direction, new m, new v)`` in the storage dtypes."""
-    cdt, rdt = _common.dtypes_of(g)
+    cdt, rdt = _dtypes.dtypes_of(g)
     g_ = g.astype(cdt)
     m_new = _common.ema(g_, m.astype(cdt), s.sc.b1)  # m = b1·m + (1-b1)·g
     v_new = _common.ema(
@@ -116,7 +116,7 @@ def nadam_leaf(
 def product_dtype(params: optax.Params) -> np.dtype:
     """The widest real compute dtype among the leaves (float32 for an empty tree)."""
     dtypes = [
-        _common.real_dtype(_common.compute_dtype(p.dtype))
+        _dtypes.real_dtype(_dtypes.compute_dtype(p.dtype))
         for p in jax.tree.leaves(params)
         if hasattr(p, "dtype")
     ]
@@ -137,8 +137,8 @@ def nadam_hyperparams(
 def _init(config: NAdamConfig, params: optax.Params) -> NAdamState:
     return NAdamState(
         count=_common.init_count(),
-        m=_common.zeros_like(params, config.mu_dtype),
-        v=_common.zeros_like(params, config.nu_dtype, real=True, squares=True),
+        m=_dtypes.zeros_like(params, config.mu_dtype),
+        v=_dtypes.zeros_like(params, config.nu_dtype, real=True, squares=True),
         mu_product=jnp.ones([], product_dtype(params)),
     )
 
@@ -162,7 +162,7 @@ def _update(
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
         g = jnp.asarray(g)
-        return nadam_leaf(g, m, v, steps[_common.dtypes_of(g)[1]])
+        return nadam_leaf(g, m, v, steps[_dtypes.dtypes_of(g)[1]])
 
     u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
     return u, NAdamState(count=count, m=m, v=v, mu_product=product)

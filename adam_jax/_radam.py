@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common
+from adam_jax import _alias, _checks, _common, _dtypes
 from adam_jax._common import Decay
 
 FORMS = ("torch", "optax")
@@ -87,7 +87,7 @@ def radam_leaf(
     g: jax.Array, m: jax.Array, v: jax.Array, s: Step, *, eps_hat: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One leaf's RAdam step: ``(direction, new m, new v)`` in the storage dtypes."""
-    cdt, rdt = _common.dtypes_of(g)
+    cdt, rdt = _dtypes.dtypes_of(g)
     g_ = g.astype(cdt)
     m_new = _common.ema(g_, m.astype(cdt), s.sc.b1)  # m = b1·m + (1-b1)·g
     v_new = _common.ema(
@@ -117,8 +117,8 @@ def radam_hyperparams(
 def _init(config: RAdamConfig, params: optax.Params) -> RAdamState:
     return RAdamState(
         count=_common.init_count(),
-        m=_common.zeros_like(params, config.mu_dtype),
-        v=_common.zeros_like(params, config.nu_dtype, real=True, squares=True),
+        m=_dtypes.zeros_like(params, config.mu_dtype),
+        v=_dtypes.zeros_like(params, config.nu_dtype, real=True, squares=True),
     )
 
 
@@ -142,7 +142,7 @@ def _update(
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
         g = jnp.asarray(g)
-        return radam_leaf(g, m, v, steps[_common.dtypes_of(g)[1]], eps_hat=not optax_form)
+        return radam_leaf(g, m, v, steps[_dtypes.dtypes_of(g)[1]], eps_hat=not optax_form)
 
     u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
     return u, RAdamState(count=count, m=m, v=v)
