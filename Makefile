@@ -1,10 +1,15 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11 and pip:
 #   make demo   creates .venv, installs adam_jax, runs examples/demo.py
-#   make test   creates .venv, installs adam_jax[test], runs the whole suite
+#   make test   creates .venv, installs adam_jax[test], runs the whole suite on up to
+#               4 pytest-xdist workers (one a core), a test file to a worker
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+# Each worker is a JAX process of up to ~2.5 GB: more than 4 buys little and costs memory.
+# loadfile: a module's tests share one worker, so a module-scoped fixture (the 8-device
+# and 2-process subprocess runs, the docs build) runs once, not once a worker.
+PYTEST_XDIST := -n auto --maxprocesses=4 --dist loadfile
 
 .PHONY: demo test lint format bench docs clean
 
@@ -27,7 +32,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python examples/demo.py
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_XDIST)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
