@@ -374,6 +374,11 @@ def check_batched_fit(mode, variants):
     return out
 
 
+# The library's own directory: a checkout (or its virtual environment) may itself
+# sit in a directory named adam_jax.
+PACKAGE = os.path.dirname(os.path.abspath(adam_jax.__file__)) + os.sep
+
+
 def error_record(fn):
     try:
         fn()
@@ -384,7 +389,9 @@ def error_record(fn):
             "module": type(e).__module__,
             "is_value_error": isinstance(e, ValueError),
             "message": str(e),
-            "adam_jax_frames": [f.name for f in frames if "adam_jax" in f.filename],
+            "adam_jax_frames": [
+                f.name for f in frames if os.path.abspath(f.filename).startswith(PACKAGE)
+            ],
         }
     return None
 

@@ -11,10 +11,8 @@ another problem is refused without being touched.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,93 +21,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _faults import (
+    assert_bitwise_equal,
+    finish,
+    kill,
+    listing,
+    run_to_end,
+    start,
+    wait_for,
+    worker_env,
+)
 
 import adam_jax
 
 pytest.importorskip("orbax.checkpoint")
 
-WORKER = Path(__file__).with_name("_fault_worker.py")
 NAMES = ["f32_every1_patience", "f64_every3_full", "f32_last7_target", "f64_none_patience"]
-TIMEOUT = 120  # seconds for one worker process; a hung one is killed and fails the test
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The workers import this checkout's adam_jax and share a compilation cache."""
-    root = Path(adam_jax.__file__).resolve().parent.parent
-    out = dict(os.environ)
-    out["PYTHONPATH"] = os.pathsep.join([str(root), out.get("PYTHONPATH", "")])
-    out["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    out["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    out["JAX_PLATFORMS"] = "cpu"
-    return out
-
-
-def _start(env: dict[str, str], mode: str, workdir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-u", str(WORKER), mode, str(workdir), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def _wait_for(proc: subprocess.Popen, word: str, count: int = 1) -> bool:
-    """Read stdout until ``word`` has been printed ``count`` times; False if the process ended."""
-    deadline = time.monotonic() + TIMEOUT
-    seen = 0
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            return False
-        seen += line.strip() == word
-        if seen >= count:
-            return True
-    proc.kill()
-    pytest.fail(f"worker printed no {word!r} within {TIMEOUT} s")
-
-
-def _finish(proc: subprocess.Popen) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        pytest.fail(f"worker still running after {TIMEOUT} s")
-    return proc.returncode, err
-
-
-def _kill(proc: subprocess.Popen) -> bool:
-    """SIGKILL the worker if it still runs; whether it did."""
-    if proc.poll() is not None:
-        return False
-    proc.send_signal(signal.SIGKILL)
-    return _finish(proc)[0] == -signal.SIGKILL
+    return worker_env(tmp_path_factory)
 
 
 def _run_to_end(env: dict[str, str], workdir: Path) -> None:
-    rc, err = _finish(_start(env, "checkpoint", workdir))
-    assert rc == 0, err
+    run_to_end(env, "checkpoint", workdir)
 
 
 def _assert_bitwise_equal(reference: Path, workdir: Path) -> None:
-    for name in NAMES:
-        want = np.load(reference / f"plain_{name}.npz")
-        got = np.load(workdir / f"checkpoint_{name}.npz")
-        assert want.files == got.files, name
-        for key in want.files:
-            a, b = want[key], got[key]
-            assert (a.dtype, a.shape) == (b.dtype, b.shape), (name, key)
-            assert a.tobytes() == b.tobytes(), (name, key, a, b)
+    assert_bitwise_equal(reference, "plain", workdir, "checkpoint", NAMES)
 
 
 @pytest.fixture(scope="module")
 def reference(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted results, from one worker without checkpoints."""
     workdir = tmp_path_factory.mktemp("plain")
-    rc, err = _finish(_start(env, "plain", workdir))
+    rc, err = finish(start(env, "plain", workdir))
     assert rc == 0, err
     return workdir
 
@@ -121,11 +68,11 @@ def test_sigkill_at_random_moments(env, reference, tmp_path):
     workdir = tmp_path / "chain0"
     workdir.mkdir()
     while kills < 12:
-        proc = _start(env, "checkpoint", workdir)
-        if not _wait_for(proc, "ready"):
-            pytest.fail(_finish(proc)[1])
+        proc = start(env, "checkpoint", workdir)
+        if not wait_for(proc, "ready"):
+            pytest.fail(finish(proc)[1])
         time.sleep(rng.uniform(0.0, 1.5))
-        if _kill(proc):
+        if kill(proc):
             kills += 1
             continue
         # The worker finished before the kill: check it, then start a new run.
@@ -147,25 +94,25 @@ def test_sigkill_during_saves(env, reference, tmp_path):
         attempt += 1
         assert attempt <= 20, f"only {kills} of 20 workers died in a save"
         if attempt % 2:
-            proc = _start(env, "checkpoint", tmp_path, f"--die-on-save={rng.uniform(0, 0.02)}")
-            rc, err = _finish(proc)
+            proc = start(env, "checkpoint", tmp_path, f"--die-on-save={rng.uniform(0, 0.02)}")
+            rc, err = finish(proc)
             assert rc in (-signal.SIGKILL, 0), err
             kills += rc == -signal.SIGKILL
         else:
-            proc = _start(env, "checkpoint", tmp_path)
-            if _wait_for(proc, "saving", count=int(rng.integers(1, 4))):
-                kills += _kill(proc)
+            proc = start(env, "checkpoint", tmp_path)
+            if wait_for(proc, "saving", count=int(rng.integers(1, 4))):
+                kills += kill(proc)
             else:
-                assert _finish(proc)[0] == 0
+                assert finish(proc)[0] == 0
     _run_to_end(env, tmp_path)
     _assert_bitwise_equal(reference, tmp_path)
 
 
 def test_sigint_saves_and_says_how_to_resume(env, reference, tmp_path):
-    proc = _start(env, "checkpoint", tmp_path)
-    assert _wait_for(proc, "saving", count=2)
+    proc = start(env, "checkpoint", tmp_path)
+    assert wait_for(proc, "saving", count=2)
     proc.send_signal(signal.SIGINT)
-    rc, err = _finish(proc)
+    rc, err = finish(proc)
     assert rc != 0
     assert "KeyboardInterrupt: fit interrupted: checkpoint saved at step" in err
     assert "run the same fit call with the same checkpoint_dir to resume" in err
@@ -209,13 +156,6 @@ def _same(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         x, y = np.asarray(x), np.asarray(y)
         assert (x.dtype, x.shape, x.tobytes()) == (y.dtype, y.shape, y.tobytes())
-
-
-def _listing(directory: Path) -> list[tuple[str, int, int]]:
-    return sorted(
-        (str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in directory.rglob("*")
-    )
 
 
 def test_torn_checkpoint_is_never_loaded(tmp_path):
@@ -282,14 +222,14 @@ def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_other_problem_is_refused(saved_run, change, named):
     problem, directory = _problem(), saved_run
     kw = dict(checkpoint_dir=directory, checkpoint_every=25)
-    before = _listing(directory)
+    before = listing(directory)
     other = dict(problem, **change)
     if "params" in change and isinstance(change["params"], dict):
         other["loss_fn"] = lambda p: problem["loss_fn"](p["w"])
     with pytest.raises(ValueError, match=r"holds the checkpoints of a different fit") as e:
         _fit(other, **kw)
     assert named in str(e.value)
-    assert _listing(directory) == before
+    assert listing(directory) == before
 
 
 def test_a_call_that_fails_first_leaves_the_directory_reusable(tmp_path):

@@ -24,8 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_fault_tolerance import _finish, _kill, _listing, _start, _wait_for
-from test_fault_tolerance import env as env  # the workers' environment, a fixture
+from _faults import (
+    assert_bitwise_equal,
+    finish,
+    kill,
+    listing,
+    run_to_end,
+    start,
+    wait_for,
+    worker_env,
+)
 
 import adam_jax
 
@@ -34,27 +42,24 @@ pytest.importorskip("orbax.checkpoint")
 NAMES = ["b64_patience_last5_data"]
 
 
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return worker_env(tmp_path_factory)
+
+
 def _run_to_end(env: dict[str, str], workdir: Path) -> None:
-    rc, err = _finish(_start(env, "batched-checkpoint", workdir))
-    assert rc == 0, err
+    run_to_end(env, "batched-checkpoint", workdir)
 
 
 def _assert_bitwise_equal(reference: Path, workdir: Path) -> None:
-    for name in NAMES:
-        want = np.load(reference / f"batched-plain_{name}.npz")
-        got = np.load(workdir / f"batched-checkpoint_{name}.npz")
-        assert want.files == got.files, name
-        for key in want.files:
-            a, b = want[key], got[key]
-            assert (a.dtype, a.shape) == (b.dtype, b.shape), (name, key)
-            assert a.tobytes() == b.tobytes(), (name, key, a, b)
+    assert_bitwise_equal(reference, "batched-plain", workdir, "batched-checkpoint", NAMES)
 
 
 @pytest.fixture(scope="module")
 def reference(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted result and work counts, from one worker without checkpoints."""
     workdir = tmp_path_factory.mktemp("batched_plain")
-    rc, err = _finish(_start(env, "batched-plain", workdir))
+    rc, err = finish(start(env, "batched-plain", workdir))
     assert rc == 0, err
     return workdir
 
@@ -67,18 +72,18 @@ def test_sigkill_at_random_moments_and_during_saves(env, reference, tmp_path):
     for attempt in itertools.count():
         assert attempt < 20, f"only {kills} of 20 workers were killed"
         if attempt % 2:
-            proc = _start(
+            proc = start(
                 env, "batched-checkpoint", tmp_path, f"--die-on-save={rng.uniform(0, 0.02)}"
             )
-            rc, err = _finish(proc)
+            rc, err = finish(proc)
             assert rc in (-signal.SIGKILL, 0), err
             kills += rc == -signal.SIGKILL
         else:
-            proc = _start(env, "batched-checkpoint", tmp_path)
-            if not _wait_for(proc, "ready"):
-                pytest.fail(_finish(proc)[1])
+            proc = start(env, "batched-checkpoint", tmp_path)
+            if not wait_for(proc, "ready"):
+                pytest.fail(finish(proc)[1])
             time.sleep(rng.uniform(0.5, 3.0))
-            if _kill(proc):
+            if kill(proc):
                 kills += 1
             else:
                 assert proc.returncode == 0, proc.stderr.read()
@@ -89,10 +94,10 @@ def test_sigkill_at_random_moments_and_during_saves(env, reference, tmp_path):
 
 
 def test_sigint_saves_and_says_how_to_resume(env, reference, tmp_path):
-    proc = _start(env, "batched-checkpoint", tmp_path)
-    assert _wait_for(proc, "saving", count=2)
+    proc = start(env, "batched-checkpoint", tmp_path)
+    assert wait_for(proc, "saving", count=2)
     proc.send_signal(signal.SIGINT)
-    rc, err = _finish(proc)
+    rc, err = finish(proc)
     assert rc != 0
     assert "KeyboardInterrupt: fit_batched interrupted: checkpoint saved after" in err
     assert "run the same fit_batched call with the same checkpoint_dir to resume" in err
@@ -286,11 +291,11 @@ def _other_tree(p):
     ],
 )
 def test_other_problem_is_refused(saved_run, change, named):
-    before = _listing(saved_run)
+    before = listing(saved_run)
     with pytest.raises(ValueError, match="holds the checkpoints of a different fit_batched") as e:
         _fit(jnp.float32, checkpoint_dir=saved_run, checkpoint_every=1_000, **change)
     assert named in str(e.value)
-    assert _listing(saved_run) == before
+    assert listing(saved_run) == before
 
 
 def test_bad_arguments(tmp_path, monkeypatch):
