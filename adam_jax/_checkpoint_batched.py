@@ -68,6 +68,8 @@ def _record(make_problem: MakeProblem, inputs: object, data: object, config: Con
         "inputs.tree": str(jax.tree.structure(inputs)),
         "inputs.values": store.digest(inputs),
     }
+    if data is not None:
+        options["data.values"] = store.digest(data)
     for path, x in jax.tree_util.tree_flatten_with_path(inputs)[0]:
         options[f"inputs{jax.tree_util.keystr(path)}"] = store.leaf_record(x)
     return store.problem_record(
@@ -175,7 +177,13 @@ def fit_batched_with_checkpoints(
             arrays, record = saved
             source.skip_to(record)
             k = lanes_def.num_leaves
-            lanes = lanes_def.unflatten([jnp.asarray(arrays[f"lanes{i:05d}"]) for i in range(k)])
+            lanes_at_width = jax.tree.map(
+                lambda t: jax.ShapeDtypeStruct(
+                    (record["width"], *t.shape[1:]), t.dtype, weak_type=t.weak_type
+                ),
+                lanes_t,
+            )
+            lanes = store.restore_like(lanes_at_width, [arrays[f"lanes{i:05d}"] for i in range(k)])
             results = [[arrays[f"results{i:05d}"] for i in range(results_def.num_leaves)]]
             ids = [arrays["ids"]]
             queue = jnp.asarray(record["queue"], jnp.int32)

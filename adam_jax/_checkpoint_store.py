@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 FORMAT = 1
@@ -159,7 +160,13 @@ def check_problem(directory: Path, record: dict[str, Any], entry: str = "fit") -
             )
         return False
     steps = directory / STEPS_DIR
-    others = [p for p in directory.iterdir() if p != steps] if directory.exists() else []
+    # A claim cut short (killed between writing and renaming its record) leaves a
+    # temporary file that does not make the directory anyone else's.
+    others = (
+        [p for p in directory.iterdir() if p != steps and not p.name.startswith(TMP_PREFIX)]
+        if directory.exists()
+        else []
+    )
     if others or (steps.exists() and any(steps.iterdir())):
         raise ValueError(
             f"checkpoint_dir={str(directory)!r} is not empty and holds no {PROBLEM_FILE}, so it "
@@ -168,9 +175,12 @@ def check_problem(directory: Path, record: dict[str, Any], entry: str = "fit") -
     return True
 
 
+TMP_PREFIX = f".{PROBLEM_FILE}.tmp-"
+
+
 def claim(directory: Path, record: dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{PROBLEM_FILE}.tmp-{os.getpid()}"
+    tmp = directory / f"{TMP_PREFIX}{os.getpid()}"
     tmp.write_text(json.dumps({"format": FORMAT, "problem": record}, indent=1))
     os.replace(tmp, directory / PROBLEM_FILE)
 
@@ -186,7 +196,9 @@ class Interrupt:
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            previous = signal.signal(signal.SIGINT, self._handle)
+            # None: a handler installed outside Python; Ctrl-C then raises as usual.
+            self.previous = signal.default_int_handler if previous is None else previous
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -261,3 +273,25 @@ def restore_newest(
                 stacklevel=4,
             )
     return None
+
+
+def restore_like(template: Any, leaves: list[np.ndarray]) -> Any:
+    """Restored leaves as arrays with their templates' tree, dtypes and weak types.
+
+    A weakly typed value (a learning rate from ``jnp.full(n, 0.05)``) that came back
+    strongly typed would promote differently (a bfloat16 param times it would become
+    float32) and compile a second program; NumPy keeps no weak types, so they are
+    taken from the template.
+    """
+    arrays = [
+        _weak(jnp.asarray(x, t.dtype)) if t.weak_type else jnp.asarray(x, t.dtype)
+        for t, x in zip(jax.tree.leaves(template), leaves, strict=True)
+    ]
+    return jax.tree.structure(template).unflatten(arrays)
+
+
+def _weak(x: jax.Array) -> jax.Array:
+    # JAX has no public way to make an array weakly typed but from a Python scalar.
+    from jax._src.lax.lax import _convert_element_type
+
+    return _convert_element_type(x, np.dtype(x.dtype), weak_type=True)

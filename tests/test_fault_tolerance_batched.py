@@ -313,3 +313,50 @@ def test_bad_arguments(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"fit_batched\(checkpoint_dir=\.\.\.\) needs orbax"):
         _fit(jnp.float32, checkpoint_dir=tmp_path, checkpoint_every=5)
     assert not any(tmp_path.iterdir())
+
+
+def test_weakly_typed_inputs_resume_alike(tmp_path):
+    """A learning rate made from a Python float is weakly typed, so bfloat16 params
+    times it stay bfloat16. Lanes read back from a checkpoint keep the weak type, or
+    the resumed run would round otherwise (and compile again)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(40, 16, 2)), jnp.bfloat16)
+    y = jnp.asarray(rng.normal(size=(40, 16, 1)), jnp.bfloat16)
+    lr = jnp.full((40,), 0.0123)
+    assert lr.weak_type
+    kw = dict(inputs=(x, y, lr), early_stopping=None, num_steps=90, history=None)
+    ckpt = dict(checkpoint_dir=tmp_path, checkpoint_every=30, checkpoint_keep=10)
+    want = _fit(jnp.bfloat16, **kw)
+    _same(want, _fit(jnp.bfloat16, **kw, **ckpt))
+    progress = _progress(tmp_path)
+    for k in progress:
+        if k > min(progress):
+            shutil.rmtree(tmp_path / "steps" / str(k))
+    _same(want, _fit(jnp.bfloat16, **kw, **ckpt))
+
+
+def test_a_record_cut_short_does_not_block_the_directory(tmp_path):
+    """A kill between writing the problem record and renaming it leaves a temporary
+    file; the directory is still the run's own."""
+    (tmp_path / ".fit.json.tmp-12345").write_text("{")
+    want = _fit(jnp.float32)
+    _same(want, _fit(jnp.float32, checkpoint_dir=tmp_path, checkpoint_every=100))
+
+
+def test_other_data_values_are_refused(tmp_path):
+    """Per-problem data with other values (same shapes) is another problem."""
+    x, y, lr = _inputs(jnp.float32)
+
+    def make(lr):
+        def loss(w, batch):
+            bx, by = batch
+            return jnp.mean((bx @ w - by) ** 2)
+
+        return loss, jnp.zeros((2, 1), jnp.float32), adam_jax.adam(lr)
+
+    ckpt = dict(num_steps=20, checkpoint_dir=tmp_path, checkpoint_every=10**6)
+    adam_jax.fit_batched(make, lr, data=(x[:, None], y[:, None]), **ckpt)
+    before = listing(tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint_dir=.*data\.values"):
+        adam_jax.fit_batched(make, lr, data=(x[:, None], y[:, None] + 1), **ckpt)
+    assert listing(tmp_path) == before
