@@ -177,13 +177,7 @@ def fit_batched_with_checkpoints(
             arrays, record = saved
             source.skip_to(record)
             k = lanes_def.num_leaves
-            lanes_at_width = jax.tree.map(
-                lambda t: jax.ShapeDtypeStruct(
-                    (record["width"], *t.shape[1:]), t.dtype, weak_type=t.weak_type
-                ),
-                lanes_t,
-            )
-            lanes = store.restore_like(lanes_at_width, [arrays[f"lanes{i:05d}"] for i in range(k)])
+            lanes = store.restore_like(lanes_t, [arrays[f"lanes{i:05d}"] for i in range(k)])
             results = [[arrays[f"results{i:05d}"] for i in range(results_def.num_leaves)]]
             ids = [arrays["ids"]]
             queue = jnp.asarray(record["queue"], jnp.int32)

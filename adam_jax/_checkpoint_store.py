@@ -276,7 +276,8 @@ def restore_newest(
 
 
 def restore_like(template: Any, leaves: list[np.ndarray]) -> Any:
-    """Restored leaves as arrays with their templates' tree, dtypes and weak types.
+    """Restored leaves as arrays with their templates' tree, dtypes and weak types
+    (the shapes are the leaves' own: a template of lanes fits any lane width).
 
     A weakly typed value (a learning rate from ``jnp.full(n, 0.05)``) that came back
     strongly typed would promote differently (a bfloat16 param times it would become

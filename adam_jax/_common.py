@@ -78,16 +78,14 @@ def decay_pair(decay: ArrayLike | Decay, dtype: DTypeLike) -> Decay:
     (:data:`UNBOUNDED`), so a many-leaf update stages no more than its arithmetic.
     """
     d, one_minus_d, _ = decay_leaves(decay)
-    if not _is_traced(d) and not _is_traced(one_minus_d):
-        d_np = np.asarray(d).astype(dtype)
-        om_np = np.asarray(one_minus_d).astype(dtype)
-        if d_np != 0:
-            return Decay(d_np, om_np, UNBOUNDED)
+    d_, om = scalar(d, dtype), scalar(one_minus_d, dtype)
+    if isinstance(d_, np.ndarray) and isinstance(om, np.ndarray):
+        if d_ != 0:
+            return Decay(d_, om, UNBOUNDED)
         big = np.asarray(np.finfo(_dtypes.real_dtype(dtype)).max, _dtypes.real_dtype(dtype))
-        return Decay(d_np, om_np, (-big, big))
-    d_ = jnp.asarray(d).astype(dtype)
+        return Decay(d_, om, (-big, big))
     cap = jnp.where(d_ == 0, jnp.finfo(dtype).max, jnp.inf).astype(_dtypes.real_dtype(dtype))
-    return Decay(d_, jnp.asarray(one_minus_d).astype(dtype), (-cap, cap))
+    return Decay(d_, om, (-cap, cap))
 
 
 # The cap of a decay known not to be 0: x is left as it is.
