@@ -41,6 +41,7 @@ A new optimizer is one line in ``ROWS``: its name, how to build it from
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial as P
 from typing import Any, NamedTuple
 
 import jax
@@ -101,37 +102,24 @@ class Row(NamedTuple):
 
 ROWS = [
     Row("scale_by_adam", adam_jax.scale_by_adam, ADAM),
-    Row("scale_by_adam_nesterov", lambda **k: adam_jax.scale_by_adam(nesterov=True, **k), ADAM),
+    Row("scale_by_adam_nesterov", P(adam_jax.scale_by_adam, nesterov=True), ADAM),
     Row("scale_by_amsgrad", adam_jax.scale_by_amsgrad, AMSGRAD),
-    Row(
-        "scale_by_amsgrad_corrected",
-        lambda **k: adam_jax.scale_by_amsgrad(max_of="corrected", **k),
-        AMSGRAD,
-    ),  # noqa: E501
+    Row("scale_by_amsgrad_corrected", P(adam_jax.scale_by_amsgrad, max_of="corrected"), AMSGRAD),
     Row("scale_by_adamax", adam_jax.scale_by_adamax, ADAMAX, nu=False),
     Row("scale_by_nadam", adam_jax.scale_by_nadam, NADAM),
     Row("scale_by_radam", adam_jax.scale_by_radam, ADAM),
-    Row("adam", lambda **k: adam_jax.adam(1e-2, **k), ADAM),
-    Row(
-        "adam_decoupled_maximize",
-        lambda **k: adam_jax.adam(
-            1e-2, weight_decay=0.1, decoupled_weight_decay=True, maximize=True, **k
-        ),
-        ADAM,
-    ),  # noqa: E501
-    Row("adamw", lambda **k: adam_jax.adamw(1e-2, **k), ADAM),
-    Row(
-        "adamw_schedule",
-        lambda **k: adam_jax.adamw(optax.linear_schedule(1e-2, 1e-3, 10), **k),
-        ADAM,
-    ),  # noqa: E501
-    Row("amsgrad", lambda **k: adam_jax.amsgrad(1e-2, weight_decay=0.1, **k), AMSGRAD),
-    Row("adamax", lambda **k: adam_jax.adamax(1e-2, weight_decay=0.1, **k), ADAMAX, nu=False),
-    Row("adamaxw", lambda **k: adam_jax.adamaxw(1e-2, **k), ADAMAX, nu=False),
-    Row("nadam", lambda **k: adam_jax.nadam(1e-2, weight_decay=0.1, **k), NADAM),
-    Row("nadamw", lambda **k: adam_jax.nadamw(1e-2, **k), NADAM),
-    Row("radam", lambda **k: adam_jax.radam(1e-2, weight_decay=0.1, **k), ADAM),
-    Row("radamw", lambda **k: adam_jax.radamw(1e-2, form="optax", **k), ADAM),
+    Row("adam", P(adam_jax.adam, 1e-2), ADAM),
+    Row("adam_decoupled", P(adam_jax.adam, weight_decay=0.1, decoupled_weight_decay=True), ADAM),
+    Row("adam_maximize", P(adam_jax.adam, 1e-2, maximize=True), ADAM),
+    Row("adamw", P(adam_jax.adamw, 1e-2), ADAM),
+    Row("adamw_schedule", P(adam_jax.adamw, optax.linear_schedule(1e-2, 1e-3, 10)), ADAM),
+    Row("amsgrad", P(adam_jax.amsgrad, 1e-2, weight_decay=0.1), AMSGRAD),
+    Row("adamax", P(adam_jax.adamax, 1e-2, weight_decay=0.1), ADAMAX, nu=False),
+    Row("adamaxw", P(adam_jax.adamaxw, 1e-2), ADAMAX, nu=False),
+    Row("nadam", P(adam_jax.nadam, 1e-2, weight_decay=0.1), NADAM),
+    Row("nadamw", P(adam_jax.nadamw, 1e-2), NADAM),
+    Row("radam", P(adam_jax.radam, 1e-2, weight_decay=0.1), ADAM),
+    Row("radamw", P(adam_jax.radamw, 1e-2, form="optax"), ADAM),
 ]
 
 REAL_DTYPES = [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16]
