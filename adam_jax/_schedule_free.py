@@ -68,8 +68,7 @@ def _check_real(tree: optax.Params, what: str) -> None:
         _checks.check_leaf(p, where)
         if jnp.iscomplexobj(p):
             raise TypeError(
-                f"{where} is {jnp.dtype(p.dtype).name}: schedule_free_adamw takes real "
-                "params only"
+                f"{where} is {jnp.dtype(p.dtype).name}: schedule_free_adamw takes real params only"
             )
 
 
@@ -103,7 +102,9 @@ def _update(
             f"got {type(state).__name__}"
         )
     if params is None:
-        raise ValueError("schedule_free_adamw's update needs the params: update(grads, state, params)")
+        raise ValueError(
+            "schedule_free_adamw's update needs the params: update(grads, state, params)"
+        )
     _checks.check_like(updates, state.z)
     _checks.check_like(params, state.z, what="params")
     _check_real(updates, "grads")
@@ -117,8 +118,8 @@ def _update(
     # The schedule's scalars, once per update, in the widest compute dtype.
     sdt = scalar_dtype(updates)
     k = state.count.astype(sdt)
-    lr = config.lr_schedule(state.count) if config.lr_schedule is not None else hp.learning_rate
-    lr = _common.scalar(lr, sdt)
+    lr_in: Any = hp.learning_rate if config.lr_schedule is None else config.lr_schedule(state.count)
+    lr = _common.scalar(lr_in, sdt)
     warmup = _common.scalar(hp.warmup_steps, sdt)
     lr_k = lr * jnp.where(k < warmup, (k + 1) / jnp.maximum(warmup, 1), 1)  # never 0 at k=0
     lr_max = jnp.maximum(state.lr_max, lr_k)
@@ -131,24 +132,29 @@ def _update(
     y_coef = lr_k * (b1.d * (1 - c) - 1)  # lr_k·(b1·(1-c) - 1)
     count = _common.increment(state.count)
 
-    def step_scalars(dt: np.dtype) -> _common.Scalars:
-        return _common.scalars(dt, count, hp.b1, hp.b2, hp.eps)
+    def step_scalars(dt: np.dtype) -> tuple[Decay, ArrayLike, jax.Array]:
+        b2 = _common.decay_pair(hp.b2, dt)
+        return b2, _common.scalar(hp.eps, dt), 1 / _common.correction(b2, count)
 
     steps = _common.by_dtype(updates, step_scalars)
 
     def leaf(g: jax.Array, y: jax.Array, z: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
         cdt, _ = _dtypes.dtypes_of(g)
-        s = steps[cdt]
+        b2, eps, r2 = steps[cdt]
         g_, y_, z_ = (_dtypes.cast(x, cdt) for x in (g, y, z))
-        v_new = _common.ema(_common.abs_sq(g_), _dtypes.cast(v, cdt), s.b2, nonnegative=True)
+        v_new = _common.ema(_common.abs_sq(g_), _dtypes.cast(v, cdt), b2, nonnegative=True)
         # gn = g/(sqrt(v/(1-b2^(k+1))) + eps) + wd·y
-        gn = g_ / (jnp.sqrt(v_new * s.r2) + s.eps) + _common.scale(
+        gn = g_ / (jnp.sqrt(v_new * r2) + eps) + _common.scale(
             _common.scalar(hp.weight_decay, cdt), y_
         )
         # y <- lerp(y, z, c) + lr_k·(b1·(1-c) - 1)·gn;  z <- z - lr_k·gn
         delta = c.astype(cdt) * (z_ - y_) + y_coef.astype(cdt) * gn
         z_new = z_ - lr_k.astype(cdt) * gn
-        return _dtypes.cast(delta, y.dtype), _dtypes.cast(z_new, z.dtype), _dtypes.cast(v_new, v.dtype)
+        return (
+            _dtypes.cast(delta, y.dtype),
+            _dtypes.cast(z_new, z.dtype),
+            _dtypes.cast(v_new, v.dtype),
+        )
 
     u, z, v = _common.map_leaves(leaf, 3, updates, params, state.z, state.v)
     return u, ScheduleFreeState(count, z, v, weight_sum, lr_max, b1.d.astype(sdt))
