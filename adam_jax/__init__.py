@@ -4,6 +4,7 @@ import importlib.metadata
 
 from adam_jax._adam import AdamState, adam, adamw, scale_by_adam
 from adam_jax._adamax import AdamaxState, adamax, adamaxw, scale_by_adamax
+from adam_jax._adopt import ADOPTState, adopt, scale_by_adopt
 from adam_jax._amsgrad import AMSGradState, amsgrad, scale_by_amsgrad
 from adam_jax._early_stopping import (
     EarlyStopping,
@@ -15,6 +16,11 @@ from adam_jax._fit import FitResult, History, fit
 from adam_jax._fit_batched import BatchedWork, default_slots, fit_batched
 from adam_jax._nadam import NAdamState, nadam, nadamw, scale_by_nadam
 from adam_jax._radam import RAdamState, radam, radamw, scale_by_radam
+from adam_jax._schedule_free import (
+    ScheduleFreeState,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+)
 from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
 
 try:
@@ -23,6 +29,7 @@ except importlib.metadata.PackageNotFoundError:  # imported from a checkout, not
     __version__ = "unknown"
 
 __all__ = [
+    "ADOPTState",
     "AMSGradState",
     "AdamState",
     "AdamaxState",
@@ -33,11 +40,13 @@ __all__ = [
     "History",
     "NAdamState",
     "RAdamState",
+    "ScheduleFreeState",
     "StopReason",
     "adam",
     "adamax",
     "adamaxw",
     "adamw",
+    "adopt",
     "amsgrad",
     "bytes_per_device",
     "default_slots",
@@ -50,9 +59,12 @@ __all__ = [
     "radamw",
     "scale_by_adam",
     "scale_by_adamax",
+    "scale_by_adopt",
     "scale_by_amsgrad",
     "scale_by_nadam",
     "scale_by_radam",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
     "zero1_spec",
     "zero1_state_shardings",
 ]

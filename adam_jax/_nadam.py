@@ -25,8 +25,8 @@ class NAdamState(NamedTuple):
       m: first moment, shaped like the params, in ``mu_dtype``.
       v: second moment, shaped like the params, in ``nu_dtype`` (real for complex params).
       mu_product: real scalar :math:`\\prod_{i \\le t} \\mu_i`, the running product of the
-        momentum schedule, in the widest real compute dtype of the params (float64 when
-        any leaf is float64, else float32).
+        momentum schedule, in ``mu_product_dtype``; by default the widest real compute
+        dtype of the params (float64 when any leaf is float64, else float32).
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
@@ -49,6 +49,7 @@ class NAdamHyperparams(NamedTuple):
 class NAdamConfig:
     mu_dtype: np.dtype | None
     nu_dtype: np.dtype | None
+    mu_product_dtype: np.dtype | None = None
 
 
 class Step(NamedTuple):
@@ -72,18 +73,19 @@ def momentum_schedule(
 
 
 def schedule_coefficients(
-    hp: NAdamHyperparams, count: jax.Array, mu_product: jax.Array
+    hp: NAdamHyperparams, count: jax.Array, mu_product: jax.Array, dtype: np.dtype
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(g_coef, m_coef, new mu_product)`` in ``mu_product``'s dtype (the widest
-    among the leaves), computed once per update."""
-    pdt = mu_product.dtype
-    b1 = _common.decay_pair(hp.b1, pdt)
-    md = jnp.asarray(hp.momentum_decay).astype(pdt)
-    t = count.astype(pdt)
+    """``(g_coef, m_coef, new mu_product)``, computed once per update in ``dtype`` (the
+    widest of the leaves' compute dtypes and ``mu_product``'s); the product itself is
+    rounded to its own dtype at every step, as torch rounds it to its default dtype."""
+    b1 = _common.decay_pair(hp.b1, dtype)
+    md = jnp.asarray(hp.momentum_decay).astype(dtype)
+    t = count.astype(dtype)
     mu, one_minus_mu = momentum_schedule(b1, md, t)
     mu_next, _ = momentum_schedule(b1, md, t + 1)
-    product = mu_product * mu
-    return one_minus_mu / (1 - product), mu_next / (1 - product * mu_next), product
+    stored = mu_product * mu.astype(mu_product.dtype)
+    product = stored.astype(dtype)
+    return one_minus_mu / (1 - product), mu_next / (1 - product * mu_next), stored
 
 
 def step_scalars(
@@ -123,6 +125,13 @@ def product_dtype(params: optax.Params) -> np.dtype:
     return np.dtype(jnp.result_type(jnp.float32, *dtypes))
 
 
+def _real_dtype(name: str, dtype: DTypeLike | None) -> np.dtype | None:
+    dt = _checks.canonical_dtype(name, dtype)
+    if dt is not None and not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{name} must be a real floating-point dtype, got {name}={dt.name}")
+    return None if dt is None else np.dtype(dt)
+
+
 def nadam_hyperparams(
     b1: ArrayLike, b2: ArrayLike, eps: ArrayLike, momentum_decay: ArrayLike
 ) -> NAdamHyperparams:
@@ -135,11 +144,13 @@ def nadam_hyperparams(
 
 
 def _init(config: NAdamConfig, params: optax.Params) -> NAdamState:
+    pdt = config.mu_product_dtype
+    pdt = product_dtype(params) if pdt is None else pdt
     return NAdamState(
         count=_common.init_count(),
         m=_dtypes.zeros_like(params, config.mu_dtype),
         v=_dtypes.zeros_like(params, config.nu_dtype, real=True, squares=True),
-        mu_product=jnp.ones([], product_dtype(params)),
+        mu_product=jnp.ones([], pdt),
     )
 
 
@@ -157,7 +168,8 @@ def _update(
     _checks.traced_interval("eps", hp.eps, 0.0)
     _checks.traced_interval("momentum_decay", hp.momentum_decay, 0.0, math.inf, high_open=False)
     count = _common.increment(state.count)
-    g_coef, m_coef, product = schedule_coefficients(hp, count, state.mu_product)
+    dtype = np.dtype(jnp.result_type(product_dtype(updates), state.mu_product.dtype))
+    g_coef, m_coef, product = schedule_coefficients(hp, count, state.mu_product, dtype)
     steps = _common.by_dtype(updates, lambda dt: step_scalars(hp, count, g_coef, m_coef, dt))
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
@@ -176,6 +188,7 @@ def scale_by_nadam(
     momentum_decay: ArrayLike = 4e-3,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    mu_product_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with NAdam and Dozat's momentum schedule, without a learning rate.
 
@@ -213,7 +226,8 @@ def scale_by_nadam(
 
     * bfloat16/float16 leaves are computed in float32 and stored back.
     * :math:`\Pi_t` is kept in the widest compute dtype of the params; torch keeps
-      it in its default dtype (float32 unless ``torch.set_default_dtype(torch.float64)``).
+      it in its default dtype (float32 unless ``torch.set_default_dtype(torch.float64)``):
+      ``mu_product_dtype=jnp.float32`` reproduces that with float64 params.
       :math:`1 - \Pi_t` is formed from the stored product, so it carries a relative
       error of about :math:`u\,\Pi_t/(1-\Pi_t)` (unit roundoff :math:`u`): negligible
       for the usual :math:`\beta_1`, up to about :math:`1/(1-\beta_1)` ulps for :math:`\beta_1`
@@ -230,11 +244,19 @@ def scale_by_nadam(
       mu_dtype: dtype to store ``m`` in; default the param dtype.
       nu_dtype: dtype to store ``v`` in; default as in :func:`adam_jax.scale_by_adam`
         (the param dtype, float32 for float16 params).
+      mu_product_dtype: dtype to keep :math:`\Pi_t` in, rounded to it at every step
+        (the coefficients are still computed in the widest of it and the params'
+        compute dtypes). Default None: the widest compute dtype of the params, which
+        is torch run with its default dtype set to the params' (float64 for float64
+        params). ``jnp.float32`` with float64 params is ``torch.optim.NAdam`` at
+        torch's default dtype float32, which keeps its product in float32
+        (:math:`\Pi_t = \mathrm{fl}_{32}(\Pi_{t-1}\,\mathrm{fl}_{32}(\mu_t))`), and moves
+        the params by about 1e-9 relative from the float64 product.
 
     Hyperparameters are pytree leaves and may be traced, as in
     :func:`adam_jax.scale_by_adam`; traced values are range-checked only under
-    ``jax.experimental.checkify.checkify``. The options (``mu_dtype``, ``nu_dtype``)
-    are static.
+    ``jax.experimental.checkify.checkify``. The options (``mu_dtype``, ``nu_dtype``,
+    ``mu_product_dtype``) are static.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`NAdamState`.
@@ -254,6 +276,7 @@ def scale_by_nadam(
     config = NAdamConfig(
         _checks.canonical_dtype("mu_dtype", mu_dtype),
         _checks.canonical_dtype("nu_dtype", nu_dtype),
+        _real_dtype("mu_product_dtype", mu_product_dtype),
     )
     return _alias.transformation(_init, _update, config, hp)
 
@@ -270,6 +293,7 @@ def nadam(
     maximize: bool = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    mu_product_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdam with a learning rate, weight decay and ``maximize``: ``torch.optim.NAdam``.
 
@@ -288,7 +312,8 @@ def nadam(
 
     Args:
       learning_rate: a number, an array or an optax schedule ``count -> lr``; >= 0.
-      b1, b2, eps, momentum_decay, mu_dtype, nu_dtype: as in :func:`scale_by_nadam`.
+      b1, b2, eps, momentum_decay, mu_dtype, nu_dtype, mu_product_dtype: as in
+        :func:`scale_by_nadam`.
       weight_decay: :math:`\lambda`, >= 0.
       decoupled_weight_decay: decay the params directly (AdamW-style) instead of
         adding :math:`\lambda p` to the gradient.
@@ -312,7 +337,13 @@ def nadam(
     """
     _checks.check_bool("decoupled_weight_decay", decoupled_weight_decay)
     scaler = scale_by_nadam(
-        b1, b2, eps, momentum_decay=momentum_decay, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+        b1,
+        b2,
+        eps,
+        momentum_decay=momentum_decay,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        mu_product_dtype=mu_product_dtype,
     )
     if decoupled_weight_decay:
         return _alias.decoupled(scaler, learning_rate, weight_decay, None, maximize)
@@ -331,6 +362,7 @@ def nadamw(
     maximize: bool = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    mu_product_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdam with decoupled weight decay, scaled by the learning rate.
 
@@ -344,7 +376,8 @@ def nadamw(
       weight_decay: decoupled decay, >= 0.
       mask: which params decay, as in ``optax.add_decayed_weights``.
       maximize: ascend instead of descend.
-      b1, b2, eps, momentum_decay, mu_dtype, nu_dtype: as in :func:`scale_by_nadam`.
+      b1, b2, eps, momentum_decay, mu_dtype, nu_dtype, mu_product_dtype: as in
+        :func:`scale_by_nadam`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -358,6 +391,12 @@ def nadamw(
       Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
     """
     scaler = scale_by_nadam(
-        b1, b2, eps, momentum_decay=momentum_decay, mu_dtype=mu_dtype, nu_dtype=nu_dtype
+        b1,
+        b2,
+        eps,
+        momentum_decay=momentum_decay,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        mu_product_dtype=mu_product_dtype,
     )
     return _alias.decoupled(scaler, learning_rate, weight_decay, mask, maximize)
