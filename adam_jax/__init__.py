@@ -4,7 +4,9 @@ import importlib.metadata
 
 from adam_jax._adam import AdamState, adam, adamw, scale_by_adam
 from adam_jax._adamax import AdamaxState, adamax, adamaxw, scale_by_adamax
+from adam_jax._ademamix import AdEMAMixState, ademamix, scale_by_ademamix
 from adam_jax._amsgrad import AMSGradState, amsgrad, scale_by_amsgrad
+from adam_jax._cautious import cautious
 from adam_jax._early_stopping import (
     EarlyStopping,
     EarlyStoppingState,
@@ -16,6 +18,7 @@ from adam_jax._fit_batched import BatchedWork, default_slots, fit_batched
 from adam_jax._nadam import NAdamState, nadam, nadamw, scale_by_nadam
 from adam_jax._radam import RAdamState, radam, radamw, scale_by_radam
 from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
+from adam_jax._stable_adamw import StableAdamWState, scale_by_stable_adamw, stable_adamw
 
 try:
     __version__ = importlib.metadata.version("adam_jax")  # set in pyproject.toml only
@@ -24,6 +27,7 @@ except importlib.metadata.PackageNotFoundError:  # imported from a checkout, not
 
 __all__ = [
     "AMSGradState",
+    "AdEMAMixState",
     "AdamState",
     "AdamaxState",
     "BatchedWork",
@@ -33,13 +37,16 @@ __all__ = [
     "History",
     "NAdamState",
     "RAdamState",
+    "StableAdamWState",
     "StopReason",
     "adam",
     "adamax",
     "adamaxw",
     "adamw",
+    "ademamix",
     "amsgrad",
     "bytes_per_device",
+    "cautious",
     "default_slots",
     "early_stopping",
     "fit",
@@ -50,9 +57,12 @@ __all__ = [
     "radamw",
     "scale_by_adam",
     "scale_by_adamax",
+    "scale_by_ademamix",
     "scale_by_amsgrad",
     "scale_by_nadam",
     "scale_by_radam",
+    "scale_by_stable_adamw",
+    "stable_adamw",
     "zero1_spec",
     "zero1_state_shardings",
 ]

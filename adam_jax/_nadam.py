@@ -268,6 +268,7 @@ def nadam(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
+    cautious: bool | str = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -293,6 +294,8 @@ def nadam(
       decoupled_weight_decay: decay the params directly (AdamW-style) instead of
         adding :math:`\lambda p` to the gradient.
       maximize: ascend instead of descend, as in torch.
+      cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
+        first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (an ``optax.chain``); its
@@ -315,8 +318,10 @@ def nadam(
         b1, b2, eps, momentum_decay=momentum_decay, mu_dtype=mu_dtype, nu_dtype=nu_dtype
     )
     if decoupled_weight_decay:
-        return _alias.decoupled(scaler, learning_rate, weight_decay, None, maximize)
-    return _alias.coupled(scaler, learning_rate, weight_decay, maximize)
+        return _alias.decoupled(
+            scaler, learning_rate, weight_decay, None, maximize, cautious=cautious
+        )
+    return _alias.coupled(scaler, learning_rate, weight_decay, maximize, cautious=cautious)
 
 
 def nadamw(
@@ -329,6 +334,7 @@ def nadamw(
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: _alias.Mask = None,
     maximize: bool = False,
+    cautious: bool | str = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -344,6 +350,8 @@ def nadamw(
       weight_decay: decoupled decay, >= 0.
       mask: which params decay, as in ``optax.add_decayed_weights``.
       maximize: ascend instead of descend.
+      cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
+        first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
       b1, b2, eps, momentum_decay, mu_dtype, nu_dtype: as in :func:`scale_by_nadam`.
 
     Returns:
@@ -360,4 +368,4 @@ def nadamw(
     scaler = scale_by_nadam(
         b1, b2, eps, momentum_decay=momentum_decay, mu_dtype=mu_dtype, nu_dtype=nu_dtype
     )
-    return _alias.decoupled(scaler, learning_rate, weight_decay, mask, maximize)
+    return _alias.decoupled(scaler, learning_rate, weight_decay, mask, maximize, cautious=cautious)
