@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install -e ".[demo]"
 	touch $@
 
+# timm (the cautious AdamW reference) goes in without its dependencies, which would pull a
+# CUDA torch and torchvision: the tests import timm/optim/adamw.py, which needs only torch.
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps timm==1.0.31
 	touch $@ $(VENV)/.installed
 
 $(VENV)/.installed-docs: pyproject.toml | $(BIN)/python

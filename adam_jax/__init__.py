@@ -4,8 +4,10 @@ import importlib.metadata
 
 from adam_jax._adam import AdamState, adam, adamw, scale_by_adam
 from adam_jax._adamax import AdamaxState, adamax, adamaxw, scale_by_adamax
+from adam_jax._ademamix import AdEMAMixState, ademamix, scale_by_ademamix
 from adam_jax._adopt import ADOPTState, adopt, scale_by_adopt
 from adam_jax._amsgrad import AMSGradState, amsgrad, scale_by_amsgrad
+from adam_jax._cautious import cautious
 from adam_jax._early_stopping import (
     EarlyStopping,
     EarlyStoppingState,
@@ -22,6 +24,7 @@ from adam_jax._schedule_free import (
     schedule_free_eval_params,
 )
 from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
+from adam_jax._stable_adamw import StableAdamWState, scale_by_stable_adamw, stable_adamw
 
 try:
     __version__ = importlib.metadata.version("adam_jax")  # set in pyproject.toml only
@@ -31,6 +34,7 @@ except importlib.metadata.PackageNotFoundError:  # imported from a checkout, not
 __all__ = [
     "ADOPTState",
     "AMSGradState",
+    "AdEMAMixState",
     "AdamState",
     "AdamaxState",
     "BatchedWork",
@@ -41,14 +45,17 @@ __all__ = [
     "NAdamState",
     "RAdamState",
     "ScheduleFreeState",
+    "StableAdamWState",
     "StopReason",
     "adam",
     "adamax",
     "adamaxw",
     "adamw",
+    "ademamix",
     "adopt",
     "amsgrad",
     "bytes_per_device",
+    "cautious",
     "default_slots",
     "early_stopping",
     "fit",
@@ -59,12 +66,15 @@ __all__ = [
     "radamw",
     "scale_by_adam",
     "scale_by_adamax",
+    "scale_by_ademamix",
     "scale_by_adopt",
     "scale_by_amsgrad",
     "scale_by_nadam",
     "scale_by_radam",
+    "scale_by_stable_adamw",
     "schedule_free_adamw",
     "schedule_free_eval_params",
+    "stable_adamw",
     "zero1_spec",
     "zero1_state_shardings",
 ]

@@ -241,6 +241,7 @@ def adam(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
+    cautious: bool | str = False,
     eps_hat: bool = False,
     nesterov: bool = False,
     bias_correction: bool = True,
@@ -267,6 +268,8 @@ def adam(
         ``η·λ·p`` outside the Adam step instead of adding ``λ·p`` to the gradient;
         ``True`` is :func:`adamw` (with this function's default ``weight_decay=0``).
       maximize: ascend instead of descend, as in torch.
+      cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
+        first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with the state of an
@@ -301,8 +304,10 @@ def adam(
         nu_dtype=nu_dtype,
     )
     if decoupled_weight_decay:
-        return _alias.decoupled(scaler, learning_rate, weight_decay, None, maximize)
-    return _alias.coupled(scaler, learning_rate, weight_decay, maximize)
+        return _alias.decoupled(
+            scaler, learning_rate, weight_decay, None, maximize, cautious=cautious
+        )
+    return _alias.coupled(scaler, learning_rate, weight_decay, maximize, cautious=cautious)
 
 
 def adamw(
@@ -315,6 +320,7 @@ def adamw(
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: _alias.Mask = None,
     maximize: bool = False,
+    cautious: bool | str = False,
     eps_hat: bool = False,
     nesterov: bool = False,
     bias_correction: bool = True,
@@ -337,6 +343,8 @@ def adamw(
       mask: as in ``optax.add_decayed_weights``: a tree of bools or a callable
         choosing which params decay.
       maximize: ascend instead of descend, as in torch.
+      cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
+        first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
       b1, b2, eps, eps_root, eps_hat, nesterov, bias_correction, mu_dtype, nu_dtype:
         as in :func:`scale_by_adam`.
 
@@ -367,4 +375,5 @@ def adamw(
         weight_decay,
         mask,
         maximize,
+        cautious=cautious,
     )

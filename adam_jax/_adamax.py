@@ -169,6 +169,7 @@ def adamax(
     *,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     maximize: bool = False,
+    cautious: bool | str = False,
     eps_in_max: bool = False,
     mu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -183,6 +184,8 @@ def adamax(
       learning_rate: a number, an array or an optax schedule; >= 0.
       weight_decay: coupled L2 coefficient, >= 0.
       maximize: ascend instead of descend.
+      cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
+        first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
       b1, b2, eps, eps_in_max, mu_dtype: as in :func:`scale_by_adamax`.
 
     Returns:
@@ -201,6 +204,7 @@ def adamax(
         learning_rate,
         weight_decay,
         maximize,
+        cautious=cautious,
     )
 
 
@@ -213,6 +217,7 @@ def adamaxw(
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: _alias.Mask = None,
     maximize: bool = False,
+    cautious: bool | str = False,
     eps_in_max: bool = False,
     mu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -227,6 +232,8 @@ def adamaxw(
       weight_decay: decoupled decay, >= 0.
       mask: which params decay, as in ``optax.add_decayed_weights``.
       maximize: ascend instead of descend.
+      cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
+        first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
       b1, b2, eps, eps_in_max, mu_dtype: as in :func:`scale_by_adamax`.
 
     Returns:
@@ -246,4 +253,5 @@ def adamaxw(
         weight_decay,
         mask,
         maximize,
+        cautious=cautious,
     )

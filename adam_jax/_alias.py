@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from jax.tree_util import Partial
 
-from adam_jax import _checks
+from adam_jax import _cautious, _checks
 
 Mask: TypeAlias = optax.Params | Callable[[optax.Params], optax.Params] | None
 
@@ -189,12 +189,15 @@ def coupled(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: optax.ScalarOrSchedule,
     maximize: bool,
+    cautious: bool | str = False,
 ) -> optax.GradientTransformationExtraArgs:
     """``torch.optim.Adam``/``Adamax`` layout: L2 added to the gradient.
 
-    ``g ← (-g if maximize else g) + weight_decay·p``, then ``scaler``, then
-    ``-learning_rate·``. ``update`` needs ``params``, as in torch and ``optax.adamw``.
+    ``g ← (-g if maximize else g) + weight_decay·p``, then ``scaler`` (made
+    cautious if asked), then ``-learning_rate·``. ``update`` needs ``params``, as in
+    torch and ``optax.adamw``.
     """
+    scaler = _cautious.maybe(scaler, cautious)
     return _alias(scaler, learning_rate, weight_decay, None, maximize, decoupled=False)
 
 
@@ -204,10 +207,13 @@ def decoupled(
     weight_decay: optax.ScalarOrSchedule,
     mask: Mask,
     maximize: bool,
+    cautious: bool | str = False,
 ) -> optax.GradientTransformationExtraArgs:
     """``torch.optim.AdamW``/``optax.adamw`` layout: decay scaled by the learning rate.
 
     ``u = -learning_rate·(scaler(±g) + weight_decay·p)``, which is torch's
-    ``p ← p·(1 - lr·wd) - lr·adam(g)`` and exactly ``optax.adamw``'s chain.
+    ``p ← p·(1 - lr·wd) - lr·adam(g)`` and exactly ``optax.adamw``'s chain. The
+    scaler is made cautious (:func:`adam_jax.cautious`) if asked; the decay is not masked.
     """
+    scaler = _cautious.maybe(scaler, cautious)
     return _alias(scaler, learning_rate, weight_decay, mask, maximize, decoupled=True)

@@ -174,6 +174,7 @@ def amsgrad(
     *,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     maximize: bool = False,
+    cautious: bool | str = False,
     eps_hat: bool = False,
     max_of: str = "raw",
     bias_correction: bool = True,
@@ -190,6 +191,8 @@ def amsgrad(
       learning_rate: a number, an array or an optax schedule; >= 0.
       weight_decay: coupled L2 coefficient, >= 0.
       maximize: ascend instead of descend.
+      cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
+        first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
       b1, b2, eps, eps_root, eps_hat, max_of, bias_correction, mu_dtype, nu_dtype:
         as in :func:`scale_by_amsgrad`.
 
@@ -219,4 +222,5 @@ def amsgrad(
         learning_rate,
         weight_decay,
         maximize,
+        cautious=cautious,
     )

@@ -291,6 +291,7 @@ def nadam(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
+    cautious: bool | str = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     mu_product_dtype: DTypeLike | None = None,
@@ -318,6 +319,8 @@ def nadam(
       decoupled_weight_decay: decay the params directly (AdamW-style) instead of
         adding :math:`\lambda p` to the gradient.
       maximize: ascend instead of descend, as in torch.
+      cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
+        first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (an ``optax.chain``); its
@@ -346,8 +349,10 @@ def nadam(
         mu_product_dtype=mu_product_dtype,
     )
     if decoupled_weight_decay:
-        return _alias.decoupled(scaler, learning_rate, weight_decay, None, maximize)
-    return _alias.coupled(scaler, learning_rate, weight_decay, maximize)
+        return _alias.decoupled(
+            scaler, learning_rate, weight_decay, None, maximize, cautious=cautious
+        )
+    return _alias.coupled(scaler, learning_rate, weight_decay, maximize, cautious=cautious)
 
 
 def nadamw(
@@ -360,6 +365,7 @@ def nadamw(
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: _alias.Mask = None,
     maximize: bool = False,
+    cautious: bool | str = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     mu_product_dtype: DTypeLike | None = None,
@@ -376,6 +382,8 @@ def nadamw(
       weight_decay: decoupled decay, >= 0.
       mask: which params decay, as in ``optax.add_decayed_weights``.
       maximize: ascend instead of descend.
+      cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
+        first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
       b1, b2, eps, momentum_decay, mu_dtype, nu_dtype, mu_product_dtype: as in
         :func:`scale_by_nadam`.
 
@@ -399,4 +407,4 @@ def nadamw(
         nu_dtype=nu_dtype,
         mu_product_dtype=mu_product_dtype,
     )
-    return _alias.decoupled(scaler, learning_rate, weight_decay, mask, maximize)
+    return _alias.decoupled(scaler, learning_rate, weight_decay, mask, maximize, cautious=cautious)

@@ -238,6 +238,7 @@ def radam(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
+    cautious: bool | str = False,
     threshold: ArrayLike = 5.0,
     form: str = "torch",
     mu_dtype: DTypeLike | None = None,
@@ -265,6 +266,8 @@ def radam(
       decoupled_weight_decay: decay the params directly (AdamW-style) instead of
         adding :math:`\lambda p` to the gradient.
       maximize: ascend instead of descend.
+      cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
+        first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -293,8 +296,10 @@ def radam(
         nu_dtype=nu_dtype,
     )
     if decoupled_weight_decay:
-        return _alias.decoupled(scaler, learning_rate, weight_decay, None, maximize)
-    return _alias.coupled(scaler, learning_rate, weight_decay, maximize)
+        return _alias.decoupled(
+            scaler, learning_rate, weight_decay, None, maximize, cautious=cautious
+        )
+    return _alias.coupled(scaler, learning_rate, weight_decay, maximize, cautious=cautious)
 
 
 def radamw(
@@ -307,6 +312,7 @@ def radamw(
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: _alias.Mask = None,
     maximize: bool = False,
+    cautious: bool | str = False,
     threshold: ArrayLike = 5.0,
     form: str = "torch",
     mu_dtype: DTypeLike | None = None,
@@ -324,6 +330,8 @@ def radamw(
       weight_decay: decoupled decay, >= 0.
       mask: which params decay, as in ``optax.add_decayed_weights``.
       maximize: ascend instead of descend.
+      cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
+        first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
       b1, b2, eps, eps_root, threshold, form, mu_dtype, nu_dtype: as in
         :func:`scale_by_radam`.
 
@@ -348,4 +356,4 @@ def radamw(
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
     )
-    return _alias.decoupled(scaler, learning_rate, weight_decay, mask, maximize)
+    return _alias.decoupled(scaler, learning_rate, weight_decay, mask, maximize, cautious=cautious)

@@ -28,6 +28,7 @@ WITH_FIGURES = {
     "06_batched_sweeps",
     "07_sharding",
     "09_digits_mlp",
+    "10_modern_adam",
 }
 PAGES = sorted((ROOT / "docs").glob("*.md"))
 

@@ -364,6 +364,28 @@ np.testing.assert_allclose(ours["val_loss"][:20], theirs["val_loss"][:20], rtol=
 """,
         ),
     ],
+    "10_modern_adam": [
+        (
+            "results = {name: train(tx) for name, tx in optimizers.items()}",
+            """\
+final = {name: c[0][-1] for name, c in curves.items()}
+assert all(c[2][-1] > 0.95 for c in curves.values())
+for name in ("adamw", "stable_adamw", "cautious adamw"):
+    assert curves[name][2][-1] >= 0.975, name  # 98-99% test accuracy
+assert final["cautious adamw"] == min(final.values())  # falls fastest
+assert abs(final["stable_adamw"] - final["adamw"]) < 0.3 * final["adamw"]  # follows AdamW closely
+assert curves["ademamix"][0][-1] > 1.2 * curves["ademamix"][0].min()  # turns back up
+""",
+        ),
+        (
+            'stable_state = results["stable_adamw"][1][0]',
+            "assert all(float(v) == 1.0 for v in stable_state.lr_scale.values())",
+        ),
+        (
+            "agree = {k: float(jnp.mean(moments[k] * grads[k] > 0)) for k in grads}",
+            "assert 0.2 < min(agree.values()) and max(agree.values()) < 0.9",
+        ),
+    ],
 }
 
 
