@@ -1,6 +1,6 @@
 """adam_jax: Adam, AMSGrad, Adamax, NAdam, RAdam for JAX, exact against torch, optax and Keras."""
 
-import importlib.metadata
+import importlib.metadata as _metadata
 
 from adam_jax._adam import AdamState, adam, adamw, scale_by_adam
 from adam_jax._adamax import AdamaxState, adamax, adamaxw, scale_by_adamax
@@ -27,8 +27,8 @@ from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardin
 from adam_jax._stable_adamw import StableAdamWState, scale_by_stable_adamw, stable_adamw
 
 try:
-    __version__ = importlib.metadata.version("adam_jax")  # set in pyproject.toml only
-except importlib.metadata.PackageNotFoundError:  # imported from a checkout, not installed
+    __version__ = _metadata.version("adam_jax")  # set in pyproject.toml only
+except _metadata.PackageNotFoundError:  # imported from a checkout, not installed
     __version__ = "unknown"
 
 __all__ = [

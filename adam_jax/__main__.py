@@ -2,7 +2,8 @@
 
 * ``adam-jax --version``: the installed version.
 * ``adam-jax demo [ARGS]``: run ``examples/demo.py`` of the source checkout.
-* ``adam-jax bench [ARGS]``: run ``benchmarks/bench_update.py`` of the source checkout.
+* ``adam-jax bench [ARGS]``: run ``benchmarks/bench_update.py`` of the source checkout
+  (``--out FILE`` writes the whole run as JSON).
 
 The demo and the benchmarks are scripts in the repository, not part of the installed
 package: they need a checkout (an editable install, ``pip install -e .``, has one).
@@ -19,6 +20,12 @@ import adam_jax
 
 SCRIPTS = {"demo": "examples/demo.py", "bench": "benchmarks/bench_update.py"}
 CHECKOUT = Path(__file__).resolve().parent.parent
+# The optimizer families, as the help names them: one entry each.
+FAMILIES = ("Adam", "AMSGrad", "Adamax", "NAdam", "RAdam")
+DESCRIPTION = (
+    f"{', '.join(FAMILIES[:-1])} and {FAMILIES[-1]} for JAX, exact against PyTorch, optax "
+    "and Keras, with compiled early stopping."
+)
 
 
 def _run_script(command: str, args: list[str]) -> int:
@@ -35,13 +42,18 @@ def _run_script(command: str, args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="adam-jax", description="Adam, AMSGrad and Adamax for JAX."
-    )
+    parser = argparse.ArgumentParser(prog="adam-jax", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"adam_jax {adam_jax.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command, script in SCRIPTS.items():
-        sub.add_parser(command, help=f"run {script} from the source checkout", add_help=False)
+    helps = {
+        "demo": "run the demo's checks (examples/demo.py of the checkout)",
+        "bench": (
+            "time one step of each family against optax and torch, goals met or missed "
+            "(benchmarks/bench_update.py; `adam-jax bench --help` for its options)"
+        ),
+    }
+    for command in SCRIPTS:
+        sub.add_parser(command, help=helps[command], add_help=False)
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     return _run_script(args.command, rest)
 

@@ -3,10 +3,11 @@
 With ``checkpoint_dir``, ``fit`` runs its compiled loop in segments of
 ``checkpoint_every`` steps, each one a resumed fit (``opt_state``,
 ``early_stopping_state``, ``initial_step``), and saves the whole run state with
-orbax-checkpoint after each: the last params, both states, the next step, and
-the part of ``losses``/``steps`` the fit's ``history`` keeps. Calling the same
-fit again finds the newest complete checkpoint and goes on from there; the
-result is bit-identical to an uninterrupted run. A ``fit.json`` record of the
+orbax-checkpoint after each, as ``steps/<step>`` (the global step the run goes on
+from): the last params, both states, the next step, and the part of
+``losses``/``steps`` the fit's ``history`` keeps. Calling the same fit again
+finds the newest complete checkpoint, says so (step and directory) and goes on
+from there; the result is bit-identical to an uninterrupted run. A ``fit.json`` record of the
 problem (trees, shapes, dtypes, hyperparameters, fit options) sits beside the
 checkpoints, and a directory written by another problem is refused.
 """
@@ -193,7 +194,7 @@ def fit_with_checkpoints(
             if unclaimed:
                 store.claim(directory, problem)
                 unclaimed = False
-            store.save(ocp, manager, tree, progress_record)
+            store.save(ocp, manager, tree, progress_record, step=start + applied)
             if interrupt.requested:
                 break
         if interrupt.requested:

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import signal
 import threading
 import types
@@ -26,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adam_jax import _reporting
+
 FORMAT = 1
 PROBLEM_FILE = "fit.json"
 STEPS_DIR = "steps"
@@ -36,8 +39,8 @@ def import_orbax(entry: str = "fit") -> types.ModuleType:
         import orbax.checkpoint as ocp
     except ImportError as e:
         raise ImportError(
-            f'{entry}(checkpoint_dir=...) needs orbax-checkpoint: pip install -e ".[checkpoint]" '
-            '(or pip install "adam_jax[checkpoint]")'
+            f"{entry}(checkpoint_dir=...) needs orbax-checkpoint, an optional dependency: "
+            'pip install -e ".[checkpoint]" from a checkout'
         ) from e
     return ocp
 
@@ -229,11 +232,34 @@ def manager(ocp: types.ModuleType, directory: Path, keep: int) -> Any:
     )
 
 
-def save(ocp: types.ModuleType, mgr: Any, tree: dict[str, Any], record: dict[str, Any]) -> None:
+def save(
+    ocp: types.ModuleType,
+    mgr: Any,
+    tree: dict[str, Any],
+    record: dict[str, Any],
+    step: int | None = None,
+) -> None:
+    """Save ``tree`` with its progress ``record`` as checkpoint ``step`` (``steps/<step>``).
+
+    Without ``step``, checkpoints are numbered in the order they are saved.
+    """
     # orbax refuses empty arrays; restore_newest makes them again from their template.
     tree = {k: x for k, x in tree.items() if np.size(x)}
-    # Numbered after every checkpoint there, a torn newer one included.
-    number = max(mgr.all_steps(), default=0) + 1
+    if step is None:
+        # Numbered after every checkpoint there, a torn newer one included.
+        number = max(mgr.all_steps(), default=0) + 1
+    else:
+        number = step
+        # orbax saves only past its newest checkpoint. One at this step or later is
+        # either torn (the run resumed from an older one) or the same step saved
+        # before an early stop that took no further update: this one supersedes it.
+        # Deleted here and now: orbax's own delete runs in the background and could
+        # remove the new checkpoint of the same step.
+        stale = [s for s in mgr.all_steps() if s >= number]
+        for old in stale:
+            shutil.rmtree(Path(str(mgr.directory)) / str(old))
+        if stale:
+            mgr.reload()
     mgr.save(
         number,
         args=ocp.args.Composite(
@@ -251,6 +277,9 @@ def restore_newest(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     """The newest checkpoint that reads back whole, as (arrays, progress record), or None.
 
+    A checkpoint read back is announced (:func:`adam_jax._reporting.announce_resume`)
+    with its step and directory, as the log lines are printed.
+
     ``abstract(record)`` gives the arrays' shapes and dtypes (zeros) from the
     checkpoint's progress record. orbax writes a checkpoint under a temporary
     name and renames it when complete, and lists only complete ones; one that
@@ -264,6 +293,7 @@ def restore_newest(
             stored = {k: x for k, x in template.items() if x.size}
             args = ocp.args.Composite(state=ocp.args.StandardRestore(stored))
             state = mgr.restore(step, args=args).state if stored else {}
+            _reporting.announce_resume(record, directory / STEPS_DIR / str(step))
             return {k: np.asarray(state[k]) if x.size else x for k, x in template.items()}, record
         except Exception as e:
             warnings.warn(

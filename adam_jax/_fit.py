@@ -225,7 +225,7 @@ def fit(
         numbering.) An int, or an int array, also traced: under vmap each
         problem may resume at its own step. A new value does not recompile.
       checkpoint_dir: save the whole run state there every ``checkpoint_every``
-        steps with orbax-checkpoint (``pip install adam_jax[checkpoint]``),
+        steps with orbax-checkpoint (``pip install -e ".[checkpoint]"`` from a checkout),
         keeping the last ``checkpoint_keep``; the same call again resumes from
         the newest complete one, bit-identically, and a Ctrl-C saves before it
         stops. A directory of another problem is refused. Not under jit/vmap.

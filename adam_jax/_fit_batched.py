@@ -196,7 +196,7 @@ def fit_batched(
         the latest values of the running problems.
       return_work: also return a :class:`BatchedWork`.
       checkpoint_dir: save the whole run state there every ``checkpoint_every``
-        iterations with orbax-checkpoint (``pip install adam_jax[checkpoint]``),
+        iterations with orbax-checkpoint (``pip install -e ".[checkpoint]"`` from a checkout),
         keeping the last ``checkpoint_keep``; the same call again resumes from
         the newest complete checkpoint and returns exactly what an uninterrupted
         call returns. Not with inputs sharded over several devices (see below).

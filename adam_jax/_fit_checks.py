@@ -72,7 +72,13 @@ def check_loss_output(out: Any, has_aux: bool) -> jax.ShapeDtypeStruct:
         named = [("loss", out)]
     for what, x in named:
         if not isinstance(x, jax.ShapeDtypeStruct):
-            raise ValueError(f"loss_fn's {what} must be a single array, got {out}")
+            pair = not has_aux and isinstance(out, tuple | list) and len(out) == 2
+            hint = (
+                "; loss_fn returns a pair: if it is (loss, metric), pass has_aux=True"
+                if pair
+                else ""
+            )
+            raise ValueError(f"loss_fn's {what} must be a single array, got {out}{hint}")
         if x.shape != ():
             raise ValueError(f"loss_fn's {what} must be a scalar, got shape {x.shape}")
         if not jnp.issubdtype(x.dtype, jnp.floating):

@@ -1,10 +1,13 @@
 """Reporting from inside :func:`adam_jax.fit`'s compiled loop: ``log_every`` lines
-and the tqdm progress bar, through one host callback per batch of steps."""
+and the tqdm progress bar, through one host callback per batch of steps; and the
+line that announces a resumed checkpointed run."""
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,33 @@ def import_tqdm() -> type:
             'pip install -e ".[progress]" from a checkout'
         ) from e
     return tqdm
+
+
+def write_line(line: str) -> None:
+    """Print a line as the logs are printed: above any open tqdm bar."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None:
+        tqdm.tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+    else:
+        print(line, flush=True)
+
+
+def announce_resume(record: dict[str, Any], checkpoint: Path) -> None:
+    """Say that a checkpointed run goes on from ``checkpoint`` (its progress ``record``)."""
+    where = repr(str(checkpoint))
+    if "next_step" in record:  # fit's record
+        step = record["next_step"]
+        if record["finished"]:
+            write_line(f"fit: the run saved in {where} had finished at step {step}; its result")
+        else:
+            write_line(f"fit: resuming at step {step} from the checkpoint {where}")
+    else:  # fit_batched's
+        done = f"{record['iterations']} iterations, {record['rows']} problems finished"
+        if record["finished"]:
+            write_line(f"fit_batched: the run saved in {where} had finished ({done}); its result")
+        else:
+            write_line(f"fit_batched: resuming after {done}, from the checkpoint {where}")
 
 
 BEGIN, REPORT, END = 0, 1, 2
@@ -145,6 +175,8 @@ class Reporter:
         if self.bar is not None:
             self.bar.n = min(int((r.initial_step + r.i).max()), self.bar.total)
         self._print_lines(None)
+        if self.log_every is not None:
+            self._print_stops(r)
         if self.bar is None:
             return
         stopped = r.reason != StopReason.NONE
@@ -156,6 +188,19 @@ class Reporter:
             self.bar.set_postfix(loss=f"{r.last_value[0]:.6g}", refresh=False)
         self.bar.close()  # draws the bar
         self.bar = None
+
+    def _print_stops(self, r: Record) -> None:
+        """The line that ends the logs of a run that stopped early: the reason by name."""
+        stopped = r.reason != StopReason.NONE
+        if not stopped.any():
+            return
+        if self.batch == 1:
+            step = int(r.initial_step[0] + r.i[0]) - 1  # the step whose value stopped it
+            self._write(f"step {step} stopped: {StopReason(int(r.reason[0])).name}")
+        else:
+            counts = np.bincount(r.reason.astype(np.int64), minlength=len(StopReason))
+            named = ", ".join(f"{StopReason(k).name} {n}" for k, n in enumerate(counts) if n)
+            self._write(f"stop reasons of the {self.batch} problems: {named}")
 
     def _write(self, line: str) -> None:
         if self.bar is not None:

@@ -59,6 +59,14 @@ class FitResult(NamedTuple):
     last_params: optax.Params = None
     steps: jax.Array | None = None
 
+    def __repr__(self) -> str:
+        # The stop reason by name where a user reads it: a single result or a small batch.
+        fields = [
+            f"{name}={_reason_repr(value) if name == 'stop_reason' else repr(value)}"
+            for name, value in zip(self._fields, self, strict=True)
+        ]
+        return f"FitResult({', '.join(fields)})"
+
     def stop_reason_names(self) -> str | np.ndarray:
         """The stop reason as a name (``"TARGET"``, ``"NONE"``, ...), on the host.
 
@@ -78,3 +86,19 @@ class FitResult(NamedTuple):
         codes = np.asarray(self.stop_reason)
         names = np.vectorize(lambda c: StopReason(int(c)).name, otypes=[object])(codes)
         return str(names[()]) if codes.ndim == 0 else names.astype(str)
+
+
+_NAMED_UP_TO = 64  # a batch of stop reasons shown by name; larger ones as their codes
+
+
+def _reason_repr(value: object) -> str:
+    """``TARGET``, or ``[TARGET NONE ...]`` for a small batch; else the value's own repr."""
+    if isinstance(value, jax.core.Tracer) or not isinstance(value, jax.Array | np.ndarray):
+        return repr(value)
+    codes = np.asarray(value)
+    if codes.size > _NAMED_UP_TO or not np.isin(codes, [r.value for r in StopReason]).all():
+        return repr(value)
+    names = np.vectorize(lambda c: StopReason(int(c)).name, otypes=[object])(codes)
+    if codes.ndim == 0:
+        return str(names[()])
+    return np.array2string(names, separator=" ", formatter={"object": str})

@@ -6,16 +6,19 @@ Usage::
     python benchmarks/bench_update.py --quick    # smaller sizes, under a minute
     python benchmarks/bench_update.py --help
 
-Results go to ``benchmarks/results/update.json`` (``update-quick.json`` with ``--quick``),
-beside this script wherever it is run from, or to ``--json PATH``.
+The tables go to the terminal, with each goal marked met or missed; ``--out FILE``
+also writes the whole run as JSON (``benchmarks/results/update.json`` is the committed
+full run, written with ``--out benchmarks/results/update.json``).
 
 An Adam step is a memory-bound pass over the parameters: it reads p, g, m and v and
 writes p, m and v (28 bytes per float32 parameter; 36 for AMSGrad's extra ``v_max``).
 This module times the step a user writes -- ``opt.update`` then
 ``optax.apply_updates`` inside ``jax.jit`` with params and state donated -- against:
 
-* the optax optimizer with the same math (``optax.adam``, ``optax.amsgrad``, which is
-  our ``max_of="corrected"``, and ``optax.adamax``, which is our ``eps_in_max=True``);
+* the optax optimizer with the same math (``optax.adam``; ``optax.amsgrad``, which is
+  our ``max_of="corrected"``; ``optax.adamax``, our ``eps_in_max=True``; ``optax.nadam``,
+  our ``momentum_decay=inf``; ``optax.radam``, our ``form="optax"``), one entry a
+  family in ``harness.cases.FAMILIES``;
 * ``torch.optim`` (``fused=True`` and ``foreach=True``) when torch is installed;
 * a bandwidth floor measured in the same run: the fastest in-place read-modify-write
   of an array holding as many bytes as the step reads plus writes, from JAX, NumPy and
@@ -66,20 +69,91 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.cases import Settings, case_many_leaves, case_one_leaf, case_vmap, have_torch
+from harness.cases import (
+    FAMILIES,
+    Settings,
+    case_many_leaves,
+    case_one_leaf,
+    case_vmap,
+    have_torch,
+)
 from harness.machine import loadavg, machine_env, machine_info
-from harness.report import format_report
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from harness.report import format_report, table
 
 CASES = ("one_leaf", "many_leaves", "vmap", "bf16")
-OPTIMIZERS = ("adam", "amsgrad", "adamax")
+OPTIMIZERS = tuple(FAMILIES)  # every family of the library, one entry each in FAMILIES
 GOALS = {
     "one_leaf": "adam_jax <= 0.8x optax and <= 1.0x torch fused",
     "many_leaves": "compile <= 0.2x optax; step <= 0.8x optax",
     "vmap": ">= 100x faster than a Python loop of per-problem optax steps",
     "bf16": "state bytes halved; peak <= params + grads + state + 10%",
 }
+
+
+def _at_most(value: float | None, bound: float) -> tuple[str, bool | None]:
+    return ("-", None) if value is None else (f"{value:.2f}x", value <= bound)
+
+
+def _goal_checks(row: dict[str, Any], rows: list[dict[str, Any]]) -> list[tuple[str, str, Any]]:
+    """(goal, measured, met) for each goal of the row's case; met is None where not measured."""
+    r = row.get("ratios", {})
+    case = row["case"]
+    if case == "one_leaf":
+        return [
+            ("adam_jax <= 0.8x optax", *_at_most(r.get("adam_jax/optax"), 0.8)),
+            ("adam_jax <= 1.0x torch fused", *_at_most(r.get("adam_jax/torch_fused"), 1.0)),
+        ]
+    if case == "many_leaves":
+        c = row["compile"]
+        return [
+            ("compile <= 0.2x optax", *_at_most(c.get("ratio_trace_plus_compile"), 0.2)),
+            ("step <= 0.8x optax", *_at_most(r.get("adam_jax/optax"), 0.8)),
+        ]
+    if case == "vmap":
+        speedup = r.get("optax_python_loop/adam_jax")
+        shown = "-" if speedup is None else f"{speedup:.0f}x"
+        return [(">= 100x a Python loop of optax steps", shown, speedup and speedup >= 100)]
+    if case == "bf16":
+        ours = row["results"]["adam_jax"]
+        full = [
+            x["results"]["adam_jax"]["state_bytes"]
+            for x in rows
+            if x["case"] == "one_leaf" and x["optimizer"] == row["optimizer"]
+        ]
+        halved = (
+            ("-", None)
+            if not full
+            else (f"{ours['state_bytes'] / full[0]:.2f}x", ours["state_bytes"] <= 0.5 * full[0] + 64)
+        )
+        peak = row["memory"]["adam_jax"]["peak/budget"]
+        return [
+            ("state bytes <= 0.5x float32's", *halved),
+            ("peak <= 1.1x params + grads + state", f"{peak:.2f}x", peak <= 1.1),
+        ]
+    return []
+
+
+def check_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every goal of every row, measured, with whether it holds."""
+    return [
+        {"case": row["case"], "optimizer": row["optimizer"], "goal": goal, "measured": m,
+         "met": None if met is None else bool(met)}
+        for row in report["cases"]
+        for goal, m, met in _goal_checks(row, report["cases"])
+    ]  # fmt: skip
+
+
+def format_goals(results: list[dict[str, Any]]) -> str:
+    word = {True: "met", False: "MISSED", None: "not measured"}
+    rows = [[g["case"], g["optimizer"], g["goal"], g["measured"], word[g["met"]]] for g in results]
+    met = sum(g["met"] is True for g in results)
+    missed = sum(g["met"] is False for g in results)
+    return "\n".join(
+        [
+            f"Goals: {met} met, {missed} missed",
+            table(["case", "optimizer", "goal", "measured", ""], rows),
+        ]
+    )
 
 
 FULL = Settings(24, 1000, 4096, 1024, (8, 8), 128, 15, 2)
@@ -127,11 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop-subset", type=int, help="problems timed in the Python loop")
     p.add_argument("--no-torch", action="store_true", help="leave torch out even if installed")
     p.add_argument(
-        "--json",
+        "--out",
         type=Path,
-        help=f"where to write the JSON results (default {RESULTS}/update[-quick].json)",
+        metavar="FILE",
+        help="also write the whole run, goals included, as JSON to FILE (default: none)",
     )
-    p.add_argument("--no-json", action="store_true", help="print the table only")
     return p
 
 
@@ -196,6 +270,7 @@ def run(
             report["cases"].append(row)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
     report["load_average"] = loadavg()
+    report["goal_results"] = check_goals(report)
     return report
 
 
@@ -220,11 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         with_torch = not args.no_torch and have_torch()
     report = run(settings, args.cases, args.optimizers, with_torch, args.quick, argv)
     print(format_report(report))
-    if not args.no_json:
-        path = args.json or RESULTS / ("update-quick.json" if args.quick else "update.json")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"\nJSON: {path}  (wall {report['wall_s']} s)")
+    print("\n" + format_goals(report["goal_results"]))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"\nJSON: {args.out}  (wall {report['wall_s']} s)")
+    else:
+        print(f"\n(wall {report['wall_s']} s; --out FILE writes the whole run as JSON)")
     return 0
 
 

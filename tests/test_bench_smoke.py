@@ -30,7 +30,7 @@ TINY = [
 
 def test_bench_writes_every_case(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench_update.main([*TINY, "--json", str(out)]) == 0
+    assert bench_update.main([*TINY, "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {"schema", "machine", "settings", "method", "goals", "cases"} <= set(report)
     assert {"cpu", "cores", "versions"} <= set(report["machine"])
@@ -61,25 +61,38 @@ def test_bench_writes_every_case(tmp_path, capsys):
     assert bf16 < 0.6 * f32
     printed = capsys.readouterr().out
     assert "Step time" in printed and "Compile time" in printed and "vmap" in printed
+    # Every goal of every case is measured and marked, in the table and the JSON.
+    goals = report["goal_results"]
+    assert {g["case"] for g in goals} == set(bench_update.CASES)
+    assert all(g["met"] in (True, False) for g in goals if g["goal"] != "adam_jax <= 1.0x torch fused")
+    met, missed = sum(g["met"] is True for g in goals), sum(g["met"] is False for g in goals)
+    assert f"Goals: {met} met, {missed} missed" in printed
+    assert printed.count("| met") + printed.count("| MISSED") == met + missed
 
 
 def test_bench_rejects_unknown_case():
     with pytest.raises(SystemExit):
-        bench_update.main(["--cases", "nope", "--no-json"])
+        bench_update.main(["--cases", "nope"])
 
 
-def test_results_go_beside_the_script_not_into_the_working_directory(tmp_path, monkeypatch, capsys):
-    assert bench_update.RESULTS == BENCHMARKS / "results"
-    results, cwd = tmp_path / "results", tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(bench_update, "RESULTS", results)
-    tiny = [*TINY, "--cases", "one_leaf", "--no-torch"]
-    assert bench_update.main(tiny) == 0
-    assert bench_update.main([*tiny, "--quick"]) == 0
-    assert sorted(p.name for p in results.iterdir()) == ["update-quick.json", "update.json"]
-    assert list(cwd.iterdir()) == []
-    assert f"JSON: {results / 'update-quick.json'}" in capsys.readouterr().out
+def test_bench_writes_no_file_unless_told(tmp_path, monkeypatch, capsys):
+    """Without --out nothing is written (the committed results stay as they are)."""
+    monkeypatch.chdir(tmp_path)
+    before = sorted((BENCHMARKS / "results").iterdir())
+    assert bench_update.main([*TINY, "--cases", "one_leaf", "--no-torch"]) == 0
+    assert list(tmp_path.iterdir()) == []
+    assert sorted((BENCHMARKS / "results").iterdir()) == before
+    assert "--out FILE writes the whole run" in capsys.readouterr().out
+
+
+def test_bench_knows_every_optimizer_family():
+    """--optimizers offers one entry for each scale_by_* family the library exports."""
+    import adam_jax
+
+    families = {n.removeprefix("scale_by_") for n in adam_jax.__all__ if n.startswith("scale_by_")}
+    assert families <= set(bench_update.OPTIMIZERS), families - set(bench_update.OPTIMIZERS)
+    help_text = bench_update.build_parser().format_help()
+    assert ",".join(bench_update.OPTIMIZERS) in help_text.replace("\n", "").replace(" ", "")
 
 
 def test_bench_fit_compares_the_three_ways(tmp_path, capsys):

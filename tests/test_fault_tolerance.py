@@ -164,14 +164,14 @@ def test_torn_checkpoint_is_never_loaded(tmp_path):
     kw = dict(checkpoint_dir=tmp_path, checkpoint_every=10, checkpoint_keep=3)
     _same(want, _fit(problem, **kw))
     steps = tmp_path / "steps"
-    newest = max(int(p.name) for p in steps.iterdir())
+    before, newest = sorted(int(p.name) for p in steps.iterdir())[-2:]
     # The newest one torn after its rename (files cut short), and a newer write
     # that never finished (orbax's temporary directory, half copied).
     for f in (steps / str(newest)).rglob("*"):
         if f.is_file():
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     partial = steps / f"{newest + 1}.orbax-checkpoint-tmp"
-    shutil.copytree(steps / str(newest - 1), partial)
+    shutil.copytree(steps / str(before), partial)
     for f in list(partial.rglob("*"))[::2]:
         if f.is_file():
             f.unlink()
@@ -192,10 +192,53 @@ def test_resume_with_another_interval(tmp_path, history):
          checkpoint_keep=10)  # fmt: skip
     steps = tmp_path / "steps"
     for p in steps.iterdir():
-        if int(p.name) > 1:  # back to the first checkpoint, 10 steps in
+        if int(p.name) > 10:  # back to the first checkpoint, 10 steps in
             shutil.rmtree(p)
     got = _fit(problem, history=history, checkpoint_dir=tmp_path, checkpoint_every=8)
     _same(want, got)
+
+
+def test_checkpoints_are_named_by_step_and_a_resume_is_announced(tmp_path, capsys):
+    """``steps/<step>``, the global step the run goes on from; every resume printed
+    (step and checkpoint) as the log lines are, a finished run's too."""
+    problem = _problem(patience=1000)
+    kw = dict(checkpoint_dir=tmp_path, checkpoint_every=25, checkpoint_keep=10, initial_step=3)
+    want = _fit(problem, **kw)
+    steps = tmp_path / "steps"
+    assert sorted(int(p.name) for p in steps.iterdir()) == [28, 53, 63]
+    assert "resum" not in capsys.readouterr().out  # a new run announces nothing
+    shutil.rmtree(steps / "63")
+    _same(want, _fit(problem, **kw, log_every=20))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"fit: resuming at step 53 from the checkpoint {str(steps / '53')!r}", out
+    assert out[1:] == ["step 60 loss " + str(np.asarray(want.losses)[57])], out
+    _same(want, _fit(problem, **kw))
+    assert capsys.readouterr().out == (
+        f"fit: the run saved in {str(steps / '63')!r} had finished at step 63; its result\n"
+    )
+
+
+def test_fit_batched_resume_is_announced(tmp_path, capsys):
+    x = jnp.linspace(-1.0, 1.0, 16)
+
+    def make_problem(lr):
+        return (lambda w: jnp.mean((x * w - 2.0 * x) ** 2)), jnp.zeros(()), adam_jax.adam(lr)
+
+    kw = dict(num_steps=30, slots=2, checkpoint_dir=tmp_path, checkpoint_every=8,
+              checkpoint_keep=100)  # fmt: skip
+    lrs = jnp.array([0.3, 0.1, 0.03])
+    want = adam_jax.fit_batched(make_problem, lrs, **kw)
+    assert "resum" not in capsys.readouterr().out
+    steps = tmp_path / "steps"
+    saved = sorted(int(p.name) for p in steps.iterdir())
+    for k in saved[1:]:
+        shutil.rmtree(steps / str(k))
+    _same(want, adam_jax.fit_batched(make_problem, lrs, **kw))
+    out = capsys.readouterr().out
+    assert out.startswith(f"fit_batched: resuming after 8 iterations, 0 problems finished, "
+                          f"from the checkpoint {str(steps / str(saved[0]))!r}\n"), out  # fmt: skip
+    _same(want, adam_jax.fit_batched(make_problem, lrs, **kw))
+    assert "fit_batched: the run saved in" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

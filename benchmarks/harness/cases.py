@@ -38,45 +38,94 @@ class Settings:
 # --------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One optimizer family in adam_jax, optax and torch, with the same math where they have it.
+
+    ``ours(dtype)`` and ``theirs(dtype)`` build the adam_jax and optax optimizers (with
+    ``dtype`` moments; ``theirs`` also gives a note where optax cannot match);
+    ``torch(params, flag)`` the torch.optim one, in the ``torch_kinds`` implementations.
+    """
+
+    ours: Callable[[Any], optax.GradientTransformation]
+    theirs: Callable[[Any], tuple[optax.GradientTransformation, str]]
+    torch_kinds: tuple[str, ...]
+    torch: Callable[[list, dict[str, bool]], Any]
+
+
+def _torch_optim(name: str, **kw: Any) -> Callable[[list, dict[str, bool]], Any]:
+    def make(params: list, flag: dict[str, bool]) -> Any:
+        import torch
+
+        return getattr(torch.optim, name)(params, **kw, **flag)
+
+    return make
+
+
+_NO_NU = "optax has no nu_dtype: its v stays float32"
+
+# One entry a family: the benchmark's --optimizers choices are these names.
+FAMILIES: dict[str, Family] = {
+    "adam": Family(
+        lambda d: adam_jax.adam(1e-3, mu_dtype=d, nu_dtype=d),
+        lambda d: (optax.adam(1e-3, mu_dtype=d), _NO_NU if d else ""),
+        ("fused", "foreach"),
+        _torch_optim("Adam", lr=1e-3),
+    ),
+    "amsgrad": Family(
+        lambda d: adam_jax.amsgrad(1e-3, max_of="corrected", mu_dtype=d, nu_dtype=d),
+        lambda d: (
+            optax.amsgrad(1e-3, mu_dtype=d),
+            "optax has no nu_dtype: its v, v_max stay float32" if d else "",
+        ),
+        ("fused", "foreach"),
+        _torch_optim("Adam", lr=1e-3, amsgrad=True),
+    ),
+    "adamax": Family(
+        lambda d: adam_jax.adamax(2e-3, eps_in_max=True, mu_dtype=d),
+        lambda d: (
+            optax.adamax(2e-3),
+            "optax.adamax has no mu_dtype: its state stays float32" if d else "",
+        ),
+        ("foreach",),
+        _torch_optim("Adamax", lr=2e-3),
+    ),
+    # optax.nadam is NAdam with a constant momentum (ours: momentum_decay=inf); torch's
+    # NAdam has its momentum schedule, a few more flops a step.
+    "nadam": Family(
+        lambda d: adam_jax.nadam(1e-3, momentum_decay=float("inf"), mu_dtype=d, nu_dtype=d),
+        lambda d: (optax.nadam(1e-3, mu_dtype=d), _NO_NU if d else ""),
+        ("foreach",),
+        _torch_optim("NAdam", lr=1e-3),
+    ),
+    "radam": Family(
+        lambda d: adam_jax.radam(1e-3, form="optax", mu_dtype=d, nu_dtype=d),
+        lambda d: (
+            optax.radam(1e-3),
+            "optax.radam has no mu_dtype: its state stays float32" if d else "",
+        ),
+        ("foreach",),
+        _torch_optim("RAdam", lr=1e-3),
+    ),
+}
+
+
 def ours(name: str, dtype: Any | None = None) -> optax.GradientTransformation:
-    if name == "adam":
-        return adam_jax.adam(1e-3, mu_dtype=dtype, nu_dtype=dtype)
-    if name == "amsgrad":
-        return adam_jax.amsgrad(1e-3, max_of="corrected", mu_dtype=dtype, nu_dtype=dtype)
-    if name == "adamax":
-        return adam_jax.adamax(2e-3, eps_in_max=True, mu_dtype=dtype)
-    raise ValueError(name)
+    return FAMILIES[name].ours(dtype)
 
 
 def theirs(name: str, dtype: Any | None = None) -> tuple[optax.GradientTransformation, str]:
     """The optax optimizer with the same math, and a note where it cannot match."""
-    if name == "adam":
-        note = "optax has no nu_dtype: its v stays float32" if dtype else ""
-        return optax.adam(1e-3, mu_dtype=dtype), note
-    if name == "amsgrad":
-        note = "optax has no nu_dtype: its v, v_max stay float32" if dtype else ""
-        return optax.amsgrad(1e-3, mu_dtype=dtype), note
-    if name == "adamax":
-        note = "optax.adamax has no mu_dtype: its state stays float32" if dtype else ""
-        return optax.adamax(2e-3), note
-    raise ValueError(name)
+    return FAMILIES[name].theirs(dtype)
 
 
 def torch_kinds(name: str) -> list[str]:
-    return ["fused", "foreach"] if name in ("adam", "amsgrad") else ["foreach"]
+    return list(FAMILIES[name].torch_kinds)
 
 
 def torch_optimizer(name: str, params: list, kind: str):
-    import torch
-
     flag = {"fused": True} if kind == "fused" else {"foreach": True}
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3, **flag)
-    if name == "amsgrad":
-        return torch.optim.Adam(params, lr=1e-3, amsgrad=True, **flag)
-    if name == "adamax":
-        return torch.optim.Adamax(params, lr=2e-3, **flag)
-    raise ValueError(name)
+    return FAMILIES[name].torch(params, flag)
 
 
 def have_torch() -> bool:

@@ -215,5 +215,4 @@ def format_report(report: dict[str, Any]) -> str:
             "region analysis: the same step compiled with compiler_options="
             f"{REGION_ANALYSIS}, which lets XLA update donated bfloat16 moments in place.",
         ]
-    out += ["", "Goals: " + "; ".join(f"{k}: {v}" for k, v in report["goals"].items())]
     return "\n".join(out)
