@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.tree_util import Partial
 
 from adam_jax import _checks, _common
 
@@ -48,7 +50,15 @@ class EarlyStoppingState(NamedTuple):
 
 
 class EarlyStopping(NamedTuple):
-    """A pair of pure functions, like ``optax.GradientTransformation``.
+    """A pair of pure functions, like ``optax.GradientTransformation``, and a pytree.
+
+    ``init`` and ``update`` are ``jax.tree_util.Partial`` objects: the rule's
+    numbers (``patience``, ``min_delta``, ``baseline``, ``start_step``,
+    ``target``, ``divergence``) are its leaves, and its mode and flags are a
+    static part of the tree structure, compared by value. So two rules built
+    alike, with equal or different numbers, have equal tree structures: a
+    jitted function taking the rule as an argument (``fit`` among them)
+    compiles once for all of them, and a stack of rules can be vmapped over.
 
     Attributes:
       init: ``init(params) -> EarlyStoppingState``.
@@ -130,8 +140,12 @@ def early_stopping(
         ``update`` then needs ``params``.
 
     ``patience``, ``min_delta``, ``baseline``, ``start_step``, ``target`` and
-    ``divergence`` may be traced arrays (so a vmap can give each problem its own);
-    only concrete values are range-checked. ``mode`` and the bools are structural.
+    ``divergence`` are the leaves of the returned pytree and may be traced arrays
+    (so a vmap can give each problem its own, and new values compile nothing new);
+    concrete values are range-checked here, traced ones under
+    ``jax.experimental.checkify``. ``mode`` and the bools are structural: a rule
+    with another mode, another flag, or a threshold set that was None has another
+    tree structure.
 
     Returns:
       An :class:`EarlyStopping` ``(init, update)`` pair. ``init(params)`` returns
@@ -159,6 +173,19 @@ def early_stopping(
       >>> print(adam_jax.StopReason(int(es_state.reason)).name, int(es_state.step) - 1)
       TARGET 37
 
+      The rule is a pytree whose leaves are its numbers: a stack of rules runs
+      under ``jax.vmap``, here three patiences on the same sequence of values:
+
+      >>> rules = [adam_jax.early_stopping(p, restore_best=False) for p in (1, 2, 3)]
+      >>> stacked = jax.tree.map(lambda *x: jnp.asarray(x), *rules)
+      >>> def stop_step(es):
+      ...     state = es.init()
+      ...     for value in [3.0, 2.0, 2.5, 2.4, 2.3, 2.2, 1.0]:
+      ...         state = es.update(state, value)
+      ...     return state.step - 1
+      >>> print(jax.vmap(stop_step)(stacked).tolist())
+      [2, 3, 4]
+
     References:
       Prechelt, *Early Stopping — But When?*, in Neural Networks: Tricks of the Trade, 1998.
     """
@@ -176,88 +203,128 @@ def early_stopping(
     for name, value in [("baseline", baseline), ("target", target), ("divergence", divergence)]:
         if value is not None:
             _checks.check_interval(name, value, -jnp.inf, jnp.inf, high_open=False)
-    minimize = mode == "min"
+    config = _Config(
+        minimize=mode == "min",
+        relative=relative,
+        check_finite=check_finite,
+        restore_best=restore_best,
+    )
+    numbers = _Numbers(patience, min_delta, baseline, start_step, target, divergence)
+    return EarlyStopping(Partial(_init, config, numbers), Partial(_update, config, numbers))
 
-    def init_fn(params: Any = None) -> EarlyStoppingState:
-        if restore_best and params is None:
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The structural options: part of the treedef, compared by value."""
+
+    minimize: bool
+    relative: bool
+    check_finite: bool
+    restore_best: bool
+
+
+class _Numbers(NamedTuple):
+    """The numeric options: the pytree leaves (None where not set), traced or concrete."""
+
+    patience: Any
+    min_delta: Any
+    baseline: Any
+    start_step: Any
+    target: Any
+    divergence: Any
+
+
+def _init(config: _Config, n: _Numbers, params: Any = None) -> EarlyStoppingState:
+    if config.restore_best and params is None:
+        raise ValueError(
+            "early_stopping(restore_best=True).init needs the params, whose best "
+            "version it keeps; pass them, or use restore_best=False"
+        )
+    dtype = jnp.result_type(float)
+    if n.baseline is None:
+        best = jnp.asarray(jnp.inf if config.minimize else -jnp.inf, dtype)
+    else:
+        best = jnp.asarray(n.baseline, dtype)
+    return EarlyStoppingState(
+        step=jnp.zeros([], jnp.int32),
+        best_value=best,
+        best_step=jnp.full([], -1, jnp.int32),
+        best_params=_without_weak_types(params) if config.restore_best else None,
+        wait=jnp.zeros([], jnp.int32),
+        should_stop=jnp.zeros([], bool),
+        reason=jnp.full([], StopReason.NONE, jnp.int32),
+    )
+
+
+def _check_traced(n: _Numbers) -> None:
+    """Range checks of traced numbers, under ``checkify`` (concrete ones are checked when built)."""
+    for name in ("patience", "min_delta", "start_step"):
+        value = getattr(n, name)
+        if value is not None:
+            _checks.traced_interval(name, value, 0.0)
+
+
+def _update(
+    config: _Config, n: _Numbers, state: EarlyStoppingState, value: Any, params: Any = None
+) -> EarlyStoppingState:
+    if config.restore_best:
+        if params is None:
             raise ValueError(
-                "early_stopping(restore_best=True).init needs the params, whose best "
-                "version it keeps; pass them, or use restore_best=False"
+                "early_stopping(restore_best=True).update needs params: "
+                "update(state, value, params)"
             )
-        dtype = jnp.result_type(float)
-        if baseline is None:
-            best = jnp.asarray(jnp.inf if minimize else -jnp.inf, dtype)
-        else:
-            best = jnp.asarray(baseline, dtype)
-        return EarlyStoppingState(
-            step=jnp.zeros([], jnp.int32),
-            best_value=best,
-            best_step=jnp.full([], -1, jnp.int32),
-            best_params=_without_weak_types(params) if restore_best else None,
-            wait=jnp.zeros([], jnp.int32),
-            should_stop=jnp.zeros([], bool),
-            reason=jnp.full([], StopReason.NONE, jnp.int32),
+        _checks.check_like(
+            params, state.best_params, what="params", reference_name="the params given to init"
         )
+    value = jnp.asarray(value)
+    if value.ndim != 0:
+        raise ValueError(f"the monitored value must be a scalar, got shape {value.shape}")
+    if value.dtype == bool or jnp.issubdtype(value.dtype, jnp.complexfloating):
+        raise TypeError(f"the monitored value must be a real number, got dtype {value.dtype}")
+    _check_traced(n)
 
-    def update_fn(state: EarlyStoppingState, value: Any, params: Any = None) -> EarlyStoppingState:
-        if restore_best:
-            if params is None:
-                raise ValueError(
-                    "early_stopping(restore_best=True).update needs params: "
-                    "update(state, value, params)"
-                )
-            _checks.check_like(
-                params, state.best_params, what="params", reference_name="the params given to init"
-            )
-        value = jnp.asarray(value)
-        if value.ndim != 0:
-            raise ValueError(f"the monitored value must be a scalar, got shape {value.shape}")
-        if value.dtype == bool or jnp.issubdtype(value.dtype, jnp.complexfloating):
-            raise TypeError(f"the monitored value must be a real number, got dtype {value.dtype}")
+    best = state.best_value
+    v = value.astype(best.dtype)
+    finite = jnp.isfinite(v)
+    if config.relative:
+        delta = jnp.where(jnp.isfinite(best), n.min_delta * jnp.abs(best), 0)
+    else:
+        delta = jnp.asarray(n.min_delta, best.dtype)
+    if config.minimize:
+        improved = finite & (v < best - delta)
+        hit_target = False if n.target is None else v <= n.target
+        diverged = False if n.divergence is None else v > n.divergence
+    else:
+        improved = finite & (v > best + delta)
+        hit_target = False if n.target is None else v >= n.target
+        diverged = False if n.divergence is None else v < n.divergence
+    wait = jnp.where(improved, 0, _common.increment(state.wait))
+    nonfinite = ~finite if config.check_finite else False
+    out_of_patience = False if n.patience is None else ~improved & (wait >= n.patience)
 
-        best = state.best_value
-        v = value.astype(best.dtype)
-        finite = jnp.isfinite(v)
-        if relative:
-            delta = jnp.where(jnp.isfinite(best), min_delta * jnp.abs(best), 0)
-        else:
-            delta = jnp.asarray(min_delta, best.dtype)
-        if minimize:
-            improved = finite & (v < best - delta)
-            hit_target = False if target is None else v <= target
-            diverged = False if divergence is None else v > divergence
-        else:
-            improved = finite & (v > best + delta)
-            hit_target = False if target is None else v >= target
-            diverged = False if divergence is None else v < divergence
-        wait = jnp.where(improved, 0, _common.increment(state.wait))
-        nonfinite = ~finite if check_finite else False
-        out_of_patience = False if patience is None else ~improved & (wait >= patience)
+    reason = jnp.full([], StopReason.NONE, jnp.int32)
+    # Assigned from the lowest priority up, so the first reason in the list wins.
+    for cond, why in [
+        (out_of_patience, StopReason.PATIENCE),
+        (diverged, StopReason.DIVERGED),
+        (hit_target, StopReason.TARGET),
+        (nonfinite, StopReason.NONFINITE),
+    ]:
+        reason = jnp.where(cond, jnp.int32(why), reason)
 
-        reason = jnp.full([], StopReason.NONE, jnp.int32)
-        # Assigned from the lowest priority up, so the first reason in the list wins.
-        for cond, why in [
-            (out_of_patience, StopReason.PATIENCE),
-            (diverged, StopReason.DIVERGED),
-            (hit_target, StopReason.TARGET),
-            (nonfinite, StopReason.NONFINITE),
-        ]:
-            reason = jnp.where(cond, jnp.int32(why), reason)
-
-        new = EarlyStoppingState(
-            step=state.step,
-            best_value=jnp.where(improved, v, best),
-            best_step=jnp.where(improved, state.step, state.best_step),
-            best_params=(
-                _tree_where(improved, params, state.best_params) if restore_best else None
-            ),
-            wait=wait,
-            should_stop=reason != StopReason.NONE,
-            reason=reason,
-        )
-        counted = ~state.should_stop & (state.step >= start_step)
-        new = _tree_where(counted, new, state)
-        step = jnp.where(state.should_stop, state.step, _common.increment(state.step))
-        return new._replace(step=step)
-
-    return EarlyStopping(init_fn, update_fn)
+    new = EarlyStoppingState(
+        step=state.step,
+        best_value=jnp.where(improved, v, best),
+        best_step=jnp.where(improved, state.step, state.best_step),
+        best_params=(
+            _tree_where(improved, params, state.best_params) if config.restore_best else None
+        ),
+        wait=wait,
+        should_stop=reason != StopReason.NONE,
+        reason=reason,
+    )
+    counted = ~state.should_stop & (state.step >= n.start_step)
+    new = _tree_where(counted, new, state)
+    step = jnp.where(state.should_stop, state.step, _common.increment(state.step))
+    return new._replace(step=step)
