@@ -11,6 +11,7 @@ so the tail computes almost only the steps its problems need.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from typing import NamedTuple, TypeAlias, cast
@@ -32,13 +33,31 @@ MakeProblem: TypeAlias = Callable[[object], Problem]
 
 
 SHRINK = 4  # the tail keeps a quarter of the lanes each time three quarters are idle
+MIN_WIDTH = 64  # no narrower stage: below it the loop's fixed cost per iteration dominates
+
+
+def next_width(width: int) -> int:
+    """The lanes the tail keeps after a stage of ``width`` lanes; 0 when that stage runs
+    until every problem is done."""
+    keep = width // SHRINK
+    return keep if keep >= MIN_WIDTH else 0
+
+
+def hand_size(width: int) -> int:
+    """The most lanes handed over (and refilled) in one iteration.
+
+    Writing a few lanes costs a few lanes' worth, where writing them all costs
+    the whole width's, on every iteration where any problem finishes (nearly
+    all of them while the queue lasts). A lane past the limit waits one
+    iteration, done, its state unchanged.
+    """
+    return min(width, max(4, width // 32))
 
 
 class Config(NamedTuple):
-    """What a compiled batched run is cached on."""
+    """What a compiled batched run is cached on (the early-stopping rule is an argument)."""
 
     make_problem: MakeProblem
-    early_stopping: EarlyStopping | None
     num_steps: int
     n_data: int | None
     has_aux: bool
@@ -47,19 +66,45 @@ class Config(NamedTuple):
     progress: bool
 
 
+@jax.tree_util.register_pytree_node_class
+class Rule:
+    """An early-stopping rule as an argument of the compiled run: its numbers are
+    leaves (traced), the rest (its structure, functions and flags) the static part,
+    as :func:`adam_jax.fit` passes its optimizer and rule. A rule built again with
+    the same structure compiles nothing new."""
+
+    def __init__(self, rule: EarlyStopping | None):
+        self.dynamic, self.treedef, self.static, self.data_at = _fit._split(rule)
+
+    def tree_flatten(self) -> tuple[list[object], tuple]:
+        return self.dynamic, (self.treedef, self.static, self.data_at)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple, dynamic: list[object]) -> Rule:
+        rule = object.__new__(cls)
+        rule.dynamic = list(dynamic)
+        rule.treedef, rule.static, rule.data_at = aux
+        return rule
+
+    @property
+    def value(self) -> EarlyStopping | None:
+        dyn, stat = iter(self.dynamic), iter(self.static)
+        return self.treedef.unflatten([next(dyn) if d else next(stat) for d in self.data_at])
+
+
 class Lanes(NamedTuple):
     """The lanes between two calls (a pytree; leading axis: lanes)."""
 
     ids: jax.Array  # the problem each lane holds, -1 when idle
     inputs: object
     data: object
-    state: LoopState
+    state: tuple[jax.Array, ...]  # the loop states, packed (see _Layout)
 
 
 class Output(NamedTuple):
     """Results of the problems that finished during one call, in finishing order."""
 
-    results: FitResult | LoopState  # leading axis: rows; states until the loop ends
+    results: FitResult  # leading axis: rows
     ids: jax.Array  # the problem of each row, -1 for an unused row
     computed: jax.Array  # lane-steps computed (idle lanes included)
 
@@ -67,124 +112,205 @@ class Output(NamedTuple):
 class _Carry(NamedTuple):
     lanes: Lanes
     queue: jax.Array  # the next queued problem, an index into this call's inputs
-    out: Output
-    rows: jax.Array  # rows of `out` written
+    rows: tuple[jax.Array, ...]  # finished problems' loop states, packed, finishing order
+    ids: jax.Array  # the problem of each row, -1 for an unused row
+    written: jax.Array  # rows written
+    computed: jax.Array  # lane-steps computed
 
 
 def _take(tree: object, index: jax.Array) -> object:
     return None if tree is None else jax.tree.map(lambda x: x[index], tree)
 
 
-def _where(mask: jax.Array, a: object, b: object) -> object:
-    if a is None:
-        return None
-
-    def pick(x: jax.Array, y: jax.Array) -> jax.Array:
-        return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, y)
-
-    return jax.tree.map(pick, a, b)
+def _first(mask: jax.Array, k: int) -> jax.Array:
+    """The first ``k`` indices where ``mask`` holds, in order; ``len(mask)`` past the last."""
+    counts = jnp.cumsum(mask, dtype=jnp.int32)
+    below = counts[None, :] <= jnp.arange(k, dtype=jnp.int32)[:, None]
+    return jnp.sum(below, axis=1, dtype=jnp.int32)
 
 
-class _Problems:
-    """One problem's loop pieces, each rebuilt from its inputs while tracing."""
+class _Layout(NamedTuple):
+    """Where each leaf of a pytree (leading axis: lanes) lives once packed: one matrix
+    per dtype, a row per lane. A row moves with one gather per dtype, not per leaf;
+    XLA compiles each gather and scatter on its own, so their number sets the compile time."""
 
-    def __init__(self, config: Config):
-        self.c = config
+    treedef: jax.tree_util.PyTreeDef
+    groups: int
+    slots: tuple[tuple[int, int, tuple[int, ...]], ...]  # (group, start, shape) per leaf
 
-    def _loop(self, loss_fn: LossFn | None, optimizer: optax.GradientTransformation | None):
-        c = self.c
-        return _loop.Loop(
-            loss_fn=loss_fn,  # type: ignore[arg-type]
-            optimizer=optimizer,
-            early_stopping=c.early_stopping,
-            num_steps=c.num_steps,
-            n_data=c.n_data,
-            has_aux=c.has_aux,
-            history=c.history,
-            log_every=None,
+
+def _layout(tree: object) -> _Layout:
+    leaves, treedef = jax.tree.flatten(tree)
+    keys: list[tuple[object, bool]] = []
+    ends: list[int] = []
+    slots = []
+    for x in leaves:
+        t = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
+        key = (t.dtype, t.weak_type)
+        if key not in keys:
+            keys.append(key)
+            ends.append(0)
+        g = keys.index(key)
+        slots.append((g, ends[g], tuple(x.shape[1:])))
+        ends[g] += math.prod(x.shape[1:])
+    return _Layout(treedef, len(keys), tuple(slots))
+
+
+def _pack(lay: _Layout, tree: object) -> tuple[jax.Array, ...]:
+    leaves = jax.tree.leaves(tree)
+    width = leaves[0].shape[0]
+    groups: list[list[jax.Array]] = [[] for _ in range(lay.groups)]
+    for x, (g, _, shape) in zip(leaves, lay.slots, strict=True):
+        groups[g].append(x.reshape(width, math.prod(shape)))
+    return tuple(jax.lax.concatenate(p, 1) if len(p) > 1 else p[0] for p in groups)
+
+
+def _unpack(lay: _Layout, packed: tuple[jax.Array, ...]) -> object:
+    width = packed[0].shape[0]
+    leaves = [
+        jax.lax.slice_in_dim(packed[g], start, start + math.prod(shape), axis=1).reshape(
+            (width, *shape)
         )
-
-    def problem(self, inputs: object) -> Problem:
-        """``make_problem(inputs)``, its optimizer's numbers made arrays as ``fit`` makes them.
-
-        ``fit`` passes an optimizer's number leaves into its compiled program, as
-        arrays; left as Python numbers here they would be constants that XLA
-        folds, and the two would round differently.
-        """
-        loss_fn, params, optimizer = self.c.make_problem(inputs)
-        as_array = lambda x: jnp.asarray(x) if _fit.is_data(x) else x
-        return loss_fn, params, jax.tree.map(as_array, optimizer)
-
-    def init(self, inputs: object, data: object) -> LoopState:
-        loss_fn, params, optimizer = self.problem(inputs)
-        return self._loop(loss_fn, optimizer).init(params, data)
-
-    def step(self, inputs: object, data: object, state: LoopState) -> LoopState:
-        loss_fn, _, optimizer = self.problem(inputs)
-        return self._loop(loss_fn, optimizer).step(state, data)
-
-    def done(self, state: LoopState) -> jax.Array:
-        return self._loop(None, None).done(state)
-
-    def result(self, state: LoopState) -> FitResult:
-        return self._loop(None, None).postprocess(state)
+        for g, start, shape in lay.slots
+    ]
+    return lay.treedef.unflatten(leaves)
 
 
-def _machine(config: Config, inputs: object, data: object, base: jax.Array, rows: int):
+def _loop_of(config: Config, rule: Rule, problem: Problem | None = None) -> _loop.Loop:
+    loss_fn, _, optimizer = problem if problem is not None else (None, None, None)
+    return _loop.Loop(
+        loss_fn=loss_fn,  # type: ignore[arg-type]
+        optimizer=optimizer,  # type: ignore[arg-type]
+        early_stopping=rule.value,
+        num_steps=config.num_steps,
+        n_data=config.n_data,
+        has_aux=config.has_aux,
+        history=config.history,
+        log_every=None,
+    )
+
+
+def _problem(config: Config, inputs: object) -> Problem:
+    """``make_problem(inputs)``, its optimizer's numbers made arrays as ``fit`` makes them.
+
+    ``fit`` passes an optimizer's number leaves into its compiled program, as
+    arrays; left as Python numbers here they would be constants that XLA
+    folds, and the two would round differently.
+    """
+    loss_fn, params, optimizer = config.make_problem(inputs)
+    as_array = lambda x: jnp.asarray(x) if _fit.is_data(x) else x
+    return loss_fn, params, jax.tree.map(as_array, optimizer)
+
+
+@functools.lru_cache(maxsize=16)
+def _lane_fns(config: Config) -> tuple[Callable, Callable]:
+    """One lane's ``init`` and ``step``, vmapped over lanes. Each is a jitted call
+    inside the run, so the problem (``make_problem``, the loss, the optimizer) is
+    traced once per run and shared by every width of the tail."""
+
+    @jax.jit
+    def step(rule: Rule, inputs: object, data: object, state: LoopState) -> LoopState:
+        problem = _problem(config, inputs)
+        return _loop_of(config, rule, problem).step(state, data)
+
+    @jax.jit
+    def init(rule: Rule, inputs: object, data: object) -> LoopState:
+        problem = _problem(config, inputs)
+        state = _loop_of(config, rule, problem).init(problem[1], data)
+        # In the types a step returns (a while loop's carry promotes weak types so):
+        # the lanes' packed layout holds for the states loaded later.
+        stepped = jax.eval_shape(step, rule, inputs, data, state)
+
+        def settle(x: jax.Array, t: jax.ShapeDtypeStruct) -> jax.Array:
+            same = (x.dtype, jax.typeof(x).weak_type) == (t.dtype, t.weak_type)
+            return x if same else jnp.asarray(x, t.dtype)
+
+        return jax.tree.map(settle, state, stepped)
+
+    return jax.vmap(init, in_axes=(None, 0, 0)), jax.vmap(step, in_axes=(None, 0, 0, 0))
+
+
+def _done(config: Config, rule: Rule, state: LoopState) -> jax.Array:
+    return jax.vmap(_loop_of(config, rule).done)(state)
+
+
+def _results(config: Config, rule: Rule, lay: _Layout, rows: tuple[jax.Array, ...]) -> FitResult:
+    return jax.vmap(_loop_of(config, rule).postprocess)(_unpack(lay, rows))
+
+
+def _machine(
+    config: Config,
+    rule: Rule,
+    inputs: object,
+    data: object,
+    base: jax.Array,
+    lay: _Layout,
+    inits: tuple[jax.Array, ...] | None,
+):
     """The loop pieces of a batched run over the queued ``inputs``: ``body(carry, filling)``
-    (one iteration, then hand-over and refill) and ``more(carry, keep, filling)``."""
-    p = _Problems(config)
-    init, step = jax.vmap(p.init), jax.vmap(p.step)
-    done = jax.vmap(p.done)
+    (one iteration, then hand-over and refill) and ``more(carry, keep, filling)``.
+
+    ``inits`` holds the queued problems' first states, packed: a refill copies rows
+    of it, so the loop holds no copy of the problem's ``init``."""
+    _, step = _lane_fns(config)
     n = jax.tree.leaves(inputs)[0].shape[0]
 
     def hand_over(c: _Carry, finished: jax.Array) -> _Carry:
-        """Write the finished lanes' results to the next rows; those lanes become idle."""
-        at = jnp.where(finished, c.rows + jnp.cumsum(finished, dtype=jnp.int32) - 1, rows)
+        """Write up to ``hand_size`` finished lanes to the next rows; they become idle."""
+        width = finished.shape[0]
+        lane = _first(finished, hand_size(width))
+        valid = lane < width
+        at = jnp.minimum(lane, width - 1)
         # The loop states are kept; FitResults are made once, after the loop.
-        results = jax.tree.map(
-            lambda o, r: o.at[at].set(r, mode="drop"), c.out.results, c.lanes.state
+        rows = tuple(
+            jax.lax.dynamic_update_slice_in_dim(r, p[at], c.written, 0)
+            for r, p in zip(c.rows, c.lanes.state, strict=True)
         )
-        ids = c.out.ids.at[at].set(c.lanes.ids, mode="drop")
-        n_finished = jnp.sum(finished, dtype=jnp.int32)
-        lanes = c.lanes._replace(ids=jnp.where(finished, -1, c.lanes.ids))
+        ids = jax.lax.dynamic_update_slice_in_dim(
+            c.ids, jnp.where(valid, c.lanes.ids[at], -1), c.written, 0
+        )
+        handed = finished & (jnp.cumsum(finished, dtype=jnp.int32) <= hand_size(width))
         if config.progress:
-            jax.debug.callback(_on_harvest, c.lanes.state.last_value, finished)
+            state = cast(LoopState, _unpack(lay, c.lanes.state))
+            jax.debug.callback(_on_harvest, state.last_value, handed)
         return c._replace(
-            lanes=lanes, out=c.out._replace(results=results, ids=ids), rows=c.rows + n_finished
+            lanes=c.lanes._replace(ids=jnp.where(handed, -1, c.lanes.ids)),
+            rows=rows,
+            ids=ids,
+            written=c.written + jnp.sum(valid, dtype=jnp.int32),
         )
 
-    def refill(c: _Carry, finished: jax.Array) -> _Carry:
-        """Hand over the finished lanes, then load queued problems into the idle ones."""
-        c = hand_over(c, finished)
-        idle = c.lanes.ids < 0
-        queued = c.queue + jnp.cumsum(idle, dtype=jnp.int32) - 1
-        load = idle & (queued < n)
-        source = jnp.where(load, queued, 0)
-        new_inputs, new_data = _take(inputs, source), _take(data, source)
+    def refill(c: _Carry) -> _Carry:
+        """Load up to ``hand_size`` queued problems into idle lanes."""
+        width = c.lanes.ids.shape[0]
+        lane = _first(c.lanes.ids < 0, hand_size(width))
+        queued = c.queue + jnp.arange(lane.shape[0], dtype=jnp.int32)
+        load = (lane < width) & (queued < n)
+        source = jnp.minimum(queued, n - 1)
+        dest = jnp.where(load, lane, width)
+        put = lambda x, v: x.at[dest].set(v, mode="drop")
+        state = zip(c.lanes.state, (p[source] for p in inits), strict=True)
         lanes = Lanes(
-            ids=jnp.where(load, base + queued, c.lanes.ids),
-            inputs=_where(load, new_inputs, c.lanes.inputs),
-            data=_where(load, new_data, c.lanes.data),
-            state=_where(load, init(new_inputs, new_data), c.lanes.state),  # type: ignore[arg-type]
+            ids=put(c.lanes.ids, base + queued),
+            inputs=jax.tree.map(put, c.lanes.inputs, _take(inputs, source)),
+            data=None if data is None else jax.tree.map(put, c.lanes.data, _take(data, source)),
+            state=tuple(put(x, v) for x, v in state),
         )
-        return c._replace(
-            lanes=lanes, queue=jnp.minimum(c.queue + jnp.sum(idle, dtype=jnp.int32), n)
-        )
+        return c._replace(lanes=lanes, queue=c.queue + jnp.sum(load, dtype=jnp.int32))
 
     def body(c: _Carry, filling: bool) -> _Carry:
         running = c.lanes.ids >= 0
-        state = step(c.lanes.inputs, c.lanes.data, c.lanes.state)
+        state = step(rule, c.lanes.inputs, c.lanes.data, _unpack(lay, c.lanes.state))
         c = c._replace(
-            lanes=c.lanes._replace(state=state),
-            out=c.out._replace(computed=c.out.computed + running.shape[0]),
+            lanes=c.lanes._replace(state=_pack(lay, state)), computed=c.computed + running.shape[0]
         )
-        finished = running & done(state)
-        if filling:
+        finished = running & _done(config, rule, state)
+        c = jax.lax.cond(jnp.any(finished), hand_over, lambda c, _: c, c, finished)
+        if filling and inits is not None:
             # Idle lanes carried in from the previous call load here too.
-            due = jnp.any(finished | ~running)
-            return jax.lax.cond(due, refill, lambda c, _: c, c, finished)
-        return jax.lax.cond(jnp.any(finished), hand_over, lambda c, _: c, c, finished)
+            due = jnp.any(c.lanes.ids < 0) & (c.queue < n)
+            c = jax.lax.cond(due, refill, lambda c: c, c)
+        return c
 
     def more(c: _Carry, keep: int, filling: bool) -> jax.Array:
         busy = jnp.sum(c.lanes.ids >= 0, dtype=jnp.int32) > keep
@@ -193,31 +319,104 @@ def _machine(config: Config, inputs: object, data: object, base: jax.Array, rows
     return body, more
 
 
-def _first_lanes(
-    inputs: object, data: object, base: jax.Array, config: Config
+def _inits(
+    inputs: object, data: object, rule: Rule, config: Config
+) -> tuple[tuple[jax.Array, ...], _Layout]:
+    """Every queued problem's first loop state, packed, and the packing's layout."""
+    init, _ = _lane_fns(config)
+    states = init(rule, inputs, data)
+    lay = _layout(states)
+    return _pack(lay, states), lay
+
+
+def _lane_layout(inputs: object, data: object, rule: Rule, config: Config) -> _Layout:
+    """The packed layout of the lanes' states (from their shapes alone)."""
+    return _layout(jax.eval_shape(_lane_fns(config)[0], rule, inputs, data))
+
+
+def _first_lanes_from(
+    inits: tuple[jax.Array, ...],
+    lay: _Layout,
+    inputs: object,
+    data: object,
+    base: jax.Array,
+    slots: int,
 ) -> tuple[Lanes, jax.Array]:
-    """Lanes holding the first queued problems, and the queue position after them."""
-    init = jax.vmap(_Problems(config).init)
     n = jax.tree.leaves(inputs)[0].shape[0]
-    width = min(config.slots, n)
-    first = jnp.arange(width, dtype=jnp.int32)
-    lane_inputs, lane_data = _take(inputs, first), _take(data, first)
-    lanes = Lanes(base + first, lane_inputs, lane_data, init(lane_inputs, lane_data))
+    width = min(slots, n)
+    first = lambda x: x[:width]
+    state = tuple(map(first, inits))
+    lanes = Lanes(
+        base + jnp.arange(width, dtype=jnp.int32), *jax.tree.map(first, (inputs, data)), state
+    )  # type: ignore[arg-type]
     return lanes, jnp.zeros([], jnp.int32) + width
 
 
-def _empty_output(state: LoopState, rows: int) -> Output:
-    return Output(
-        jax.tree.map(lambda r: jnp.zeros((rows, *r.shape[1:]), r.dtype), state),
+def _first_lanes(
+    inputs: object, data: object, base: jax.Array, rule: Rule, config: Config
+) -> tuple[Lanes, jax.Array]:
+    """Lanes holding the first queued problems, and the queue position after them."""
+    inits, lay = _inits(inputs, data, rule, config)
+    return _first_lanes_from(inits, lay, inputs, data, base, config.slots)
+
+
+def _start(lanes: Lanes, queue: jax.Array, n: int, lay: _Layout) -> _Carry:
+    """A carry with room for every problem this call may finish."""
+    width = lanes.ids.shape[0]
+    rows = n + width + hand_size(width)
+    packed = lanes.state
+    c = _Carry(
+        lanes,
+        queue,
+        tuple(jnp.zeros((rows, p.shape[1]), p.dtype) for p in packed),
         jnp.full((rows,), -1, jnp.int32),
         jnp.zeros([], jnp.int32),
+        jnp.zeros([], jnp.int32),
     )
+    return c
 
 
 def _compact(lanes: Lanes, keep: int) -> Lanes:
     """The first ``keep`` busy lanes, in lane order (the running ones move to the front)."""
-    busy_first = jnp.argsort(lanes.ids < 0, stable=True)[:keep]
-    return _take(lanes, busy_first)  # type: ignore[return-value]
+    busy = lanes.ids >= 0
+    order = _first(busy, keep)
+    order = jnp.where(order < busy.shape[0], order, jnp.argmin(busy))  # an idle lane
+    lay = _layout(lanes)
+    return _unpack(lay, tuple(p[order] for p in _pack(lay, lanes)))  # type: ignore[return-value]
+
+
+def _advance(
+    lanes: Lanes | None,
+    queue: jax.Array,
+    inputs: object,
+    data: object,
+    base: jax.Array,
+    rule: Rule,
+    config: Config,
+    final: bool,
+) -> tuple[_Carry, _Layout]:
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    inits, lay = _inits(inputs, data, rule, config)
+    if lanes is None:
+        lanes, queue = _first_lanes_from(inits, lay, inputs, data, base, config.slots)
+    c = _start(lanes, queue, n, lay)
+    body, more = _machine(config, rule, inputs, data, base, lay, inits)
+    filling = True
+    while True:
+        # The first loop refills lanes while the queue lasts; with `final` it and
+        # each later one run until at most `next_width` lanes are busy, and the
+        # next keeps only those lanes (the last runs until every problem is done).
+        width = c.lanes.ids.shape[0]
+        keep = next_width(width) if final else width
+        c = jax.lax.while_loop(
+            functools.partial(more, keep=keep, filling=filling),
+            functools.partial(body, filling=filling),
+            c,
+        )
+        if not final or not keep:
+            return c, lay
+        c = c._replace(lanes=_compact(c.lanes, keep))
+        filling = False
 
 
 def advance(
@@ -225,6 +424,7 @@ def advance(
     inputs: object,
     data: object,
     base: jax.Array,
+    rule: Rule,
     *,
     config: Config,
     final: bool,
@@ -236,31 +436,9 @@ def advance(
     done. The queued problems are numbered ``base``, ``base + 1``, ...; lanes
     carried in from an earlier call keep their numbers.
     """
-    result = jax.vmap(_Problems(config).result)
-    n = jax.tree.leaves(inputs)[0].shape[0]
     queue = jnp.zeros([], jnp.int32)
-    if lanes is None:
-        lanes, queue = _first_lanes(inputs, data, base, config)
-    width = lanes.ids.shape[0]
-    rows = n + width
-    body, more = _machine(config, inputs, data, base, rows)
-    c = _Carry(lanes, queue, _empty_output(lanes.state, rows), jnp.zeros([], jnp.int32))
-    filling = True
-    while True:
-        # The first loop refills lanes while the queue lasts; with `final` it and
-        # each later one run until at most 1/SHRINK of the lanes are busy, and the
-        # next keeps only those lanes.
-        keep = width // SHRINK if final else width
-        c = jax.lax.while_loop(
-            functools.partial(more, keep=keep, filling=filling),
-            functools.partial(body, filling=filling),
-            c,
-        )
-        if not final or not keep:
-            break
-        c = c._replace(lanes=_compact(c.lanes, keep))
-        width, filling = keep, False
-    return c.lanes, c.out._replace(results=result(cast(LoopState, c.out.results)))
+    c, lay = _advance(lanes, queue, inputs, data, base, rule, config, final)
+    return c.lanes, Output(_results(config, rule, lay, c.rows), c.ids, c.computed)
 
 
 def segment(
@@ -270,6 +448,7 @@ def segment(
     data: object,
     base: jax.Array,
     budget: jax.Array,
+    rule: Rule,
     *,
     config: Config,
     filling: bool,
@@ -281,15 +460,18 @@ def segment(
     same widths as in one ``advance`` call, wherever the chain is cut. Returns the
     lanes, the queue position, the problems finished, the iterations run, and
     whether the loop has ended (the caller then goes on with the next chunk, or,
-    with ``final``, keeps ``width // SHRINK`` lanes with :func:`compact_jit`, or
+    with ``final``, keeps ``next_width`` lanes with :func:`compact_jit`, or
     stops when that is none).
     """
-    result = jax.vmap(_Problems(config).result)
     n = jax.tree.leaves(inputs)[0].shape[0]
     width = lanes.ids.shape[0]
-    rows = n + width  # as in advance, so that the budget is no part of the compiled program
-    body, more = _machine(config, inputs, data, base, rows)
-    keep = width // SHRINK if final else width
+    inits, lay = (
+        _inits(inputs, data, rule, config)
+        if filling
+        else (None, _lane_layout(inputs, data, rule, config))
+    )
+    body, more = _machine(config, rule, inputs, data, base, lay, inits)
+    keep = next_width(width) if final else width
 
     def go_on(ci: tuple[_Carry, jax.Array]) -> jax.Array:
         return more(ci[0], keep, filling) & (ci[1] < budget)
@@ -297,26 +479,27 @@ def segment(
     def one(ci: tuple[_Carry, jax.Array]) -> tuple[_Carry, jax.Array]:
         return body(ci[0], filling), ci[1] + 1
 
-    c = _Carry(lanes, queue, _empty_output(lanes.state, rows), jnp.zeros([], jnp.int32))
+    c = _start(lanes, queue, n, lay)
     c, taken = jax.lax.while_loop(go_on, one, (c, jnp.zeros([], jnp.int32)))
-    out = c.out._replace(results=result(cast(LoopState, c.out.results)))
+    out = Output(_results(config, rule, lay, c.rows), c.ids, c.computed)
     return c.lanes, c.queue, out, taken, ~more(c, keep, filling)
 
 
-def in_input_order(out: Output, n: int) -> tuple[FitResult, jax.Array]:
-    """The output's results with a leading axis of ``n``, row ``k`` for problem ``k``."""
-    at = jnp.where(out.ids >= 0, out.ids, n)
-    results = jax.tree.map(
-        lambda r: jnp.zeros((n, *r.shape[1:]), r.dtype).at[at].set(r, mode="drop"), out.results
-    )
-    return results, out.computed
-
-
-def run_all(inputs: object, data: object, *, config: Config) -> tuple[FitResult, jax.Array]:
+def run_all(
+    inputs: object, data: object, rule: Rule, *, config: Config
+) -> tuple[FitResult, jax.Array]:
     """Every problem in one compiled call; results in input order, and the lane-steps computed."""
     n = jax.tree.leaves(inputs)[0].shape[0]
-    _, out = advance(None, inputs, data, jnp.zeros([], jnp.int32), config=config, final=True)
-    return in_input_order(out, n)
+    zero = jnp.zeros([], jnp.int32)
+    c, lay = _advance(None, zero, inputs, data, zero, rule, config, True)
+    # Row k of the result is problem k: a gather per dtype of the packed rows.
+    at = jnp.where(c.ids >= 0, c.ids, n)
+    where = (
+        jnp.zeros((n,), jnp.int32)
+        .at[at]
+        .set(jnp.arange(c.ids.shape[0], dtype=jnp.int32), mode="drop")
+    )
+    return _results(config, rule, lay, tuple(r[where] for r in c.rows)), c.computed
 
 
 run_all_jit = jax.jit(run_all, static_argnames=("config",))

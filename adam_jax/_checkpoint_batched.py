@@ -29,6 +29,7 @@ import numpy as np
 from adam_jax import _batched, _fit_checks
 from adam_jax import _checkpoint_store as store
 from adam_jax._batched import Config, MakeProblem
+from adam_jax._early_stopping import EarlyStopping
 from adam_jax._result import FitResult
 
 ENTRY = "fit_batched"
@@ -53,7 +54,14 @@ def check_args(
     return dict(checkpoint_dir=checkpoint_dir, checkpoint_every=every, checkpoint_keep=keep)
 
 
-def _record(make_problem: MakeProblem, inputs: object, data: object, config: Config, n: int):
+def _record(
+    make_problem: MakeProblem,
+    es: EarlyStopping | None,
+    inputs: object,
+    data: object,
+    config: Config,
+    n: int,
+):
     """fit's record of the first problem as ``make_problem`` builds it (loss, params,
     optimizer), with the inputs' trees, shapes, dtypes and values and the options."""
     loss_fn, params, optimizer = make_problem(jax.tree.map(lambda x: x[0], inputs))
@@ -72,9 +80,7 @@ def _record(make_problem: MakeProblem, inputs: object, data: object, config: Con
         options["data.values"] = store.digest(data)
     for path, x in jax.tree_util.tree_flatten_with_path(inputs)[0]:
         options[f"inputs{jax.tree_util.keystr(path)}"] = store.leaf_record(x)
-    return store.problem_record(
-        loss_fn, params, optimizer, config.early_stopping, data, options, prefix=ENTRY
-    )
+    return store.problem_record(loss_fn, params, optimizer, es, data, options, prefix=ENTRY)
 
 
 def _with_rows(template: Any, rows: int) -> list[np.ndarray]:
@@ -123,6 +129,7 @@ class _Chunks:
 
 def fit_batched_with_checkpoints(
     make_problem: MakeProblem,
+    early_stopping: EarlyStopping | None,
     chunks: Iterator[tuple[object, object]],
     config: Callable[[object, object], Config],
     count: Callable[[object], int],
@@ -141,18 +148,18 @@ def fit_batched_with_checkpoints(
     source = _Chunks(chunks, count)
     inputs, data = cast(tuple, source.current)
     run_config = config(inputs, data)
-    problem = _record(make_problem, inputs, data, run_config, source.n)
+    problem = _record(make_problem, early_stopping, inputs, data, run_config, source.n)
     problem[f"{ENTRY}.inputs.kind"] = "iterator of chunks" if streamed else "arrays"
     unclaimed = store.check_problem(directory, problem, ENTRY)
 
-    every, zero = checkpoint_every, jnp.zeros([], jnp.int32)
+    every, zero, rule = checkpoint_every, jnp.zeros([], jnp.int32), _batched.Rule(early_stopping)
     run = functools.partial(_batched.segment_jit, config=run_config)
     lanes_t, queue_t = jax.eval_shape(
-        functools.partial(_batched.first_lanes_jit, config=run_config), inputs, data, zero
+        functools.partial(_batched.first_lanes_jit, config=run_config), inputs, data, zero, rule
     )
     results_t = jax.eval_shape(
         functools.partial(run, filling=True, final=True),
-        lanes_t, queue_t, inputs, data, zero, zero,
+        lanes_t, queue_t, inputs, data, zero, zero, rule,
     )[2].results  # fmt: skip
     lanes_def, results_def = jax.tree.structure(lanes_t), jax.tree.structure(results_t)
 
@@ -169,7 +176,7 @@ def fit_batched_with_checkpoints(
     with mgr, store.Interrupt(every, ENTRY, "iterations") as interrupt, bar:
         saved = store.restore_newest(ocp, mgr, directory, abstract)
         if saved is None:
-            lanes, queue = _batched.first_lanes_jit(inputs, data, zero, config=run_config)
+            lanes, queue = _batched.first_lanes_jit(inputs, data, zero, rule, config=run_config)
             results = [_with_rows(results_t, 0)]
             ids = [np.zeros(0, np.int32)]
             filling, iterations, computed, finished = True, 0, 0, False
@@ -192,7 +199,7 @@ def fit_batched_with_checkpoints(
                 final = source.following is None
                 lanes, queue, out, taken, ended = run(
                     lanes, queue, inputs, data, jnp.int32(source.base), jnp.int32(budget),
-                    filling=filling, final=final,
+                    rule, filling=filling, final=final,
                 )  # fmt: skip
                 # Only the rows written come back to the host.
                 written = np.flatnonzero(np.asarray(out.ids) >= 0)
@@ -206,7 +213,7 @@ def fit_batched_with_checkpoints(
                 if not final:  # the queue is empty: the lanes go on with the next chunk
                     source.advance()
                     queue = jnp.zeros([], jnp.int32)
-                elif keep := lanes.ids.shape[0] // _batched.SHRINK:
+                elif keep := _batched.next_width(lanes.ids.shape[0]):
                     lanes, filling = _batched.compact_jit(lanes, keep=keep), False
                 else:
                     finished = True

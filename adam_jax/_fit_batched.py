@@ -94,10 +94,10 @@ def _problem_axis(
 def _sharded(config: _batched.Config, mesh: jax.sharding.Mesh, spec: PartitionSpec):
     """``run_all`` on each device's share of the problems, with no communication."""
     run = functools.partial(_batched.run_all, config=config)
-    specs = (spec, spec)
+    specs = (spec, spec, PartitionSpec())
 
-    def local(inputs: object, data: object) -> tuple[FitResult, jax.Array]:
-        results, computed = run(inputs, data)
+    def local(inputs: object, data: object, rule: _batched.Rule) -> tuple[FitResult, jax.Array]:
+        results, computed = run(inputs, data, rule)
         return results, jax.lax.psum(computed, spec[0])
 
     return jax.jit(
@@ -253,7 +253,7 @@ def fit_batched(
             config = lambda i, d: _config(make_problem, d, num_steps, slots, early_stopping,
                                           has_aux, history, progress, count(i))  # fmt: skip
             result, computed = _checkpoint_batched.fit_batched_with_checkpoints(
-                make_problem, pairs, config, count, streamed=True, **checkpoint
+                make_problem, early_stopping, pairs, config, count, streamed=True, **checkpoint
             )
             work = BatchedWork(computed, _needed(result))
         else:
@@ -304,7 +304,6 @@ def _config(make_problem, data, num_steps, slots, es, has_aux, history, progress
         n_data = _fit_checks.data_length(jax.tree.map(lambda d: d[0], data))
     return _batched.Config(
         make_problem=make_problem,
-        early_stopping=es,
         num_steps=int(num_steps),
         n_data=n_data,
         has_aux=bool(has_aux),
@@ -344,7 +343,7 @@ def _all_at_once(
                 "or run without checkpoint_dir"
             )
         result, computed = _checkpoint_batched.fit_batched_with_checkpoints(
-            make_problem, iter([(inputs, data)]), lambda i, d: config, lambda x: n,
+            make_problem, es, iter([(inputs, data)]), lambda i, d: config, lambda x: n,
             streamed=False, **checkpoint,
         )  # fmt: skip
         return result, BatchedWork(computed, _needed(result))
@@ -354,7 +353,7 @@ def _all_at_once(
         else _sharded(config, *axis)
     )
     with _batched.BatchProgress(n) if progress else contextlib.nullcontext():
-        result, computed = run(inputs, data)
+        result, computed = run(inputs, data, _batched.Rule(es))
     result = jax.block_until_ready(result)
     return result, BatchedWork(int(computed), _needed(result))
 
@@ -382,8 +381,9 @@ def _stream(make_problem, chunks, with_data, num_steps, slots, es, has_aux, hist
                 )
             following = next(chunks, None)
             lanes, out = _batched.advance_jit(
-                lanes, inputs, data, jnp.int32(base), config=config, final=following is None
-            )
+                lanes, inputs, data, jnp.int32(base), _batched.Rule(es),
+                config=config, final=following is None,
+            )  # fmt: skip
             # Only the rows written come back to the host.
             keep = np.flatnonzero(np.asarray(out.ids) >= 0)
             rows.append(jax.tree.map(lambda r, k=keep: np.asarray(r)[k], out.results))
