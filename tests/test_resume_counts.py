@@ -112,6 +112,7 @@ def test_fit_after_a_fault_recomputes_from_the_newest_checkpoint(
     assert REC.take() == steps(newest), f"resumed from {newest}: steps {newest}..{NUM_STEPS - 1}"
     np.testing.assert_array_equal(result.losses, uninterrupted.losses)
     np.testing.assert_array_equal(result.params, uninterrupted.params)
+    assert int(result.num_steps) == NUM_STEPS
     fit(tmp_path)  # finished: reads the final checkpoint, takes no step
     assert REC.take() == collections.Counter()
 
@@ -130,6 +131,7 @@ def test_fit_after_ctrl_c_recomputes_from_the_checkpoint_it_saved(
     result = fit(tmp_path)
     assert REC.take() == steps(saved)
     np.testing.assert_array_equal(result.losses, uninterrupted.losses)
+    assert int(result.num_steps) == NUM_STEPS
 
 
 # --------------------------------------------------------------------------
