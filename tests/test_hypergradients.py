@@ -13,7 +13,8 @@ The points include those where a branch of the update switches:
 * RAdam's rectification: the first steps have :math:`\\rho_t` below 4, where
   :math:`r_t` is the square root of a negative number on the branch not taken; its
   derivative must not leak into the taken one (an unguarded ``rho`` makes the
-  derivative with respect to ``b2`` NaN). Points just below and just above the threshold, both forms.
+  derivative with respect to ``b2`` NaN). Points just below and just above the
+  threshold, both forms, and the branch taken at a tie.
 * AMSGrad's running maximum and Adamax's infinity norm, on a run whose gradients shrink,
   so that the held maximum (not the current moment) sets later steps (asserted).
 * NAdam's momentum schedule, at torch's ``momentum_decay``, Keras's (1), 0 and ``inf``

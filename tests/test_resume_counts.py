@@ -173,18 +173,26 @@ def iteration_of(problem: int, step: int) -> int:
     return (problem // SLOTS) * STEPS + step
 
 
-@pytest.mark.parametrize("fault_at", [(1, 7), (2, 4), (3, 10)])
-def test_fit_batched_after_a_fault_recomputes_from_the_newest_checkpoint(
-    tmp_path: Any, fault_at: tuple[int, int]
-) -> None:
+@pytest.fixture(scope="module")
+def plain() -> Any:
+    """The same call without checkpoints."""
     REC.take()
-    plain, plain_work = adam_jax.fit_batched(
+    result = adam_jax.fit_batched(
         make_problem, INPUTS, data=DATA, num_steps=STEPS, slots=SLOTS, return_work=True
     )
     everything = REC.take()
-    assert everything == collections.Counter(
-        (k, i) for k in range(N) for i in range(STEPS)
-    ), "uninterrupted, each problem's step is evaluated once"
+    assert everything == collections.Counter((k, i) for k in range(N) for i in range(STEPS)), (
+        "uninterrupted, each problem's step is evaluated once"
+    )
+    return result
+
+
+@pytest.mark.parametrize("fault_at", [(1, 7), (2, 4), (3, 10)])
+def test_fit_batched_after_a_fault_recomputes_from_the_newest_checkpoint(
+    tmp_path: Any, plain: Any, fault_at: tuple[int, int]
+) -> None:
+    plain, plain_work = plain
+    REC.take()
     REC.fault_at = fault_at
     with pytest.raises(Exception, match="injected fault"):
         fit_batched(tmp_path)

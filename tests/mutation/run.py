@@ -143,7 +143,7 @@ MUTATIONS = [
              'iterations, computed = record["iterations"], 0', RC),
     Mutation("batched_counts_running_lanes_only", "_batched.py",
              "out=c.out._replace(computed=c.out.computed + running.shape[0]),",
-             "out=c.out._replace(computed=c.out.computed + jnp.sum(running, dtype=jnp.int32)),",  # noqa: E501
+             "out=c.out._replace(computed=c.out.computed + jnp.sum(running, dtype=jnp.int32)),",
              BATCHED),
     Mutation("batched_tail_shrinks_late", "_batched.py",
              "busy = jnp.sum(c.lanes.ids >= 0, dtype=jnp.int32) > keep",
@@ -213,9 +213,11 @@ def main() -> None:
     results = []
     for m in chosen:
         outcome, elapsed, tail = run_one(m, args.timeout)
-        results.append({"name": m.name, "module": m.module, "outcome": outcome,
-                        "seconds": round(elapsed, 1), "tests": list(m.tests), "pytest": tail})  # fmt: skip
-        print(f"{outcome:9s} {elapsed:6.1f}s  {m.name}  ({m.module}; {' '.join(m.tests)})", flush=True)
+        row = {"name": m.name, "module": m.module, "outcome": outcome}
+        row.update(seconds=round(elapsed, 1), tests=list(m.tests), pytest=tail)
+        results.append(row)
+        where = f"{m.module}; {' '.join(m.tests)}"
+        print(f"{outcome:9s} {elapsed:6.1f}s  {m.name}  ({where})", flush=True)
     killed = sum(r["outcome"] == "killed" for r in results)
     print(f"\nkilled {killed} of {len(results)}: kill ratio {killed / max(len(results), 1):.2f}")
     for r in results:
