@@ -13,7 +13,8 @@ The points include those where a branch of the update switches:
 * RAdam's rectification: the first steps have :math:`\\rho_t` below 4, where
   :math:`r_t` is the square root of a negative number on the branch not taken; its
   derivative must not leak into the taken one (an unguarded ``rho`` makes the
-  derivative with respect to ``b2`` NaN). Points just below and just above the threshold, both forms.
+  derivative with respect to ``b2`` NaN). Points just below and just above the
+  threshold, both forms, and the branch taken at a tie.
 * AMSGrad's running maximum and Adamax's infinity norm, on a run whose gradients shrink,
   so that the held maximum (not the current moment) sets later steps (asserted).
 * NAdam's momentum schedule, at torch's ``momentum_decay``, Keras's (1), 0 and ``inf``
@@ -158,13 +159,13 @@ def case(optimizer: str, base: dict, why: str, **changes: float) -> Any:
 
 CASES = [
     *(case(name, ADAM_HP, "typical") for name in ("adam", "adam_nesterov_eps_hat", "adamw")),
-    case("adam", ADAM_HP, "b1=0", b1=0.0),
-    case("adam", ADAM_HP, "b2=0", b2=0.0),
+    case("adam", ADAM_HP, "b1_zero", b1=0.0),
+    case("adam", ADAM_HP, "b2_zero", b2=0.0),
     case("adam", ADAM_HP, "zero_eps_eps_root_wd", eps=0.0, eps_root=0.0, weight_decay=0.0),
     case("adamw", ADAM_HP, "b1_below_half", b1=0.3, b2=0.6),
     # AMSGrad: b2 = 0.6 lets the raw v fall as the gradients shrink, so v_max is held.
     case("amsgrad", ADAM_HP, "held_max", b2=0.6),
-    case("amsgrad", ADAM_HP, "b1=0", b1=0.0, b2=0.6),
+    case("amsgrad", ADAM_HP, "b1_zero", b1=0.0, b2=0.6),
     case("amsgrad_corrected", ADAM_HP, "held_max"),
     case("adamax", ADAMAX_HP, "held_norm"),
     case("adamax", ADAMAX_HP, "edges", b1=0.0, eps=0.0, weight_decay=0.0),
@@ -172,7 +173,7 @@ CASES = [
     case("nadam", NADAM_HP, "torch_schedule"),
     case("nadam", NADAM_HP, "keras_schedule", momentum_decay=1.0),
     case("nadam", NADAM_HP, "constant_schedule", momentum_decay=0.0),
-    case("nadamw", NADAM_HP, "b1=0", b1=0.0),
+    case("nadamw", NADAM_HP, "b1_zero", b1=0.0),
     # b2 = 0.999: rho_2, rho_3 lie in (2, 4) (r_t imaginary off the taken branch),
     # steps 1-5 are momentum steps and step 6 is rectified (rho_6 = 5.994 > 5).
     case("radam", RADAM_HP, "imaginary_r_off_branch"),
@@ -278,3 +279,14 @@ def test_a_zero_gradient_needs_eps_root_as_in_optax() -> None:
             assert not bool(jnp.isfinite(g[k][0])), (k, g)  # eps_root = 0
             assert bool(jnp.isfinite(g[k][1])), (k, g)  # eps_root = 1e-12
     np.testing.assert_allclose(g_ours["learning_rate"][1], g_theirs["learning_rate"][1], rtol=1e-9)
+
+
+@pytest.mark.parametrize(("form", "want"), [("torch", 3.0), ("optax", 1.0)])
+def test_radam_at_the_threshold_takes_the_documented_branch(form: str, want: float) -> None:
+    """At :math:`\\rho_t` equal to the threshold (``b2 = 0``: :math:`\\rho_\\infty =
+    \\rho_t = 1` exactly), ``form="torch"`` (``>``) takes the momentum step
+    :math:`\\hat m_1 = g`, ``"optax"`` (``>=``) the rectified one, with :math:`r = 1`:
+    :math:`g/(|g| + \\epsilon)`."""
+    opt = adam_jax.scale_by_radam(b2=0.0, threshold=1.0, eps=0.0, form=form)
+    u, _ = opt.update(jnp.array([3.0]), opt.init(jnp.zeros(1)))
+    assert float(u[0]) == want

@@ -112,6 +112,7 @@ def test_fit_after_a_fault_recomputes_from_the_newest_checkpoint(
     assert REC.take() == steps(newest), f"resumed from {newest}: steps {newest}..{NUM_STEPS - 1}"
     np.testing.assert_array_equal(result.losses, uninterrupted.losses)
     np.testing.assert_array_equal(result.params, uninterrupted.params)
+    assert int(result.num_steps) == NUM_STEPS
     fit(tmp_path)  # finished: reads the final checkpoint, takes no step
     assert REC.take() == collections.Counter()
 
@@ -130,6 +131,7 @@ def test_fit_after_ctrl_c_recomputes_from_the_checkpoint_it_saved(
     result = fit(tmp_path)
     assert REC.take() == steps(saved)
     np.testing.assert_array_equal(result.losses, uninterrupted.losses)
+    assert int(result.num_steps) == NUM_STEPS
 
 
 # --------------------------------------------------------------------------
@@ -171,18 +173,26 @@ def iteration_of(problem: int, step: int) -> int:
     return (problem // SLOTS) * STEPS + step
 
 
-@pytest.mark.parametrize("fault_at", [(1, 7), (2, 4), (3, 10)])
-def test_fit_batched_after_a_fault_recomputes_from_the_newest_checkpoint(
-    tmp_path: Any, fault_at: tuple[int, int]
-) -> None:
+@pytest.fixture(scope="module")
+def plain() -> Any:
+    """The same call without checkpoints."""
     REC.take()
-    plain, plain_work = adam_jax.fit_batched(
+    result = adam_jax.fit_batched(
         make_problem, INPUTS, data=DATA, num_steps=STEPS, slots=SLOTS, return_work=True
     )
     everything = REC.take()
-    assert everything == collections.Counter(
-        (k, i) for k in range(N) for i in range(STEPS)
-    ), "uninterrupted, each problem's step is evaluated once"
+    assert everything == collections.Counter((k, i) for k in range(N) for i in range(STEPS)), (
+        "uninterrupted, each problem's step is evaluated once"
+    )
+    return result
+
+
+@pytest.mark.parametrize("fault_at", [(1, 7), (2, 4), (3, 10)])
+def test_fit_batched_after_a_fault_recomputes_from_the_newest_checkpoint(
+    tmp_path: Any, plain: Any, fault_at: tuple[int, int]
+) -> None:
+    plain, plain_work = plain
+    REC.take()
     REC.fault_at = fault_at
     with pytest.raises(Exception, match="injected fault"):
         fit_batched(tmp_path)
