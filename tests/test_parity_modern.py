@@ -26,18 +26,17 @@ import functools
 import itertools
 
 import _gradients
+import adopt as adopt_ref  # torch-adopt, in the test extra
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import schedulefree  # in the test extra
 import torch
 
 import adam_jax
-
-adopt_ref = pytest.importorskip("adopt", reason="pip install 'adam_jax[test]'")
-schedulefree = pytest.importorskip("schedulefree", reason="pip install 'adam_jax[test]'")
 
 STEPS = 60
 LR = 0.05
