@@ -258,6 +258,30 @@ def test_nadam_float32_mu_product_matches_torch_default_dtype(momentum_decay, de
     assert rel_err(default, ty) > 1e-10  # the float64 product is not torch's float32 one
 
 
+@pytest.mark.parametrize(
+    ("param_dtype", "option", "expected"),
+    [
+        (jnp.float32, None, jnp.float32),
+        (jnp.float64, None, jnp.float64),
+        (jnp.bfloat16, None, jnp.float32),
+        (jnp.float64, jnp.float32, jnp.float32),
+        (jnp.float32, jnp.float64, jnp.float64),
+    ],
+)
+def test_nadam_mu_product_dtype_state(param_dtype, option, expected):
+    opt = adam_jax.scale_by_nadam(mu_product_dtype=option)
+    params = {"w": jnp.ones(3, param_dtype)}
+
+    def after_update(params):
+        s0 = opt.init(params)
+        u, s1 = opt.update(params, s0)
+        return s0, s1, u
+
+    s0, s1, u = jax.eval_shape(after_update, params)
+    assert s0.mu_product.dtype == s1.mu_product.dtype == expected
+    assert u["w"].dtype == param_dtype and s1.m["w"].dtype == param_dtype
+
+
 # --- pytree properties, dtypes, bad input ---------------------------------------------
 
 
