@@ -80,7 +80,7 @@ def _init(
     sdt = scalar_dtype(params)
     return ScheduleFreeState(
         count=_common.init_count(),
-        z=jax.tree.map(jnp.asarray, params),
+        z=jax.tree.map(lambda p: jnp.array(p, copy=True), params),  # never the params buffer
         v=_dtypes.zeros_like(params, None, squares=True),
         weight_sum=jnp.zeros([], sdt),
         lr_max=jnp.zeros([], sdt),
