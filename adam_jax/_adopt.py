@@ -221,7 +221,7 @@ def adopt(
       ...     updates, state = opt.update(2 * params, state, params)
       ...     params = optax.apply_updates(params, updates)
       >>> print(params.round(4))
-      [ 0.981 -1.981]
+      [ 0.9711 -1.971 ]
 
     References:
       Taniguchi et al., *ADOPT: Modified Adam Can Converge with Any β2 with the

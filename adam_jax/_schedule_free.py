@@ -80,7 +80,7 @@ def _init(
     sdt = scalar_dtype(params)
     return ScheduleFreeState(
         count=_common.init_count(),
-        z=jax.tree.map(jnp.asarray, params),
+        z=jax.tree.map(lambda p: jnp.array(p, copy=True), params),  # never the params buffer
         v=_dtypes.zeros_like(params, None, squares=True),
         weight_sum=jnp.zeros([], sdt),
         lr_max=jnp.zeros([], sdt),
@@ -300,7 +300,10 @@ def schedule_free_eval_params(state: optax.OptState, params: optax.Params) -> op
 
     ``params`` are the training params :math:`y` (what :func:`schedule_free_adamw`
     updates), ``state`` its state (or a tree holding exactly one such state, e.g.
-    an ``optax.chain``'s). Computed as the reference's ``eval()`` does,
+    an ``optax.chain``'s). After :func:`adam_jax.fit`, pass the result's
+    ``opt_state`` and ``last_params`` (which go together; with early stopping's
+    ``restore_best``, ``params`` are a different step's). Computed as the reference's
+    ``eval()`` does,
     :math:`y + (1 - 1/\beta_1)(z - y)`, in each leaf's compute dtype.
 
     Args:
