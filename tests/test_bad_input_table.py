@@ -50,9 +50,7 @@ CONSTRUCTORS: dict[str, Callable[..., Any]] = {
         "scale_by_radam",
         "radam",
         "radamw",
-        "scale_by_stable_adamw",
         "stable_adamw",
-        "scale_by_ademamix",
         "ademamix",
     ]
 }
@@ -455,9 +453,7 @@ def _state_of(name):
         "nadamw": "adamw",
         "radam": "nadam",
         "radamw": "adamw",
-        "scale_by_stable_adamw": "scale_by_adam",
         "stable_adamw": "adamw",
-        "scale_by_ademamix": "scale_by_adam",
         "ademamix": "adamw",
     }[name]
     return lambda: CONSTRUCTORS[other]().init(PARAMS)
@@ -478,9 +474,7 @@ EXPECTED_STATE = {
     "nadamw": "NAdamState",
     "radam": "RAdamState",
     "radamw": "RAdamState",
-    "scale_by_stable_adamw": "StableAdamWState",
     "stable_adamw": "StableAdamWState",
-    "scale_by_ademamix": "AdEMAMixState",
     "ademamix": "AdEMAMixState",
 }
 
