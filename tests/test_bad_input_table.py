@@ -50,9 +50,23 @@ CONSTRUCTORS: dict[str, Callable[..., Any]] = {
         "scale_by_radam",
         "radam",
         "radamw",
+        "stable_adamw",
+        "ademamix",
     ]
 }
-ALIASES = ["adam", "adamw", "amsgrad", "adamax", "adamaxw", "nadam", "nadamw", "radam", "radamw"]
+ALIASES = [
+    "adam",
+    "adamw",
+    "amsgrad",
+    "adamax",
+    "adamaxw",
+    "nadam",
+    "nadamw",
+    "radam",
+    "radamw",
+    "stable_adamw",
+    "ademamix",
+]
 
 KIND = {
     "learning_rate": "learning_rate",
@@ -74,6 +88,12 @@ KIND = {
     "mu_dtype": "dtype",
     "nu_dtype": "dtype",
     "mask": "mask",
+    "cautious": "cautious",
+    "b3": "decay",
+    "alpha": "non_negative",
+    "alpha_warmup": "warmup",
+    "b3_warmup": "warmup",
+    "b3_schedule": "choice",
 }
 
 
@@ -143,6 +163,19 @@ BAD: dict[str, list[Bad]] = {
     ],
     "dtype": [],
     "mask": [],
+    "cautious": [
+        Bad("unknown", "both", ValueError, "'both'"),
+        Bad("wrong_case", "TIMM", ValueError, "'TIMM'"),
+        Bad("int", 1, TypeError, "1"),
+        Bad("none", None, TypeError, "None"),
+    ],
+    "warmup": [
+        Bad("zero", 0, ValueError, "0"),
+        Bad("negative", -3, ValueError, "-3"),
+        Bad("float", 2.5, ValueError, "2.5"),
+        Bad("bool", True, ValueError, "True"),
+        Bad("str", "10", ValueError, "'10'"),
+    ],
 }
 
 # The same requirement, for misuses that would otherwise pass silently or surface later.
@@ -170,6 +203,8 @@ STRICT_BAD: dict[str, list[Bad]] = {
         Bad("unknown_name", "float17", TypeError, "float17"),
     ],
     "mask": [],
+    "cautious": [],
+    "warmup": [],
 }
 for _table in (BAD, STRICT_BAD):
     _table["non_negative_or_inf"] = [b for b in _table["non_negative"] if b.label != "inf"]
@@ -418,6 +453,8 @@ def _state_of(name):
         "nadamw": "adamw",
         "radam": "nadam",
         "radamw": "adamw",
+        "stable_adamw": "adamw",
+        "ademamix": "adamw",
     }[name]
     return lambda: CONSTRUCTORS[other]().init(PARAMS)
 
@@ -437,6 +474,8 @@ EXPECTED_STATE = {
     "nadamw": "NAdamState",
     "radam": "RAdamState",
     "radamw": "RAdamState",
+    "stable_adamw": "StableAdamWState",
+    "ademamix": "AdEMAMixState",
 }
 
 STRICT_CALLS: list[Call] = [

@@ -34,8 +34,24 @@ OPTIMIZERS = {
     "scale_by_radam": lambda lr=None, **kw: adam_jax.scale_by_radam(**kw),
     "radam": lambda lr=1e-2, **kw: adam_jax.radam(lr, **kw),
     "radamw": lambda lr=1e-2, **kw: adam_jax.radamw(lr, **kw),
+    "stable_adamw": lambda lr=1e-2, **kw: adam_jax.stable_adamw(lr, **kw),
+    "ademamix": lambda lr=1e-2, **kw: adam_jax.ademamix(lr, b3_warmup=2, alpha_warmup=2, **kw),
+    "adamw_cautious": lambda lr=1e-2, **kw: adam_jax.adamw(lr, cautious=True, **kw),
 }
-ALIASES = ["adam", "adamw", "amsgrad", "adamax", "adamaxw", "nadam", "nadamw", "radam", "radamw"]
+ALIASES = [
+    "adam",
+    "adamw",
+    "amsgrad",
+    "adamax",
+    "adamaxw",
+    "nadam",
+    "nadamw",
+    "radam",
+    "radamw",
+    "stable_adamw",
+    "ademamix",
+    "adamw_cautious",
+]
 
 
 def _params(dtype=jnp.float32):
@@ -254,6 +270,10 @@ def test_swapped_state_and_grads_are_named(name):
         ("nadamw", "b1", 1.0),
         ("radam", "threshold", -1.0),
         ("radamw", "eps_root", -1e-8),
+        ("stable_adamw", "weight_decay", -0.1),
+        ("ademamix", "b3", 1.5),
+        ("ademamix", "alpha", -1.0),
+        ("adamw_cautious", "b1", 1.0),
     ],
 )
 def test_checkify_names_a_traced_out_of_range_hyperparameter(name, hyper, bad):
