@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11 and pip:
-#   make demo   creates .venv, installs adam_jax, runs examples/demo.py
-#   make test   creates .venv, installs adam_jax[test], runs the whole suite on up to
+#   make demo   creates .venv, installs adam_jax, runs examples/demo.py (its MLP check
+#               against torch.optim needs torch: make demo-torch installs it, ~900 MB)
+#   make test   creates .venv, installs -e ".[test]", runs the whole suite on up to
 #               4 pytest-xdist workers (one a core), a test file to a worker
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -11,7 +12,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # and 2-process subprocess runs, the docs build) runs once, not once a worker.
 PYTEST_XDIST := -n auto --maxprocesses=4 --dist loadfile
 
-.PHONY: demo test lint format bench docs clean
+.PHONY: demo demo-torch test lint format bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,11 @@ $(VENV)/.installed-docs: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.installed
+	$(BIN)/python examples/demo.py
+
+# The CPU wheel of torch (about 900 MB installed) for the MLP check against torch.optim.
+demo-torch: $(VENV)/.installed
+	$(PIP) install "torch==2.13.0"
 	$(BIN)/python examples/demo.py
 
 test: $(VENV)/.installed-test
