@@ -5,6 +5,7 @@ import importlib.metadata
 from adam_jax._adam import AdamState, adam, adamw, scale_by_adam
 from adam_jax._adamax import AdamaxState, adamax, adamaxw, scale_by_adamax
 from adam_jax._amsgrad import AMSGradState, amsgrad, scale_by_amsgrad
+from adam_jax._cache import enable_compilation_cache
 from adam_jax._early_stopping import (
     EarlyStopping,
     EarlyStoppingState,
@@ -42,6 +43,7 @@ __all__ = [
     "bytes_per_device",
     "default_slots",
     "early_stopping",
+    "enable_compilation_cache",
     "fit",
     "fit_batched",
     "nadam",
