@@ -7,6 +7,7 @@ from adam_jax._adamax import AdamaxState, adamax, adamaxw, scale_by_adamax
 from adam_jax._ademamix import AdEMAMixState, ademamix, scale_by_ademamix
 from adam_jax._adopt import ADOPTState, adopt, scale_by_adopt
 from adam_jax._amsgrad import AMSGradState, amsgrad, scale_by_amsgrad
+from adam_jax._cache import enable_compilation_cache
 from adam_jax._cautious import cautious
 from adam_jax._early_stopping import (
     EarlyStopping,
@@ -58,6 +59,7 @@ __all__ = [
     "cautious",
     "default_slots",
     "early_stopping",
+    "enable_compilation_cache",
     "fit",
     "fit_batched",
     "nadam",

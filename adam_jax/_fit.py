@@ -9,6 +9,7 @@ is in ``_loop``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 
 from adam_jax import _checkpoint, _checks, _fit_checks, _history, _loop, _reporting
-from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState
+from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState, _without_weak_types
 from adam_jax._history import History
 from adam_jax._result import FitResult
 
@@ -80,7 +81,17 @@ def _run(
         history=static.history,
         log_every=static.log_every,
     )
-    state = loop.init(params, data, opt_state, es_state, initial_step)
+    # The loss is traced once (here, or by the mesh check before the call) and
+    # replayed by init and by every step: one Python call of loss_fn per compile.
+    loss_args = loop.loss_args(_without_weak_types(params), data)
+    pretraced = _PRETRACED.get()
+    if pretraced is not None and pretraced[:2] == (static.loss_fn, _types(loss_args)):
+        loss_fn = pretraced[2]
+    else:
+        loss_fn = _loop.traced_once(static.loss_fn, *loss_args)
+    loop = loop._replace(loss_fn=loss_fn)
+    anchored = _checks._explicit_mesh_in_context()
+    state = loop.init(params, data, opt_state, es_state, initial_step, anchored=anchored)
     reporter = None
     if static.log_every is not None or static.progress:
         reporter = _reporting.Reporter(static.log_every, static.progress)
@@ -89,6 +100,17 @@ def _run(
 
 
 _run_jit = jax.jit(_run, static_argnames=("static",))
+
+# (loss_fn, the types of its arguments, its replay), set while fit calls the
+# compiled run after the mesh check has traced the loss (only under a trace).
+_PRETRACED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
+    "adam_jax_pretraced_loss", default=None
+)
+
+
+def _types(tree: object) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(jax.typeof(x) for x in leaves)
 
 
 def fit(
@@ -332,14 +354,20 @@ def fit(
         run = functools.partial(_run_jit, static=static)
     initial_step = jnp.asarray(initial_step).astype(jnp.int32)
     args = (dynamic, params, data, opt_state, early_stopping_state, initial_step)
-    with _explicit_mesh_in_context(loss_fn, params, data, args):
-        return run(*args)
+    mesh, pretraced = _explicit_mesh_in_context(loss_fn, params, data, args)
+    token = _PRETRACED.set(pretraced)
+    try:
+        with mesh:
+            return run(*args)
+    finally:
+        _PRETRACED.reset(token)
 
 
 def _explicit_mesh_in_context(
     loss_fn: Callable[..., object], params: optax.Params, data: object, args: tuple
-) -> contextlib.AbstractContextManager:
-    """While tracing, the abstract mesh of inputs sharded over Explicit axes, if none is in context.
+) -> tuple[contextlib.AbstractContextManager, tuple | None]:
+    """While tracing, the abstract mesh of inputs sharded over Explicit axes, if none is in context,
+    and the loss traced to find it (or None): ``(loss_fn, types of its arguments, replay)``.
 
     Under ``jax.vmap`` over arrays sharded on an Explicit mesh axis, JAX batches
     the loop only with that mesh in context: users would need
@@ -351,7 +379,7 @@ def _explicit_mesh_in_context(
     tracing = any(isinstance(x, jax.core.Tracer) for x in leaves)
     if not tracing or not jax.sharding.get_abstract_mesh().empty:
         # Called directly, JAX takes the mesh from the arrays themselves.
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(), None
 
     def mesh_of(sharding: object) -> jax.sharding.AbstractMesh | None:
         mesh = getattr(sharding, "mesh", None)
@@ -361,14 +389,18 @@ def _explicit_mesh_in_context(
         return None
 
     shardings = [jax.typeof(x).sharding for x in leaves]
+    pretraced = None
     if not any(map(mesh_of, shardings)):
         try:
-            batch = () if data is None else (_fit_checks.batch_at(data, 0),)
-            value = jax.eval_shape(loss_fn, params, *batch)
+            batch = () if data is None else (_fit_checks.batch_at(data, jnp.int32(0)),)
+            loss_args = (_without_weak_types(params), *batch)
+            replay = _loop.traced_once(loss_fn, *loss_args)
+            value = jax.eval_shape(replay, *loss_args)
+            pretraced = (loss_fn, _types(loss_args), replay)
         except Exception:  # a broken loss_fn is reported by the loop, with its own message
             value = None
         shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(value)]
     for sharding in shardings:
         if (mesh := mesh_of(sharding)) is not None:
-            return jax.sharding.use_abstract_mesh(mesh)
-    return contextlib.nullcontext()
+            return jax.sharding.use_abstract_mesh(mesh), pretraced
+    return contextlib.nullcontext(), pretraced

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import custom_batching
+from jax.extend.core import jaxpr_as_fun
 
 from adam_jax import _fit_checks, _history, _reporting
 from adam_jax._early_stopping import (
@@ -85,6 +86,28 @@ def _batched_like(state: LoopState, anchor: jax.Array) -> LoopState:
     return jax.tree.map(tie, state)
 
 
+def _depends_on(tree: object) -> jax.Array:
+    """A bool that reads one element of every leaf of ``tree`` (its value is of no use)."""
+    out = jnp.zeros([], bool)
+    for x in jax.tree.leaves(tree):
+        if jnp.size(x):
+            out = out | (jnp.ravel(x)[0] != jnp.ravel(x)[0])
+    return out
+
+
+def traced_once(fn: Callable[..., object], *args: object) -> Callable[..., object]:
+    """``fn`` traced once at the types of ``args``: a function that replays that
+    trace, for arguments of the same types, without calling ``fn`` again."""
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    out_tree = jax.tree.structure(shape)
+    replay = jaxpr_as_fun(closed)
+
+    def call(*a: object) -> object:
+        return jax.tree.unflatten(out_tree, replay(*jax.tree.leaves(a)))
+
+    return call
+
+
 def _all_finite(tree: optax.Updates) -> jax.Array:
     """One bool: no NaN or ±inf in any floating leaf (one read of each leaf)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -124,8 +147,15 @@ class Loop(NamedTuple):
         es_state: EarlyStoppingState | None = None,
         initial_step: jax.typing.ArrayLike = 0,
         num_steps: jax.typing.ArrayLike | None = None,
+        anchored: bool = True,
     ) -> LoopState:
-        """One problem's first state; a given ``opt_state``/``es_state`` is checked, not cast."""
+        """One problem's first state; a given ``opt_state``/``es_state`` is checked, not cast.
+
+        With ``anchored`` the state depends on everything a step reads (see
+        :meth:`_anchor`, which traces the loss and the update once more). Only a
+        mesh with Explicit axes needs it: elsewhere ``lax.while_loop`` finds by
+        itself which parts of a carry that starts unbatched turn batched.
+        """
         params = _without_weak_types(params)
         if opt_state is None:
             opt_state = self.optimizer.init(params)
@@ -163,7 +193,7 @@ class Loop(NamedTuple):
             stop=jnp.zeros([], bool) if es_state is None else es_state.should_stop,
             log=log,
         )
-        return _batched_like(state, self._anchor(state, data))
+        return _batched_like(state, self._anchor(state, data)) if anchored else state
 
     def _anchor(self, s: LoopState, data: object) -> jax.Array:
         """A False that depends on everything a step reads: the state, the data,
@@ -175,21 +205,18 @@ class Loop(NamedTuple):
         number is never negative), so an effect in ``loss_fn`` does not fire.
         """
 
-        def flag(tree: object) -> jax.Array:
-            out = jnp.zeros([], bool)
-            for x in jax.tree.leaves(tree):
-                if jnp.size(x):
-                    out = out | (jnp.ravel(x)[0] != jnp.ravel(x)[0])
-            return out
-
         def probe() -> jax.Array:
             out = self._call(s.params, self._batch(data, s.initial_step))
             zeros = jax.tree.map(jnp.zeros_like, s.params)
-            return flag((out, self.optimizer.update(zeros, s.opt_state, s.params)[0]))
+            return _depends_on((out, self.optimizer.update(zeros, s.opt_state, s.params)[0]))
 
         never = s.initial_step < 0
         anchor = jax.lax.cond(never, probe, lambda: jnp.zeros([], bool))
-        return (anchor | flag((s, data))) & False
+        return (anchor | _depends_on((s, data))) & False
+
+    def loss_args(self, params: optax.Params, data: object = None) -> tuple:
+        """The arguments of ``loss_fn`` at step 0 (``params`` as :meth:`init` casts them)."""
+        return (params,) if self.n_data is None else (params, self._batch(data, jnp.int32(0)))
 
     def done(self, s: LoopState) -> jax.Array:
         """The problem has taken its last step (stopped, or reached its ``num_steps``)."""
