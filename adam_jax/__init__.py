@@ -14,6 +14,7 @@ from adam_jax._early_stopping import (
 from adam_jax._fit import FitResult, History, fit
 from adam_jax._fit_batched import BatchedWork, default_slots, fit_batched
 from adam_jax._nadam import NAdamState, nadam, nadamw, scale_by_nadam
+from adam_jax._quantize import QuantizedArray, dynamic_map, quantize_blockwise
 from adam_jax._radam import RAdamState, radam, radamw, scale_by_radam
 from adam_jax._sharding import bytes_per_device, zero1_spec, zero1_state_shardings
 
@@ -32,6 +33,7 @@ __all__ = [
     "FitResult",
     "History",
     "NAdamState",
+    "QuantizedArray",
     "RAdamState",
     "StopReason",
     "adam",
@@ -41,11 +43,13 @@ __all__ = [
     "amsgrad",
     "bytes_per_device",
     "default_slots",
+    "dynamic_map",
     "early_stopping",
     "fit",
     "fit_batched",
     "nadam",
     "nadamw",
+    "quantize_blockwise",
     "radam",
     "radamw",
     "scale_by_adam",
