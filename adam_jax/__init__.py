@@ -18,6 +18,7 @@ from adam_jax._early_stopping import (
 from adam_jax._fit import FitResult, History, fit
 from adam_jax._fit_batched import BatchedWork, default_slots, fit_batched
 from adam_jax._nadam import NAdamState, nadam, nadamw, scale_by_nadam
+from adam_jax._quantize import QuantizedArray, dynamic_map, quantize_blockwise
 from adam_jax._radam import RAdamState, radam, radamw, scale_by_radam
 from adam_jax._schedule_free import (
     ScheduleFreeState,
@@ -44,6 +45,7 @@ __all__ = [
     "FitResult",
     "History",
     "NAdamState",
+    "QuantizedArray",
     "RAdamState",
     "ScheduleFreeState",
     "StableAdamWState",
@@ -58,12 +60,14 @@ __all__ = [
     "bytes_per_device",
     "cautious",
     "default_slots",
+    "dynamic_map",
     "early_stopping",
     "enable_compilation_cache",
     "fit",
     "fit_batched",
     "nadam",
     "nadamw",
+    "quantize_blockwise",
     "radam",
     "radamw",
     "scale_by_adam",

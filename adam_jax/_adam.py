@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common, _dtypes
+from adam_jax import _alias, _checks, _common, _dtypes, _quantize
 from adam_jax._common import Decay
 
 
@@ -133,6 +133,7 @@ def scale_by_adam(
     nesterov: bool = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with Adam (Kingma & Ba, 2015), without a learning rate.
 
@@ -175,6 +176,9 @@ def scale_by_adam(
       (``view_as_real``), so on complex params the two differ by design.
 
     Args:
+      state_bits: 32 (float32 moments, the default) or 8: then
+        ``m`` (signed map) and ``v`` (unsigned map) are stored in 8 bits, in leaves of
+        >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs).
       b1: decay of the first moment, in [0, 1).
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
@@ -228,7 +232,8 @@ def scale_by_adam(
         _checks.canonical_dtype("mu_dtype", mu_dtype),
         _checks.canonical_dtype("nu_dtype", nu_dtype),
     )
-    return _alias.transformation(_init, _update, config, hp)
+    scaler = _alias.transformation(_init, _update, config, hp)
+    return _quantize.with_state_bits(scaler, state_bits, config, adam_hp=hp)
 
 
 def adam(
@@ -247,6 +252,7 @@ def adam(
     bias_correction: bool = True,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with a learning rate, coupled (L2) weight decay and ``maximize``.
 
@@ -260,6 +266,7 @@ def adam(
     ``optax.nadam``. See :func:`scale_by_adam` for the options and equations.
 
     Args:
+      state_bits: as in :func:`scale_by_adam`.
       learning_rate: a number, an array or an optax schedule ``count -> lr``; >= 0.
       b1, b2, eps, eps_root, eps_hat, nesterov, bias_correction, mu_dtype, nu_dtype:
         as in :func:`scale_by_adam`.
@@ -302,6 +309,7 @@ def adam(
         nesterov=nesterov,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        state_bits=state_bits,
     )
     if decoupled_weight_decay:
         return _alias.decoupled(
@@ -326,6 +334,7 @@ def adamw(
     bias_correction: bool = True,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 
@@ -338,6 +347,7 @@ def adamw(
     (torch's default ``weight_decay`` is 1e-2: pass it to match torch's defaults).
 
     Args:
+      state_bits: as in :func:`scale_by_adam`.
       learning_rate: a number, an array or an optax schedule; >= 0.
       weight_decay: decoupled decay λ, >= 0, multiplied by the learning rate.
       mask: as in ``optax.add_decayed_weights``: a tree of bools or a callable
@@ -370,6 +380,7 @@ def adamw(
             nesterov=nesterov,
             mu_dtype=mu_dtype,
             nu_dtype=nu_dtype,
+            state_bits=state_bits,
         ),
         learning_rate,
         weight_decay,

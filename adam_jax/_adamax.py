@@ -13,7 +13,7 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common, _dtypes
+from adam_jax import _alias, _checks, _common, _dtypes, _quantize
 from adam_jax._common import Decay
 
 
@@ -100,6 +100,7 @@ def scale_by_adamax(
     *,
     eps_in_max: bool = False,
     mu_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with Adamax (Kingma & Ba, 2015, section 7.1), without a learning rate.
 
@@ -128,6 +129,9 @@ def scale_by_adamax(
     float32; complex params use :math:`|g|`, where torch splits real and imaginary parts.
 
     Args:
+      state_bits: 32 (float32 moments, the default) or 8: then
+        ``m`` (signed map) and ``u`` (unsigned map) are stored in 8 bits, in leaves of
+        >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs).
       b1: decay of the first moment, in [0, 1).
       b2: decay of the infinity norm, in [0, 1).
       eps: >= 0; outside the max (default) or inside it (``eps_in_max``).
@@ -158,7 +162,8 @@ def scale_by_adamax(
     _checks.check_bool("eps_in_max", eps_in_max)
     config = AdamaxConfig(eps_in_max, _checks.canonical_dtype("mu_dtype", mu_dtype))
     hp = AdamaxHyperparams(_common.decay_leaves(b1), _common.decay_leaves(b2), eps)
-    return _alias.transformation(_init, _update, config, hp)
+    scaler = _alias.transformation(_init, _update, config, hp)
+    return _quantize.with_state_bits(scaler, state_bits, config)
 
 
 def adamax(
@@ -172,6 +177,7 @@ def adamax(
     cautious: bool | str = False,
     eps_in_max: bool = False,
     mu_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adamax with a learning rate, coupled (L2) weight decay and ``maximize``.
 
@@ -181,6 +187,7 @@ def adamax(
     :func:`scale_by_adamax`.
 
     Args:
+      state_bits: as in :func:`scale_by_adamax`.
       learning_rate: a number, an array or an optax schedule; >= 0.
       weight_decay: coupled L2 coefficient, >= 0.
       maximize: ascend instead of descend.
@@ -200,7 +207,9 @@ def adamax(
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015, section 7.1.
     """
     return _alias.coupled(
-        scale_by_adamax(b1, b2, eps, eps_in_max=eps_in_max, mu_dtype=mu_dtype),
+        scale_by_adamax(
+            b1, b2, eps, eps_in_max=eps_in_max, mu_dtype=mu_dtype, state_bits=state_bits
+        ),
         learning_rate,
         weight_decay,
         maximize,
@@ -220,6 +229,7 @@ def adamaxw(
     cautious: bool | str = False,
     eps_in_max: bool = False,
     mu_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adamax with decoupled weight decay, scaled by the learning rate.
 
@@ -228,6 +238,7 @@ def adamaxw(
     applied to Adamax. Neither torch nor optax ships this combination.
 
     Args:
+      state_bits: as in :func:`scale_by_adamax`.
       learning_rate: a number, an array or an optax schedule; >= 0.
       weight_decay: decoupled decay, >= 0.
       mask: which params decay, as in ``optax.add_decayed_weights``.
@@ -248,7 +259,9 @@ def adamaxw(
       Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
     """
     return _alias.decoupled(
-        scale_by_adamax(b1, b2, eps, eps_in_max=eps_in_max, mu_dtype=mu_dtype),
+        scale_by_adamax(
+            b1, b2, eps, eps_in_max=eps_in_max, mu_dtype=mu_dtype, state_bits=state_bits
+        ),
         learning_rate,
         weight_decay,
         mask,

@@ -11,7 +11,7 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common, _dtypes
+from adam_jax import _alias, _checks, _common, _dtypes, _quantize
 from adam_jax._adam import AdamHyperparams, adam_hyperparams, adam_scalars
 
 MAX_OF = ("raw", "corrected")
@@ -100,6 +100,7 @@ def scale_by_amsgrad(
     bias_correction: bool = True,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with AMSGrad (Reddi, Kale & Kumar, 2018), without a learning rate.
 
@@ -128,6 +129,9 @@ def scale_by_amsgrad(
     complex ``|g|²``).
 
     Args:
+      state_bits: 32 (float32 moments, the default) or 8: then
+        ``m`` (signed map), ``v`` and ``v_max`` (unsigned map) are stored in 8 bits, in leaves of
+        >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs).
       b1, b2, eps, eps_root, eps_hat, bias_correction, mu_dtype: as in
         :func:`adam_jax.scale_by_adam`.
       max_of: ``"raw"`` or ``"corrected"``, which second moment the maximum is over.
@@ -162,7 +166,8 @@ def scale_by_amsgrad(
         _checks.canonical_dtype("mu_dtype", mu_dtype),
         _checks.canonical_dtype("nu_dtype", nu_dtype),
     )
-    return _alias.transformation(_init, _update, config, hp)
+    scaler = _alias.transformation(_init, _update, config, hp)
+    return _quantize.with_state_bits(scaler, state_bits, config)
 
 
 def amsgrad(
@@ -180,6 +185,7 @@ def amsgrad(
     bias_correction: bool = True,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AMSGrad with a learning rate, coupled (L2) weight decay and ``maximize``.
 
@@ -188,6 +194,7 @@ def amsgrad(
     See :func:`scale_by_amsgrad`.
 
     Args:
+      state_bits: as in :func:`scale_by_amsgrad`.
       learning_rate: a number, an array or an optax schedule; >= 0.
       weight_decay: coupled L2 coefficient, >= 0.
       maximize: ascend instead of descend.
@@ -218,6 +225,7 @@ def amsgrad(
             bias_correction=bias_correction,
             mu_dtype=mu_dtype,
             nu_dtype=nu_dtype,
+            state_bits=state_bits,
         ),
         learning_rate,
         weight_decay,

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common, _dtypes
+from adam_jax import _alias, _checks, _common, _dtypes, _quantize
 from adam_jax._common import Decay
 
 
@@ -189,6 +189,7 @@ def scale_by_nadam(
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     mu_product_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with NAdam and Dozat's momentum schedule, without a learning rate.
 
@@ -236,6 +237,9 @@ def scale_by_nadam(
       real and imaginary parts as independent reals.
 
     Args:
+      state_bits: 32 (float32 moments, the default) or 8: then
+        ``m`` (signed map) and ``v`` (unsigned map) are stored in 8 bits, in leaves of
+        >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs).
       b1: :math:`\beta_1`, decay of the first moment and the limit of the schedule, in [0, 1).
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
@@ -278,7 +282,8 @@ def scale_by_nadam(
         _checks.canonical_dtype("nu_dtype", nu_dtype),
         _real_dtype("mu_product_dtype", mu_product_dtype),
     )
-    return _alias.transformation(_init, _update, config, hp)
+    scaler = _alias.transformation(_init, _update, config, hp)
+    return _quantize.with_state_bits(scaler, state_bits, config)
 
 
 def nadam(
@@ -295,6 +300,7 @@ def nadam(
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     mu_product_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdam with a learning rate, weight decay and ``maximize``: ``torch.optim.NAdam``.
 
@@ -312,6 +318,7 @@ def nadam(
     ``momentum_decay=4e-3``) are torch's. See :func:`scale_by_nadam`.
 
     Args:
+      state_bits: as in :func:`scale_by_nadam`.
       learning_rate: a number, an array or an optax schedule ``count -> lr``; >= 0.
       b1, b2, eps, momentum_decay, mu_dtype, nu_dtype, mu_product_dtype: as in
         :func:`scale_by_nadam`.
@@ -347,6 +354,7 @@ def nadam(
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
         mu_product_dtype=mu_product_dtype,
+        state_bits=state_bits,
     )
     if decoupled_weight_decay:
         return _alias.decoupled(
@@ -369,6 +377,7 @@ def nadamw(
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     mu_product_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdam with decoupled weight decay, scaled by the learning rate.
 
@@ -378,6 +387,7 @@ def nadamw(
     :func:`adam_jax.adamw`'s.
 
     Args:
+      state_bits: as in :func:`scale_by_nadam`.
       learning_rate: a number, an array or an optax schedule; >= 0.
       weight_decay: decoupled decay, >= 0.
       mask: which params decay, as in ``optax.add_decayed_weights``.
@@ -406,5 +416,6 @@ def nadamw(
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
         mu_product_dtype=mu_product_dtype,
+        state_bits=state_bits,
     )
     return _alias.decoupled(scaler, learning_rate, weight_decay, mask, maximize, cautious=cautious)

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common, _dtypes
+from adam_jax import _alias, _checks, _common, _dtypes, _quantize
 from adam_jax._common import Decay
 
 FORMS = ("torch", "optax")
@@ -158,6 +158,7 @@ def scale_by_radam(
     form: str = "torch",
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with Rectified Adam (Liu et al., 2020), without a learning rate.
 
@@ -191,6 +192,9 @@ def scale_by_radam(
     :math:`\rho_\infty` ulps.
 
     Args:
+      state_bits: 32 (float32 moments, the default) or 8: then
+        ``m`` (signed map) and ``v`` (unsigned map) are stored in 8 bits, in leaves of
+        >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs).
       b1: decay of the first moment, in [0, 1).
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
@@ -225,7 +229,8 @@ def scale_by_radam(
         _checks.canonical_dtype("mu_dtype", mu_dtype),
         _checks.canonical_dtype("nu_dtype", nu_dtype),
     )
-    return _alias.transformation(_init, _update, config, hp)
+    scaler = _alias.transformation(_init, _update, config, hp)
+    return _quantize.with_state_bits(scaler, state_bits, config)
 
 
 def radam(
@@ -243,6 +248,7 @@ def radam(
     form: str = "torch",
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RAdam with a learning rate, weight decay and ``maximize``: ``torch.optim.RAdam``.
 
@@ -259,6 +265,7 @@ def radam(
     :func:`scale_by_radam`.
 
     Args:
+      state_bits: as in :func:`scale_by_radam`.
       learning_rate: a number, an array or an optax schedule; >= 0.
       b1, b2, eps, eps_root, threshold, form, mu_dtype, nu_dtype: as in
         :func:`scale_by_radam`.
@@ -294,6 +301,7 @@ def radam(
         form=form,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        state_bits=state_bits,
     )
     if decoupled_weight_decay:
         return _alias.decoupled(
@@ -317,6 +325,7 @@ def radamw(
     form: str = "torch",
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int = 32,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RAdam with decoupled weight decay, scaled by the learning rate.
 
@@ -326,6 +335,7 @@ def radamw(
     :func:`adam_jax.adamw`'s.
 
     Args:
+      state_bits: as in :func:`scale_by_radam`.
       learning_rate: a number, an array or an optax schedule; >= 0.
       weight_decay: decoupled decay, >= 0.
       mask: which params decay, as in ``optax.add_decayed_weights``.
@@ -355,5 +365,6 @@ def radamw(
         form=form,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        state_bits=state_bits,
     )
     return _alias.decoupled(scaler, learning_rate, weight_decay, mask, maximize, cautious=cautious)

@@ -1,0 +1,332 @@
+r"""8-bit optimizer states: blockwise dynamic quantization of the moments.
+
+A quantized moment is stored as one ``uint8`` code per element (shaped like the
+param) and one float32 scale per block of 256 consecutive elements of the flattened
+tensor, as in bitsandbytes' ``Adam8bit`` and torchao's ``AdamW8bit``
+(Dettmers et al., 2022). The scale is the block's absmax, clipped below at 1e-12;
+the code is the index of the entry of a 256-entry *dynamic quantization map* nearest
+to ``x / scale``. First moments use the signed map, second moments and running
+maxima the unsigned one.
+
+The maps are built here, by the construction of bitsandbytes'
+``create_dynamic_map`` (without zero padding, as torchao's ``quant_utils.py``): for
+each decade :math:`i = 0, \dots, 6` the midpoints of ``linspace(0.1, 1, n_i)`` in
+float32, scaled by :math:`10^{i-6}`, with :math:`n_i = 2^i + 1` points for the
+signed map (and their negatives) and :math:`2^{i+1} + 1` for the unsigned one; then
+0 and 1; sorted. ``linspace`` is torch's float32 one: step
+``f32(0.9 / (n-1))``, point ``j`` is ``fma(step, j, 0.1)`` below the middle and
+``fma(-step, n-1-j, 1)`` from it on.
+
+Rounding to the nearest entry is torchao's: the largest entry ``q[c] <= y``, then
+``c + 1`` when ``y - q[c] >= (q[c+1] - q[c]) * 0.5`` in float32 (ties go up). That
+rule equals counting 255 thresholds ``T_k <= y``, where ``T_k`` is the smallest
+float32 for which the rule rounds up to ``k``; the thresholds are found once on the
+host. Counting them is done without a search: ``|y|``'s exponent and its top 7
+mantissa bits select one of ~3,200 buckets, each holding at most one threshold, so a
+code is a table lookup and one comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.tree_util import Partial
+
+from adam_jax import _checks, _common, _dtypes
+
+BLOCK = 256
+MIN_SIZE = 4096
+# Fields of the family states that hold moments, and whether each is signed.
+MOMENTS = {"m": True, "v": False, "u": False, "v_max": False}
+
+_MANTISSA_BITS = 7  # top mantissa bits of |y| that pick a bucket
+_SHIFT = 23 - _MANTISSA_BITS
+_LOW_EXPONENT = 102  # |y| < 2**-25 shares bucket 0 (no threshold lies there)
+_LO = _LOW_EXPONENT << _MANTISSA_BITS
+_NB = (127 << _MANTISSA_BITS) - _LO + 1  # buckets up to |y| = 1; bucket _NB: |y| > 1 or NaN
+
+
+def _linspace(n: int) -> np.ndarray:
+    """``torch.linspace(0.1, 1, n)`` in float32."""
+    step = np.float64((np.float32(1.0) - np.float32(0.1)) / np.float32(n - 1))
+    j = np.arange(n)
+    # step·j is exact in float64, so one rounding to float32 is the fused multiply-add.
+    low = (np.float64(np.float32(0.1)) + step * j).astype(np.float32)
+    high = (1.0 - step * (n - 1 - j)).astype(np.float32)
+    return np.where(j < n // 2, low, high)
+
+
+@functools.cache
+def dynamic_map(signed: bool) -> np.ndarray:
+    """The 256 sorted float32 entries of the signed or unsigned dynamic quantization map
+    of 8-bit states (bitsandbytes' and torchao's), built as the module docstring says.
+
+    Example:
+      >>> import adam_jax
+      >>> q = adam_jax.dynamic_map(signed=False)
+      >>> print(q.shape, q[0], q[-1])
+      (256,) 0.0 1.0
+    """
+    entries = [np.zeros(1, np.float32), np.ones(1, np.float32)]
+    for i in range(7):
+        points = _linspace(2**i + 1 if signed else 2 ** (i + 1) + 1)
+        means = (points[:-1] + points[1:]) / np.float32(2)
+        decade = np.float32(10.0 ** (i - 6)) * means
+        entries += [decade, -decade] if signed else [decade]
+    qmap = np.sort(np.concatenate(entries)).astype(np.float32)
+    assert qmap.shape == (256,)
+    qmap.flags.writeable = False
+    return qmap
+
+
+def _sortable(x: np.ndarray) -> np.ndarray:
+    """float32 -> int64 keys in the same order (one key per float, -0 before +0)."""
+    bits = x.astype(np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+
+
+def _unsortable(k: np.ndarray) -> np.ndarray:
+    bits = np.where(k < 0, (-(k + 1)) | -0x80000000, k).astype(np.int32)
+    return bits.view(np.float32)
+
+
+@functools.cache
+def thresholds(signed: bool) -> np.ndarray:
+    """``T_k``, k = 1..255: the smallest float32 ``y`` that torchao's rule codes >= k."""
+    q = dynamic_map(signed)
+    down, up = q[:-1], q[1:]
+    half = (up - down) * np.float32(0.5)
+    lo, hi = _sortable(down), _sortable(up)  # the rule rounds up at hi, never at lo
+    while np.any(hi - lo > 1):
+        mid = (lo + hi) // 2
+        rounds_up = (_unsortable(mid) - down) >= half
+        hi = np.where(rounds_up, mid, hi)
+        lo = np.where(rounds_up, lo, mid)
+    out = _unsortable(hi)
+    out.flags.writeable = False
+    return out
+
+
+@functools.cache
+def _buckets(signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per bucket of ``|y|`` (positive ``y`` first, then negative): the number of
+    thresholds below the bucket, and the one threshold inside it (inf if none)."""
+    t = thresholds(signed).astype(np.float64)
+    b = np.arange(_NB)
+    lo = np.where(b == 0, 0, (b + _LO) << _SHIFT).astype(np.int32).view(np.float32)
+    hi = ((b + _LO + 1) << _SHIFT).astype(np.int32).view(np.float32).astype(np.float64)
+    lo = lo.astype(np.float64)
+    # y >= 0 in [lo, hi); y < 0 in (-hi, -lo].
+    pos_base = np.searchsorted(t, lo, side="right")
+    pos_inside = np.searchsorted(t, hi, side="left") - pos_base
+    neg_base = np.searchsorted(t, -hi, side="right")
+    neg_inside = np.searchsorted(t, -lo, side="right") - neg_base
+    if max(pos_inside.max(), neg_inside.max()) > 1:
+        raise AssertionError("a bucket holds two thresholds")
+    t_ext = np.append(t, np.inf)
+    pos_thr = np.where(pos_inside > 0, t_ext[pos_base], np.inf)
+    neg_thr = np.where(neg_inside > 0, t_ext[neg_base], np.inf)
+    # Bucket _NB (|y| > 1 or NaN, only in a block whose scale is not finite): code 0, as torchao.
+    base = np.concatenate([pos_base, [0], neg_base, [0]]).astype(np.int32)
+    thr = np.concatenate([pos_thr, [np.inf], neg_thr, [np.inf]]).astype(np.float32)
+    base.flags.writeable = thr.flags.writeable = False
+    return base, thr
+
+
+def codes(y: jax.Array, signed: bool) -> jax.Array:
+    """uint8 codes of ``y`` (values in [-1, 1]) on the signed or unsigned map."""
+    base, thr = _buckets(signed)
+    bits = lax.bitcast_convert_type(jnp.abs(y), jnp.int32)
+    bucket = jnp.clip(lax.shift_right_arithmetic(bits, jnp.int32(_SHIFT)) - _LO, 0, _NB)
+    bucket = bucket + jnp.where(y < 0, jnp.int32(_NB + 1), jnp.int32(0))
+    base_ = jnp.asarray(base).at[bucket].get(mode="promise_in_bounds")
+    thr_ = jnp.asarray(thr).at[bucket].get(mode="promise_in_bounds")
+    return (base_ + (y >= thr_).astype(jnp.int32)).astype(jnp.uint8)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+    """A moment stored in 8 bits: ``codes`` (uint8, shaped like the param) and
+    ``scales`` (float32, one per block of 256 elements of the flattened array);
+    element ``i`` is ``map[codes[i]] * scales[i // 256]``."""
+
+    codes: jax.Array
+    scales: jax.Array
+    signed: bool = dataclasses.field(metadata={"static": True})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> jax.Array:
+        qmap = jnp.asarray(dynamic_map(self.signed))
+        values = qmap.at[self.codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+        blocks = values.reshape(-1, BLOCK) * self.scales[:, None]
+        return blocks.reshape(self.codes.shape)
+
+
+def quantize_blockwise(x: jax.Array, signed: bool) -> QuantizedArray:
+    """Blockwise 8-bit quantization of ``x``, as torchao's ``OptimState8bit``.
+
+    Args:
+      x: a real array whose size is a multiple of 256.
+      signed: use the signed map (first moments) or the unsigned one (second moments).
+
+    Returns:
+      A :class:`QuantizedArray`; ``.dequantize()`` gives float32 values.
+
+    Example:
+      >>> import jax.numpy as jnp, adam_jax
+      >>> q = adam_jax.quantize_blockwise(jnp.linspace(-1.0, 1.0, 256), signed=True)
+      >>> print(q.codes.dtype, q.scales.shape, float(q.dequantize()[-1]))
+      uint8 (1,) 1.0
+    """
+    if x.size % BLOCK:
+        raise ValueError(
+            f"quantize_blockwise needs a size that is a multiple of 256, got {x.shape}"
+        )
+    blocks = x.astype(jnp.float32).reshape(-1, BLOCK)
+    magnitude = jnp.abs(blocks)
+    # A block holding NaN or inf gets a NaN scale, so all its values read back as NaN
+    # (torchao's NaN absmax does the same); XLA:CPU's max reduction may drop a NaN.
+    finite = magnitude <= jnp.finfo(jnp.float32).max
+    absmax = jnp.max(jnp.where(finite, magnitude, jnp.float32(jnp.inf)), axis=1)
+    scales = jnp.where(
+        absmax == jnp.inf, jnp.float32(jnp.nan), jnp.maximum(absmax, jnp.float32(1e-12))
+    )
+    y = blocks / scales[:, None]
+    return QuantizedArray(codes(y, signed).reshape(x.shape), scales, signed)
+
+
+def eligible(x: Any) -> bool:
+    """Quantized as torchao does: real floating leaves of >= 4096 elements, a multiple of 256."""
+    return jnp.issubdtype(x.dtype, jnp.floating) and x.size >= MIN_SIZE and x.size % BLOCK == 0
+
+
+def _is_q(x: Any) -> bool:
+    return isinstance(x, QuantizedArray)
+
+
+def _quantize_fields(state: Any, template: Any) -> Any:
+    """Quantize the moment fields of ``state`` where ``template`` says so
+    (``template=None``: every eligible leaf)."""
+    fields = {}
+    for name, signed in MOMENTS.items():
+        if name not in getattr(state, "_fields", ()):
+            continue
+        new = getattr(state, name)
+        if template is None:
+            fields[name] = jax.tree.map(
+                lambda x, s=signed: quantize_blockwise(x, s) if eligible(x) else x, new
+            )
+        else:
+            fields[name] = jax.tree.map(
+                lambda old, x: quantize_blockwise(x, old.signed) if _is_q(old) else x,
+                getattr(template, name),
+                new,
+                is_leaf=_is_q,
+            )
+    return state._replace(**fields)
+
+
+def dequantize_state(state: Any) -> Any:
+    """The state with every :class:`QuantizedArray` replaced by its float32 values."""
+    return jax.tree.map(lambda x: x.dequantize() if _is_q(x) else x, state, is_leaf=_is_q)
+
+
+def _init(inner_init: Any, params: optax.Params) -> Any:
+    return _quantize_fields(inner_init(params), None)
+
+
+def _update(
+    inner_update: Any,
+    updates: optax.Updates,
+    state: Any,
+    params: optax.Params | None = None,
+) -> tuple[optax.Updates, Any]:
+    new_updates, new_state = inner_update(updates, dequantize_state(state), params)
+    return new_updates, _quantize_fields(new_state, state)
+
+
+def _torch_adam_update(
+    hp: Any, updates: optax.Updates, state: Any, params: optax.Params | None = None
+) -> tuple[optax.Updates, Any]:
+    """Adam as torchao's ``single_param_adam`` computes it (``torchao/optim/adam.py``,
+    0.18), for the dequantized ``state``: the moments by ``lerp``, both products rounded
+    before they are added (compiled torchao does not fuse them), the bias corrections
+    ``1 - b**t`` with ``b`` and ``t`` in float32, and
+    ``u = (m / c1) / (sqrt(v) / sqrt(c2) + eps)``."""
+    del params
+    _checks.prepare_update(updates, state, type(state), "scale_by_adam")
+    count = _common.increment(state.count)
+
+    def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
+        cdt, rdt = _dtypes.dtypes_of(g)
+        t = count.astype(rdt)
+        # A zero known only at run time: x·y + zero is rounded before it meets
+        # another operand, where a plain x·y + w would compile to a fused multiply-add.
+        zero = t - t
+        b1, w1 = (_common.scalar(x, rdt) for x in hp.b1[:2])
+        b2, w2 = (_common.scalar(x, rdt) for x in hp.b2[:2])
+        c1, c2 = 1 - b1**t, 1 - b2**t
+        g_ = _dtypes.cast(g, cdt)
+        m_old, v_old = _dtypes.cast(m, cdt), _dtypes.cast(v, rdt)
+        m_new = m_old + (w1 * (g_ - m_old) + zero)  # m.lerp(g, 1 - b1)
+        v_new = v_old + (w2 * ((_common.abs_sq(g_) + zero) - v_old) + zero)
+        den = jnp.sqrt(v_new) / jnp.sqrt(c2) + _common.scalar(hp.eps, rdt)
+        u = (m_new / c1) / den
+        return _dtypes.cast(u, g.dtype), _dtypes.cast(m_new, m.dtype), _dtypes.cast(v_new, v.dtype)
+
+    u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
+    return u, state._replace(count=count, m=m, v=v)
+
+
+def with_state_bits(
+    scaler: optax.GradientTransformation,
+    state_bits: int,
+    config: Any,
+    *,
+    adam_hp: Any = None,
+) -> optax.GradientTransformation:
+    """``scaler`` itself for ``state_bits=32``; for 8, the same transformation with its
+    moments stored in 8 bits (see the module docstring). ``config`` supplies the
+    family's ``mu_dtype``/``nu_dtype``, which must be left unset with 8-bit states.
+
+    ``adam_hp``: the hyperparameters of a plain Adam (``scale_by_adam`` without
+    ``eps_root``, ``eps_hat``, ``nesterov``), whose 8-bit update is then torchao's
+    arithmetic (:func:`_torch_adam_update`), so that its codes match torchao's."""
+    if (
+        not isinstance(state_bits, int | np.integer)
+        or isinstance(state_bits, bool)
+        or state_bits not in (8, 32)
+    ):
+        raise ValueError(f"state_bits must be 8 or 32, got state_bits={state_bits!r}")
+    if state_bits == 32:
+        return scaler
+    for name in ("mu_dtype", "nu_dtype"):
+        dtype = getattr(config, name, None)
+        if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+            raise ValueError(
+                f"state_bits=8 stores the moments in 8 bits and computes them in float32; "
+                f"{name}={jnp.dtype(dtype).name} cannot apply (leave it unset or float32)"
+            )
+    update = scaler.update
+    if (
+        adam_hp is not None
+        and not (config.eps_hat or config.nesterov or not config.bias_correction)
+        and _is_zero(adam_hp.eps_root)
+    ):
+        update = Partial(_torch_adam_update, adam_hp)
+    return optax.GradientTransformation(Partial(_init, scaler.init), Partial(_update, update))
+
+
+def _is_zero(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer) and bool(np.all(np.asarray(x) == 0))
