@@ -64,7 +64,9 @@ def test_bench_writes_every_case(tmp_path, capsys):
     # Every goal of every case is measured and marked, in the table and the JSON.
     goals = report["goal_results"]
     assert {g["case"] for g in goals} == set(bench_update.CASES)
-    assert all(g["met"] in (True, False) for g in goals if g["goal"] != "adam_jax <= 1.0x torch fused")
+    assert all(
+        g["met"] in (True, False) for g in goals if g["goal"] != "adam_jax <= 1.0x torch fused"
+    )
     met, missed = sum(g["met"] is True for g in goals), sum(g["met"] is False for g in goals)
     assert f"Goals: {met} met, {missed} missed" in printed
     assert printed.count("| met") + printed.count("| MISSED") == met + missed

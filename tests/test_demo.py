@@ -96,3 +96,22 @@ def test_demo_exits_nonzero_when_a_check_fails(demo, monkeypatch, capsys, tmp_pa
     marks = [line.split(" ")[0] for line in stdout.splitlines() if line.startswith("[")]
     assert marks == ["[ok]", "[ok]", "[FAILED]", "[ok]", "[ok]"]
     assert "4 of 5 checks pass" in stdout
+
+
+def test_demo_says_first_how_to_get_torch(demo, monkeypatch, capsys, tmp_path):
+    """Without torch, the first thing printed after the versions is how to get the full check;
+    the docstring counts the checks the demo prints."""
+    for name in ("worked_step", "regression", "mlp", "adamax_function", "stopping"):
+        monkeypatch.setattr(demo, name, _fake(True))
+    monkeypatch.setattr(demo, "sweep", lambda: "vmapped sweep: skipped")
+    monkeypatch.setattr(demo, "figure", lambda curves, out: None)
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(
+        demo.importlib.util, "find_spec", lambda n, *a: None if n == "torch" else real(n, *a)
+    )
+    assert demo.main(["--out", str(tmp_path / "f.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("torch is not installed") and "make demo-torch" in lines[3], lines
+    assert "5 of 5 checks pass" in lines[-1]
+    assert demo.__doc__.startswith("adam_jax on five classic Adam exercises")
+    assert demo.__doc__.count("\n* ") == 5

@@ -9,6 +9,8 @@ not run: they need a cluster, a model or a path that a test does not have).
 
 from __future__ import annotations
 
+import html as html_lib
+import json
 import os
 import re
 import subprocess
@@ -70,6 +72,30 @@ def test_api_reference_renders_equations_and_links(site):
     assert r"\[" in html and r"\hat m_t" in html
     assert ".. math::" not in html and ":math:`" not in html and ":func:`" not in html
     assert 'href="#adam_jax.EarlyStoppingState"' in html
+
+
+def test_signatures_one_parameter_a_line(site):
+    """mkdocstrings formats long signatures (with ruff, from the docs extra)."""
+    html = (site / "api" / "index.html").read_text()
+    start = html.index('id="adam_jax.fit"')
+    signature = html[html.index(">", html.index("doc-signature", start)) + 1 :]
+    text = html_lib.unescape(re.sub(r"<[^>]+>", "", signature[: signature.index("</code>")]))
+    lines = text.splitlines()
+    assert lines[0] == "fit(" and "    num_steps: int," in lines, lines
+    assert max(map(len, lines)) <= 88, lines
+
+
+def test_navigation_titles_are_whole_and_numbered():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    notebooks = re.findall(r'- "?(.*?)"?: notebooks/(\d\d)_\w+\.ipynb', nav)
+    assert [n for _, n in notebooks] == [p[:2] for p in NOTEBOOKS]
+    for title, number in notebooks:
+        assert title.startswith(f"{int(number)} · "), title
+    for name in NOTEBOOKS:  # the page's own title, numbered the same, with no code in it
+        cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+        heading = "".join(next(c for c in cells if c["cell_type"] == "markdown")["source"])
+        heading = heading.splitlines()[0]
+        assert heading.startswith(f"# {int(name[:2])} · ") and "`" not in heading, heading
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -7,7 +7,9 @@ import re
 import tomllib
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 import adam_jax
@@ -75,3 +77,34 @@ def test_a_forgotten_has_aux_is_named():
     with pytest.raises(ValueError, match=r"must be a single array, got \{") as e:
         adam_jax.fit(lambda w: {"loss": jnp.sum(w)}, jnp.zeros(3), adam_jax.adam(0.1), num_steps=2)
     assert "has_aux" not in str(e.value)
+
+
+def _fit(target, **kw):
+    return adam_jax.fit(
+        lambda p: (p - target) ** 2,
+        jnp.asarray(0.0),
+        optax.sgd(0.1),
+        num_steps=20,
+        early_stopping=adam_jax.early_stopping(None, target=1e-2),
+        history=adam_jax.History.none(),
+        **kw,
+    )
+
+
+def test_stop_reasons_by_name_in_reprs_and_logs(capsys):
+    one = _fit(1.0, log_every=10)
+    assert "stop_reason=TARGET," in repr(one)
+    # The last log line: the step whose value stopped the run, and why.
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"step {int(one.num_steps)} stopped: TARGET", lines
+    batch = jax.vmap(lambda t: _fit(t, log_every=10))(jnp.array([1.0, 1e3, 2.0]))
+    assert "stop_reason=[TARGET NONE TARGET]," in repr(batch)
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "stop reasons of the 3 problems: NONE 1, TARGET 2"
+    )
+    # A run that did not stop early ends its logs with its last step's line.
+    _fit(1e3, log_every=10)
+    assert "stopped" not in capsys.readouterr().out
+    # A large batch keeps the codes.
+    many = jax.vmap(_fit)(jnp.ones(100))
+    assert "stop_reason=Array([2, 2," in repr(many)

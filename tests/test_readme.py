@@ -25,6 +25,10 @@ def test_readme_example_runs(source, capsys):
         results = namespace["results"]
         assert results.num_steps.shape == (64,)
         assert int(results.num_steps.min()) < int(results.num_steps.max())
+        # Why each stopped, by name, as printed.
+        names = results.stop_reason_names()
+        assert {"NONE", "TARGET"} <= set(names.tolist())
+        assert "'TARGET'" in capsys.readouterr().out
     else:  # the quickstart: training lowered the loss
         start = {k: 0 * v for k, v in namespace["params"].items()}
         assert float(namespace["loss_fn"](namespace["params"])) < float(namespace["loss_fn"](start))
