@@ -213,7 +213,7 @@ def fit_batched_with_checkpoints(
                 if not final:  # the queue is empty: the lanes go on with the next chunk
                     source.advance()
                     queue = jnp.zeros([], jnp.int32)
-                elif keep := _batched.next_width(lanes.ids.shape[0]):
+                elif keep := _batched.next_width(lanes.ids.shape[0], run_config.slots):
                     lanes, filling = _batched.compact_jit(lanes, keep=keep), False
                 else:
                     finished = True

@@ -143,8 +143,10 @@ def fit_batched(
     same way; float32 results were bitwise equal in the tests).
 
     The compiled program is cached on ``make_problem`` (pass the same function,
-    not a new lambda, to reuse it), ``early_stopping``, the other options and
-    the inputs' shapes: new inputs of the same shapes do not recompile.
+    not a new lambda, to reuse it), the other options, the inputs' shapes and
+    the static part of ``early_stopping``: its numbers are arguments of the
+    program, as the optimizer's are, so new inputs of the same shapes, and a
+    rule of the same structure with other numbers, do not recompile.
 
     **Devices.** If the inputs' leaves are sharded over a mesh along their
     leading axis (a ``NamedSharding`` whose spec starts with a mesh axis, on

@@ -19,10 +19,13 @@ Each problem has its own data and its own learning rate (log-spaced).
   lanes refilled as they stop (default lanes and a few other counts).
 
 These three run side by side in one process, their repetitions interleaved
-(medians reported), on two workloads: (a) the problems above, each stopping on
-its own; (b) every problem taking the same number of steps (no early stopping).
-For each: wall time, compile time, and problem-steps computed against needed
-(under ``vmap`` every problem runs until the slowest stops). No contender keeps
+(medians reported), on three workloads: (a) the problems above, each stopping on
+its own; (b) every problem taking the same number of steps (no early stopping);
+(c) notebook 06's sweep (1,024 runs: learning rate x b2 x data set, cap 2,000).
+For each: wall time, compile time, problem-steps computed and needed (under
+``vmap`` every problem runs until the slowest stops), the cost per computed
+problem-step, and the distance from the limit: the time over the needed steps,
+each at the hand-written loop's cost per computed step. No contender keeps
 a loss history (``adam_jax.History.none()``), as the hand-written loop keeps none.
 
 Also measured: what ``progress=True, log_every=100`` costs a single fit.
@@ -256,8 +259,8 @@ def bench_three_ways(xs, ys, lrs, num_steps, target, slot_counts, repeats) -> di
     for name, row in rows.items():
         row["median_s"] = statistics.median(times[name])
         row["times_s"] = times[name]
+    add_costs(rows)
     for row in rows.values():
-        row["computed_over_needed"] = row["computed"] / row["needed"]
         row["problem_steps_per_s"] = row["needed"] / row["median_s"]
         row["ratio_to_anchor"] = row["median_s"] / rows["anchor"]["median_s"]
         row["ratio_to_vmap_fit"] = row["median_s"] / rows["vmap_fit"]["median_s"]
@@ -267,20 +270,133 @@ def bench_three_ways(xs, ys, lrs, num_steps, target, slot_counts, repeats) -> di
     return rows
 
 
+def add_costs(rows: dict) -> None:
+    """Cost per computed problem-step, and the distance from the limit: the time over the
+    needed steps each at the hand-written loop's cost per computed step."""
+    anchor_cost = rows["anchor"]["median_s"] / rows["anchor"]["computed"]
+    for row in rows.values():
+        row["computed_over_needed"] = row["computed"] / row["needed"]
+        row["us_per_computed_step"] = 1e6 * row["median_s"] / row["computed"]
+        row["distance_from_limit"] = row["median_s"] / (row["needed"] * anchor_cost)
+
+
 def print_three_ways(title: str, rows: dict) -> None:
     print(title)
     print(
-        f"  {'contender':32s} {'median s':>9s} {'/anchor':>8s} {'/vmap':>7s} "
-        f"{'computed/needed':>16s} {'compile s':>10s}"
+        f"  {'contender':32s} {'median s':>9s} {'/anchor':>8s} {'/vmap':>7s} {'computed':>10s} "
+        f"{'needed':>10s} {'comp/need':>9s} {'us/step':>8s} {'distance':>8s} {'compile s':>9s}"
     )
     for name, row in rows.items():
         compile_s = row.get("compile_s", row.get("compile_estimate_s"))
         label = name + (f" ({row['slots']} lanes)" if name == "fit_batched_default" else "")
         print(
             f"  {label:32s} {row['median_s']:9.3f} {row['ratio_to_anchor']:8.3f} "
-            f"{row['ratio_to_vmap_fit']:7.3f} {row['computed_over_needed']:16.2f} "
-            f"{compile_s:10.2f}"
+            f"{row['ratio_to_vmap_fit']:7.3f} {row['computed']:10,d} {row['needed']:10,d} "
+            f"{row['computed_over_needed']:9.2f} {row['us_per_computed_step']:8.2f} "
+            f"{row['distance_from_limit']:8.2f} {compile_s:9.2f}"
         )
+
+
+def sweep_inputs() -> dict:
+    """Notebook 06's sweep: 16 learning rates x 8 values of b2 x 8 data sets = 1,024 runs."""
+    lrs, b2s = (
+        np.geomspace(1e-3, 0.5, 16),
+        np.array([0.5, 0.8, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999]),
+    )
+    lr, b2, k = (a.ravel() for a in np.meshgrid(lrs, b2s, np.arange(8), indexing="ij"))
+    xs, ys = [], []
+    for i in k:
+        rng = np.random.default_rng(int(i))
+        x = np.concatenate([np.ones((64, 1)), rng.standard_normal((64, 3))], axis=1)
+        xs.append(x)
+        ys.append(x @ np.array([4.0, 2.0, -3.0, 1.5]) + 0.5 * rng.standard_normal(64))
+    as32 = lambda a: jnp.asarray(np.asarray(a), jnp.float32)
+    return {"x": as32(xs), "y": as32(ys), "lr": as32(lr), "b2": as32(b2)}
+
+
+def sweep_mse(w, x, y):
+    return jnp.mean((x @ w - y) ** 2)
+
+
+def sweep_problem(p):
+    loss = lambda w: sweep_mse(w, p["x"], p["y"])
+    return loss, jnp.zeros(4, jnp.float32), adam_jax.adam(p["lr"], b2=p["b2"])
+
+
+def bench_sweep(repeats: int, num_steps: int = 2_000, target: float = 0.5) -> dict:
+    """Notebook 06's sweep: by hand, jit(vmap(fit)) and fit_batched, interleaved."""
+    inputs = sweep_inputs()
+    n = inputs["lr"].shape[0]
+    es = adam_jax.early_stopping(None, target=target)
+
+    def by_hand(p):
+        opt = optax.adam(p["lr"], b2=p["b2"])
+        value_and_grad = jax.value_and_grad(lambda w: sweep_mse(w, p["x"], p["y"]))
+
+        def body(carry):
+            w, state, step, _ = carry
+            loss, g = value_and_grad(w)
+            done = loss <= target
+            updates, new_state = opt.update(g, state, w)
+            w, state = jax.tree.map(
+                lambda old, new: jnp.where(done, old, new), (w, state), (w + updates, new_state)
+            )
+            return w, state, jnp.where(done, step, step + 1), done
+
+        w = jnp.zeros(4, jnp.float32)
+        cond = lambda c: (c[2] < num_steps) & ~c[3]
+        return jax.lax.while_loop(cond, body, (w, opt.init(w), 0, False))[2:]
+
+    def with_fit(p):
+        loss, w, opt = sweep_problem(p)
+        return adam_jax.fit(
+            loss, w, opt, num_steps=num_steps, early_stopping=es, history=adam_jax.History.none()
+        )
+
+    rows: dict[str, dict] = {}
+    runs = {}
+    for name, fn in (("anchor", by_hand), ("vmap_fit", with_fit)):
+        times, compiled = compile_time(jax.jit(jax.vmap(fn)), inputs)
+        out = jax.block_until_ready(compiled(inputs))
+        steps = np.asarray(out[0] if name == "anchor" else out.num_steps, np.int64)
+        stopped = np.asarray(out[1]) if name == "anchor" else np.asarray(out.stop_reason) != 0
+        iters = int(steps.max()) + (1 if steps.max() < num_steps else 0)
+        rows[name] = {**times, "computed": n * iters, "needed": int(steps.sum() + stopped.sum())}
+        runs[name] = lambda c=compiled: jax.block_until_ready(c(inputs))
+
+    def batched():
+        return adam_jax.fit_batched(
+            sweep_problem, inputs, num_steps=num_steps, early_stopping=es,
+            history=adam_jax.History.none(), return_work=True,
+        )  # fmt: skip
+
+    t = time.perf_counter()
+    _, work = batched()
+    first = time.perf_counter() - t
+    rows["fit_batched_default"] = {
+        "slots": adam_jax.default_slots(n),
+        "first_call_s": first,
+        "computed": work.computed,
+        "needed": work.needed,
+    }
+    runs["fit_batched_default"] = batched
+    times = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t)
+    for name, row in rows.items():
+        row["median_s"] = statistics.median(times[name])
+        row["times_s"] = times[name]
+        row["ratio_to_anchor"] = row["median_s"] / rows["anchor"]["median_s"]
+        row["ratio_to_vmap_fit"] = row["median_s"] / rows["vmap_fit"]["median_s"]
+        if "first_call_s" in row:
+            row["compile_estimate_s"] = row["first_call_s"] - row["median_s"]
+    add_costs(rows)
+    return rows
 
 
 def bench_progress(num_steps: int, repeats: int) -> dict:
@@ -386,13 +502,21 @@ def main(argv: list[str] | None = None) -> int:
     print_three_ways(f"(a) {n} problems, each stopping at MSE <= 1 (cap {args.num_steps}):", early)
     same = bench_three_ways(xs, ys, lrs, args.same_steps, None, [None], repeats)
     print_three_ways(f"(b) {n} problems, {args.same_steps} steps each (no early stopping):", same)
+    sweep = bench_sweep(repeats)
+    print_three_ways(
+        "(c) notebook 06's sweep: 1,024 runs (learning rate x b2 x data set), MSE <= 0.5, "
+        "cap 2,000:",
+        sweep,
+    )
     batched = {
+        "notebook_06_sweep": sweep,
         "early_stopping": {"num_steps_cap": args.num_steps, "target_mse": 1.0, **early},
         "same_steps": {"num_steps": args.same_steps, **same},
         "method": (
             "one process; repetitions interleaved with a rotating order; medians; "
             "jitted contenders compiled ahead (trace+lower and compile timed), fit_batched's "
-            "compile estimated as first call minus median; no loss history kept"
+            "compile estimated as first call minus median; no loss history kept; "
+            "distance from the limit = time / (needed steps x the anchor's time per computed step)"
         ),
     }
     out = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import pathlib
 
 import chex
@@ -163,7 +164,7 @@ def test_streamed_chunks_equal_all_at_once():
     assert work.computed <= 1.25 * work.needed
 
 
-def test_new_inputs_and_learning_rates_do_not_recompile():
+def test_new_inputs_and_learning_rates_do_not_recompile(caplog):
     traces = []
 
     def counted(p):
@@ -174,9 +175,17 @@ def test_new_inputs_and_learning_rates_do_not_recompile():
     for seed in range(3):
         adam_jax.fit_batched(counted, regressions(seed=seed), num_steps=50, early_stopping=es)
     first = len(traces)
-    for seed in range(3, 10):
-        adam_jax.fit_batched(counted, regressions(seed=seed), num_steps=50, early_stopping=es)
-    assert first > 0 and len(traces) == first
+    later = [regressions(seed=seed) for seed in range(3, 10)]
+    compiles = lambda: sum("Finished XLA compilation" in r.getMessage() for r in caplog.records)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        # New data and learning rates; make_problem builds a new optimizer each time.
+        for inputs in later:
+            adam_jax.fit_batched(counted, inputs, num_steps=50, early_stopping=es)
+        assert first > 0 and len(traces) == first
+        assert compiles() == 0
+        # The negative control: a new make_problem is a new program, as under jax.jit.
+        adam_jax.fit_batched(lambda p: counted(p), later[0], num_steps=50, early_stopping=es)
+        assert compiles() > 0
 
 
 def test_progress_bar_counts_problems(capsys):
