@@ -567,6 +567,24 @@ def _bits(tree) -> list[bytes]:
     return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
 
 
+# One jitted update per optimizer configuration, shared by its rows: the correct calls
+# after each bad one then compile once a configuration, not once a row. Equal
+# optimizers (the same tree, with the same static options, and the same leaves) have
+# the same update.
+_JITTED_UPDATES: dict[tuple, Callable[..., Any]] = {}
+
+
+def _jitted_update(opt) -> Callable[..., Any]:
+    leaves = jax.tree.leaves(opt)
+    key = (
+        str(jax.tree.structure(opt)),
+        tuple((type(x).__name__, np.asarray(x).dtype.str, np.asarray(x).tobytes()) for x in leaves),
+    )
+    if key not in _JITTED_UPDATES:
+        _JITTED_UPDATES[key] = jax.jit(opt.update)
+    return _JITTED_UPDATES[key]
+
+
 def _check_call(call: Call, jit: bool) -> None:
     opt = call.make()
     if call.method == "init":
@@ -581,7 +599,7 @@ def _check_call(call: Call, jit: bool) -> None:
         grads = GRADS if call.grads is GOOD else call.grads
         params = PARAMS if call.update_params is GOOD else call.update_params
         snapshot = _bits((state, bad_state, PARAMS, GRADS))
-        update = jax.jit(opt.update) if jit else opt.update
+        update = _jitted_update(opt) if jit else opt.update
         with pytest.raises(call.exc) as info:
             update(grads, bad_state, params)
         # Nothing was half-updated: the inputs are intact and the next correct call gives

@@ -98,6 +98,15 @@ def test_navigation_titles_are_whole_and_numbered():
         assert heading.startswith(f"# {int(name[:2])} · ") and "`" not in heading, heading
 
 
+def test_navigation_shows_the_short_titles(site):
+    labels = re.findall(r'- "(\d · .*?)": notebooks/', (ROOT / "mkdocs.yml").read_text())
+    shown = [
+        t.strip()
+        for t in re.findall(r'md-ellipsis">\s*([^<]*)<', (site / "index.html").read_text())
+    ]
+    assert labels and all(label in shown for label in labels), (labels, shown)
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebooks_render_with_their_outputs(site, name):
     html = (site / "notebooks" / name / "index.html").read_text()
