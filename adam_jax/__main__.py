@@ -21,7 +21,17 @@ import adam_jax
 SCRIPTS = {"demo": "examples/demo.py", "bench": "benchmarks/bench_update.py"}
 CHECKOUT = Path(__file__).resolve().parent.parent
 # The optimizer families, as the help names them: one entry each.
-FAMILIES = ("Adam", "AMSGrad", "Adamax", "NAdam", "RAdam")
+FAMILIES = (
+    "Adam",
+    "AMSGrad",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "ADOPT",
+    "AdEMAMix",
+    "StableAdamW",
+    "Schedule-Free AdamW",
+)
 DESCRIPTION = (
     f"{', '.join(FAMILIES[:-1])} and {FAMILIES[-1]} for JAX, exact against PyTorch, optax "
     "and Keras, with compiled early stopping."

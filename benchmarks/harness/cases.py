@@ -63,6 +63,11 @@ def _torch_optim(name: str, **kw: Any) -> Callable[[list, dict[str, bool]], Any]
 
 
 _NO_NU = "optax has no nu_dtype: its v stays float32"
+_NO_STABLE = "optax has no StableAdamW: its AdamW (same defaults) is shown"
+
+
+def _no_torch(params: list, flag: dict[str, bool]) -> Any:
+    raise ValueError("torch.optim has no such optimizer")
 
 # One entry a family: the benchmark's --optimizers choices are these names.
 FAMILIES: dict[str, Family] = {
@@ -106,6 +111,25 @@ FAMILIES: dict[str, Family] = {
         ),
         ("foreach",),
         _torch_optim("RAdam", lr=1e-3),
+    ),
+    # The newer families have no torch.optim counterpart; optax's contrib has two of them.
+    "adopt": Family(
+        lambda d: adam_jax.adopt(1e-3),
+        lambda d: (optax.contrib.adopt(1e-3), "no mu_dtype in either" if d else ""),
+        (),
+        _no_torch,
+    ),
+    "ademamix": Family(
+        lambda d: adam_jax.ademamix(1e-3, mu_dtype=d, nu_dtype=d),
+        lambda d: (optax.contrib.ademamix(1e-3), _NO_NU if d else ""),
+        (),
+        _no_torch,
+    ),
+    "stable_adamw": Family(
+        lambda d: adam_jax.stable_adamw(1e-3),
+        lambda d: (optax.adamw(1e-3, b2=0.99, eps=1e-6, weight_decay=1e-2), _NO_STABLE),
+        (),
+        _no_torch,
     ),
 }
 
