@@ -245,3 +245,21 @@ def test_compiled_run_has_the_traced_dtypes() -> None:
         _, state = jax.jit(three_steps)(opt, params, opt.init(params))
         assert_state_dtypes(state, row, params, mu, nu, "after 3 compiled updates")
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
+
+
+SCALERS = [r for r in ROWS if r.name.startswith("scale_by_")]
+
+
+@pytest.mark.parametrize("row", SCALERS, ids=lambda r: r.name)
+def test_a_narrow_mu_dtype_saturates(row: Row) -> None:
+    """``m`` beyond a narrow ``mu_dtype``'s range is stored as its maximum, not inf
+    (docs/numerics.md), so the next update stays finite: float16 ``m`` for float32
+    params, ``m = (1 - b1)·g = 2e5 > 65504``."""
+    opt = build(row, jnp.float16, None)
+    params = jnp.zeros(2, jnp.float32)
+    state = opt.init(params)
+    for _ in range(2):
+        u, state = opt.update(jnp.full(2, 2e6, jnp.float32), state)
+        assert state.m.dtype == jnp.float16
+        np.testing.assert_array_equal(state.m, np.float16(65504))
+        assert bool(jnp.all(jnp.isfinite(u))), (row.name, u)

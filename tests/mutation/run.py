@@ -110,7 +110,7 @@ MUTATIONS = [
              "parts += [scaler, decay] if self.decoupled else [decay, scaler]",
              "parts += [decay, scaler]", OPTAX),
     Mutation("narrow_m_overflows", "_common.py",
-             "if not _narrower(dtype, jnp.dtype(x.dtype)):", "if True:", NONFINITE),
+             "if not _narrower(dtype, jnp.dtype(x.dtype)):", "if True:", (*DT, "-k", "saturates")),
     Mutation("zero_decay_not_clamped", "_common.py", "if d_ != 0:", "if True:", NONFINITE),
     # --- early stopping and history -------------------------------------------------
     Mutation("early_stopping_ties_improve", "_early_stopping.py",
@@ -190,12 +190,16 @@ def run_one(mutation: Mutation, timeout: float) -> tuple[str, float, str]:
         except subprocess.TimeoutExpired:
             return "timeout", time.perf_counter() - start, ""
         elapsed = time.perf_counter() - start
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        # The test that killed it (-rA is off: -ra lists failures as FAILED lines), or the
+        # summary line.
+        failed = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+        tail = (failed or lines[-1:] or [""])[0]
         if proc.returncode == 0:
-            return "survived", elapsed, tail[0]
+            return "survived", elapsed, tail
         if proc.returncode == 1:
-            return "killed", elapsed, tail[0]
-        return f"error (pytest exit {proc.returncode})", elapsed, tail[0]
+            return "killed", elapsed, tail
+        return f"error (pytest exit {proc.returncode})", elapsed, tail
 
 
 def main() -> None:
@@ -217,7 +221,7 @@ def main() -> None:
         row.update(seconds=round(elapsed, 1), tests=list(m.tests), pytest=tail)
         results.append(row)
         where = f"{m.module}; {' '.join(m.tests)}"
-        print(f"{outcome:9s} {elapsed:6.1f}s  {m.name}  ({where})", flush=True)
+        print(f"{outcome:9s} {elapsed:6.1f}s  {m.name}  ({where})\n          {tail}", flush=True)
     killed = sum(r["outcome"] == "killed" for r in results)
     print(f"\nkilled {killed} of {len(results)}: kill ratio {killed / max(len(results), 1):.2f}")
     for r in results:
