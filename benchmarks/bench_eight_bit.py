@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     report["speed_one_leaf"] = speed({"p": (2**log2,)}, reps, torchao)
     if torchao:
         report["parity_vs_compiled_torchao"] = parity(100)
-    report["quality_digits_mlp"] = quality([256], 10 if args.quick else 20, 3e-3)
-    report["quality_wide_mlp"] = quality([1024, 1024], 2 if args.quick else 3, 1e-3)
+    report["quality_digits_mlp"] = quality([256], 10 if args.quick else 30, 3e-3)
+    report["quality_wide_mlp"] = quality([1024, 1024], 2 if args.quick else 10, 1e-3)
     report["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["loadavg_end"] = loadavg()
     path = args.json or HERE / "results" / (
