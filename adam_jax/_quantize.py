@@ -140,14 +140,23 @@ def _buckets(signed: bool) -> tuple[np.ndarray, np.ndarray]:
     return base, thr
 
 
+@functools.cache
+def _device_tables(signed: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The bucket tables and the map as JAX arrays, made once: a program that quantizes
+    many leaves then holds one copy of each constant, not one per leaf."""
+    base, thr = _buckets(signed)
+    with jax.ensure_compile_time_eval():  # concrete arrays even when first made under jit
+        return jnp.asarray(base), jnp.asarray(thr), jnp.asarray(dynamic_map(signed))
+
+
 def codes(y: jax.Array, signed: bool) -> jax.Array:
     """uint8 codes of ``y`` (values in [-1, 1]) on the signed or unsigned map."""
-    base, thr = _buckets(signed)
+    base, thr, _ = _device_tables(signed)
     bits = lax.bitcast_convert_type(jnp.abs(y), jnp.int32)
     bucket = jnp.clip(lax.shift_right_arithmetic(bits, jnp.int32(_SHIFT)) - _LO, 0, _NB)
     bucket = bucket + jnp.where(y < 0, jnp.int32(_NB + 1), jnp.int32(0))
-    base_ = jnp.asarray(base).at[bucket].get(mode="promise_in_bounds")
-    thr_ = jnp.asarray(thr).at[bucket].get(mode="promise_in_bounds")
+    base_ = base.at[bucket].get(mode="promise_in_bounds")
+    thr_ = thr.at[bucket].get(mode="promise_in_bounds")
     return (base_ + (y >= thr_).astype(jnp.int32)).astype(jnp.uint8)
 
 
@@ -167,7 +176,7 @@ class QuantizedArray:
         return tuple(self.codes.shape)
 
     def dequantize(self) -> jax.Array:
-        qmap = jnp.asarray(dynamic_map(self.signed))
+        qmap = _device_tables(self.signed)[2]
         values = qmap.at[self.codes.astype(jnp.int32)].get(mode="promise_in_bounds")
         blocks = values.reshape(-1, BLOCK) * self.scales[:, None]
         return blocks.reshape(self.codes.shape)

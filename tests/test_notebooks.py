@@ -386,6 +386,23 @@ assert curves["ademamix"][0][-1] > 1.2 * curves["ademamix"][0].min()  # turns ba
             "assert 0.2 < min(agree.values()) and max(agree.values()) < 0.9",
         ),
     ],
+    "11_eight_bit_states": [
+        (
+            "for (model, bits), r in runs.items():",
+            """\
+for model in ("digits MLP", "wide MLP"):
+    assert abs(runs[model, 8]["final"] / runs[model, 32]["final"] - 1) < 0.02
+wide8, wide32 = runs["wide MLP", 8], runs["wide MLP", 32]
+assert wide8["params"] >= 10**6
+assert wide8["state_bytes"] / wide8["params"] < 2.1
+assert wide32["state_bytes"] / wide32["params"] > 7.9
+""",
+        ),
+        (
+            "adam_state = state[0]",
+            'assert isinstance(adam_state.m["w0"], adam_jax.QuantizedArray)',
+        ),
+    ],
 }
 
 
