@@ -81,15 +81,9 @@ def _run(
         history=static.history,
         log_every=static.log_every,
     )
-    # The loss is traced once (here, or by the mesh check before the call) and
-    # replayed by init and by every step: one Python call of loss_fn per compile.
-    loss_args = loop.loss_args(_without_weak_types(params), data)
-    pretraced = _PRETRACED.get()
-    if pretraced is not None and pretraced[:2] == (static.loss_fn, _types(loss_args)):
-        loss_fn = pretraced[2]
-    else:
-        loss_fn = _loop.traced_once(static.loss_fn, *loss_args)
-    loop = loop._replace(loss_fn=loss_fn)
+    # The loss is traced once (at init, or by the mesh check before the call)
+    # and replayed by every step: one Python call of loss_fn per compile.
+    loop = loop._replace(loss_fn=_loop.TracedOnce(static.loss_fn, _PRETRACED.get()))
     anchored = _checks._explicit_mesh_in_context()
     state = loop.init(params, data, opt_state, es_state, initial_step, anchored=anchored)
     reporter = None
@@ -106,11 +100,6 @@ _run_jit = jax.jit(_run, static_argnames=("static",))
 _PRETRACED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
     "adam_jax_pretraced_loss", default=None
 )
-
-
-def _types(tree: object) -> tuple:
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple(jax.typeof(x) for x in leaves)
 
 
 def fit(
@@ -396,7 +385,7 @@ def _explicit_mesh_in_context(
             loss_args = (_without_weak_types(params), *batch)
             replay = _loop.traced_once(loss_fn, *loss_args)
             value = jax.eval_shape(replay, *loss_args)
-            pretraced = (loss_fn, _types(loss_args), replay)
+            pretraced = (loss_fn, _loop.types(loss_args), replay)
         except Exception:  # a broken loss_fn is reported by the loop, with its own message
             value = None
         shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(value)]

@@ -12,7 +12,7 @@ is fit's driver: one ``lax.while_loop``, or two nested ones when reporting.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,33 @@ def traced_once(fn: Callable[..., object], *args: object) -> Callable[..., objec
         return jax.tree.unflatten(out_tree, replay(*jax.tree.leaves(a)))
 
     return call
+
+
+class TracedOnce:
+    """``fn``, traced at its first call and replayed at every later one (same types).
+
+    ``pretraced``, ``(fn, types, replay)`` from an earlier :func:`traced_once`
+    of the same function in the same trace, is used when the types match.
+    """
+
+    def __init__(self, fn: Callable[..., object], pretraced: tuple | None = None) -> None:
+        self.fn, self.pretraced = fn, pretraced
+        self.replay: Callable[..., object] | None = None
+
+    def __call__(self, *args: object) -> Any:
+        if self.replay is None:
+            pre = self.pretraced
+            if pre is not None and pre[0] is self.fn and pre[1] == types(args):
+                self.replay = pre[2]
+            else:
+                self.replay = traced_once(self.fn, *args)
+        return self.replay(*args)
+
+
+def types(tree: object) -> tuple:
+    """The tree structure and the types of the leaves of ``tree``."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple(jax.typeof(x) for x in leaves)
 
 
 def _all_finite(tree: optax.Updates) -> jax.Array:
@@ -213,10 +240,6 @@ class Loop(NamedTuple):
         never = s.initial_step < 0
         anchor = jax.lax.cond(never, probe, lambda: jnp.zeros([], bool))
         return (anchor | _depends_on((s, data))) & False
-
-    def loss_args(self, params: optax.Params, data: object = None) -> tuple:
-        """The arguments of ``loss_fn`` at step 0 (``params`` as :meth:`init` casts them)."""
-        return (params,) if self.n_data is None else (params, self._batch(data, jnp.int32(0)))
 
     def done(self, s: LoopState) -> jax.Array:
         """The problem has taken its last step (stopped, or reached its ``num_steps``)."""
