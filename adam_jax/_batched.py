@@ -54,8 +54,9 @@ def hand_size(width: int) -> int:
 
     Writing a few lanes costs a few lanes' worth, where writing them all costs
     the whole width's, on every iteration where any problem finishes (nearly
-    all of them while the queue lasts). A lane past the limit waits one
-    iteration, done, its state unchanged.
+    all of them while the queue lasts). Where more finish at once, all of them
+    are handed over (a second branch, taken rarely); a refill past the limit
+    waits for the next iteration.
     """
     return min(width, max(4, width // 32))
 
@@ -261,10 +262,10 @@ def _machine(
     _, step = _lane_fns(config)
     n = jax.tree.leaves(inputs)[0].shape[0]
 
-    def hand_over(c: _Carry, finished: jax.Array) -> _Carry:
-        """Write up to ``hand_size`` finished lanes to the next rows; they become idle."""
+    def hand_over(c: _Carry, finished: jax.Array, k: int) -> _Carry:
+        """Write up to ``k`` finished lanes to the next rows; they become idle."""
         width = finished.shape[0]
-        lane = _first(finished, hand_size(width))
+        lane = _first(finished, k)
         valid = lane < width
         at = jnp.minimum(lane, width - 1)
         # The loop states are kept; FitResults are made once, after the loop.
@@ -275,7 +276,7 @@ def _machine(
         ids = jax.lax.dynamic_update_slice_in_dim(
             c.ids, jnp.where(valid, c.lanes.ids[at], -1), c.written, 0
         )
-        handed = finished & (jnp.cumsum(finished, dtype=jnp.int32) <= hand_size(width))
+        handed = finished & (jnp.cumsum(finished, dtype=jnp.int32) <= k)
         if config.progress:
             state = cast(LoopState, _unpack(lay, c.lanes.state))
             jax.debug.callback(_on_harvest, state.last_value, handed)
@@ -285,6 +286,16 @@ def _machine(
             ids=ids,
             written=c.written + jnp.sum(valid, dtype=jnp.int32),
         )
+
+    def hand_over_finished(c: _Carry, finished: jax.Array) -> _Carry:
+        """A few lanes as a rule; all of them where more finish at once (problems that
+        stop together, as without early stopping, leave in one iteration)."""
+        width, k = finished.shape[0], hand_size(finished.shape[0])
+        if k == width:
+            return hand_over(c, finished, k)
+        many = jnp.sum(finished, dtype=jnp.int32) > k
+        few, every = (functools.partial(hand_over, k=j) for j in (k, width))
+        return jax.lax.cond(many, every, few, c, finished)
 
     def refill(c: _Carry) -> _Carry:
         """Load up to ``hand_size`` queued problems into idle lanes."""
@@ -311,7 +322,7 @@ def _machine(
             lanes=c.lanes._replace(state=_pack(lay, state)), computed=c.computed + running.shape[0]
         )
         finished = running & _done(config, rule, state)
-        c = jax.lax.cond(jnp.any(finished), hand_over, lambda c, _: c, c, finished)
+        c = jax.lax.cond(jnp.any(finished), hand_over_finished, lambda c, _: c, c, finished)
         if filling and inits is not None:
             # Idle lanes carried in from the previous call load here too.
             due = jnp.any(c.lanes.ids < 0) & (c.queue < n)
@@ -368,7 +379,7 @@ def _first_lanes(
 def _start(lanes: Lanes, queue: jax.Array, n: int, lay: _Layout) -> _Carry:
     """A carry with room for every problem this call may finish."""
     width = lanes.ids.shape[0]
-    rows = n + width + hand_size(width)
+    rows = n + 2 * width
     packed = lanes.state
     c = _Carry(
         lanes,

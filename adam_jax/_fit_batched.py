@@ -45,11 +45,10 @@ def default_slots(n: int, stops_early: bool = True, n_shards: int = 1) -> int:
     compacted, is a smaller share of the run), while more lanes share the
     loop's fixed cost per iteration among more problems. On CPU, on the
     regression workload of ``benchmarks/bench_fit.py`` (1,024 problems that stop
-    between 13 and 1,484 steps), 256 lanes computed 1.02x the needed steps in
-    0.22x the time of a hand-written ``jit(vmap(while_loop))``; 64 and 128 lanes
-    computed 1.00x but took 0.32x (the loop's fixed cost, shared by fewer
-    lanes); 512 and 1,024 lanes computed 1.5x and 2.1x. With every problem
-    taking the same 500 steps, 1,024 lanes took 0.94x ``jit(vmap(fit))``'s time.
+    between 13 and 1,484 steps), 256 lanes computed 1.04x the needed steps in
+    0.13x the time of a hand-written ``jit(vmap(while_loop))``; 128 lanes
+    computed 1.02x in 0.17x (the loop's fixed cost, shared by fewer lanes);
+    512 lanes computed 1.58x in 0.26x.
     The default is therefore a quarter of the problems, at least 128 (4,096 on
     an accelerator, which steps thousands of small problems in the time of one).
 

@@ -391,6 +391,7 @@ def bench_sweep(repeats: int, num_steps: int = 2_000, target: float = 0.5) -> di
     for name, row in rows.items():
         row["median_s"] = statistics.median(times[name])
         row["times_s"] = times[name]
+    for row in rows.values():
         row["ratio_to_anchor"] = row["median_s"] / rows["anchor"]["median_s"]
         row["ratio_to_vmap_fit"] = row["median_s"] / rows["vmap_fit"]["median_s"]
         if "first_call_s" in row:
@@ -478,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the three-way comparison alone (no Python loop, no progress overhead)",
     )
+    parser.add_argument(
+        "--only-sweep", action="store_true", help="notebook 06's sweep alone (workload c)"
+    )
+    parser.add_argument(
+        "--no-sweep", action="store_true", help="without notebook 06's sweep (workload c)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fit.json"))
     args = parser.parse_args(argv)
 
@@ -497,19 +504,24 @@ def main(argv: list[str] | None = None) -> int:
         f"{n} linear regressions, learning rates {lrs[0]:.3g}..{lrs[-1]:.3g}, float32, "
         f"stop at MSE <= 1, at most {args.num_steps} steps"
     )
+    if args.only_sweep:
+        sweep = bench_sweep(repeats)
+        print_three_ways("(c) notebook 06's sweep: 1,024 runs, MSE <= 0.5, cap 2,000:", sweep)
+        return _write({**info, "repeats": repeats, "notebook_06_sweep": sweep}, args.out)
     slot_counts = [None, *sorted({min(n, int(k)) for k in args.slots.split(",") if k})]
     early = bench_three_ways(xs, ys, lrs, args.num_steps, 1.0, slot_counts, repeats)
     print_three_ways(f"(a) {n} problems, each stopping at MSE <= 1 (cap {args.num_steps}):", early)
     same = bench_three_ways(xs, ys, lrs, args.same_steps, None, [None], repeats)
     print_three_ways(f"(b) {n} problems, {args.same_steps} steps each (no early stopping):", same)
-    sweep = bench_sweep(repeats)
-    print_three_ways(
-        "(c) notebook 06's sweep: 1,024 runs (learning rate x b2 x data set), MSE <= 0.5, "
-        "cap 2,000:",
-        sweep,
-    )
-    batched = {
-        "notebook_06_sweep": sweep,
+    batched: dict = {}
+    if not args.no_sweep:
+        batched["notebook_06_sweep"] = sweep = bench_sweep(repeats)
+        print_three_ways(
+            "(c) notebook 06's sweep: 1,024 runs (learning rate x b2 x data set), MSE <= 0.5, "
+            "cap 2,000:",
+            sweep,
+        )
+    batched |= {
         "early_stopping": {"num_steps_cap": args.num_steps, "target_mse": 1.0, **early},
         "same_steps": {"num_steps": args.same_steps, **same},
         "method": (

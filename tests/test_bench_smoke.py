@@ -102,7 +102,8 @@ def test_bench_fit_compares_the_three_ways(tmp_path, capsys):
 
     out = tmp_path / "fit.json"
     tiny = ["--problems", "12", "--num-steps", "400", "--same-steps", "20", "--slots", "4"]
-    assert bench_fit.main([*tiny, "--repeats", "1", "--only-batched", "--out", str(out)]) == 0
+    args = [*tiny, "--repeats", "1", "--only-batched", "--no-sweep", "--out", str(out)]
+    assert bench_fit.main(args) == 0
     report = json.loads(out.read_text())
     assert {"jax", "jaxlib", "optax"} <= set(report["versions"])
     early, same = report["batched"]["early_stopping"], report["batched"]["same_steps"]
@@ -111,6 +112,7 @@ def test_bench_fit_compares_the_three_ways(tmp_path, capsys):
         for name in ("anchor", "vmap_fit", "fit_batched_default"):
             row = rows[name]
             assert row["median_s"] > 0 and row["computed"] >= row["needed"] > 0
+            assert row["us_per_computed_step"] > 0 and row["distance_from_limit"] > 0
             assert row["stop_step_mismatches_vs_anchor"] <= 1  # float32 rounding near MSE = 1
     # Every problem takes the same steps: nothing is wasted by any of them.
     assert all(same[k]["computed_over_needed"] == 1.0 for k in ("anchor", "vmap_fit"))
