@@ -11,7 +11,7 @@ import optax
 from jax import lax
 from jax.tree_util import Partial
 
-from adam_jax import _checks, _dtypes
+from adam_jax import _checks, _dtypes, _quantize
 
 FORMS = ("timm", "paper")
 
@@ -34,7 +34,8 @@ def _update(
     params: optax.Params | None = None,
 ) -> tuple[optax.Updates, optax.OptState]:
     directions, new_state = scaler.update(updates, state, params)
-    moments = getattr(new_state, "m")  # noqa: B009 (any scaler state with a first moment)
+    # Any scaler state with a first moment; 8-bit moments are read back as float32.
+    moments = _quantize.dequantize_state(getattr(new_state, "m"))  # noqa: B009
     masked = jax.tree.map(
         lambda u, m, g: _masked(u, m, g, config.form), directions, moments, updates
     )
@@ -97,7 +98,9 @@ def cautious(
     * ``form="paper"``: :math:`s_t = n/(\sum \phi_t + 1)`, the paper's normalisation
       and pytorch-optimizer's ``apply_cautious``.
 
-    The state is ``scaler``'s, unchanged (the mask is not stored). Complex leaves
+    The state is ``scaler``'s, unchanged (the mask is not stored). With 8-bit states
+    (``state_bits=8``) the mask reads the first moment as stored, after its 8-bit
+    rounding (no reference combines the two). Complex leaves
     are masked part by part, as torch's ``view_as_real`` sees them. Weight decay
     and the learning rate, added by the aliases around the scaler, are not masked.
 

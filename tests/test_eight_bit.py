@@ -327,3 +327,26 @@ def test_sharded_states_follow_the_params_without_collectives():
     assert report["canary_collectives"], report  # the scan does see collectives
     # The same arithmetic, fused differently: params of ~1 agree to a few ulps.
     assert report["max_abs_diff_vs_one_device"] <= 1e-6, report
+
+
+def test_cautious_reads_the_stored_eight_bit_moment():
+    """``cautious=True`` with ``state_bits=8``: the mask uses the 8-bit first moment as
+    stored, so the step is the 8-bit step masked where that moment and g disagree."""
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.normal(size=4096), jnp.float32)}
+    grads = [{"w": jnp.asarray(rng.normal(size=4096), jnp.float32)} for _ in range(3)]
+    plain, careful = (
+        adam_jax.adamw(1e-2, state_bits=8),
+        adam_jax.adamw(1e-2, state_bits=8, cautious=True),
+    )
+    s_plain, s_careful = plain.init(params), careful.init(params)
+    for g in grads:
+        u_plain, s_plain = plain.update(g, s_plain, params)
+        u_careful, s_careful = careful.update(g, s_careful, params)
+    m = s_careful[0].m["w"].dequantize()
+    agree = np.asarray(m * grads[-1]["w"] > 0)
+    assert 0 < agree.mean() < 1  # the mask fires
+    decay = -1e-2 * 1e-4 * params["w"]  # adamw's decoupled decay, not masked
+    direction = np.asarray(u_plain["w"] - decay)
+    want = np.where(agree, direction / max(agree.mean(), 1e-3), 0.0) + np.asarray(decay)
+    np.testing.assert_allclose(np.asarray(u_careful["w"]), want, rtol=1e-5, atol=1e-9)
