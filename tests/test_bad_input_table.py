@@ -74,6 +74,7 @@ KIND = {
     "mu_dtype": "dtype",
     "nu_dtype": "dtype",
     "mask": "mask",
+    "state_bits": "state_bits",
 }
 
 
@@ -143,6 +144,12 @@ BAD: dict[str, list[Bad]] = {
     ],
     "dtype": [],
     "mask": [],
+    "state_bits": [
+        Bad("sixteen", 16, ValueError, "16"),
+        Bad("bool", True, ValueError, "True"),
+        Bad("str", "8", ValueError, "'8'"),
+        Bad("float", 8.0, ValueError, "8.0"),
+    ],
 }
 
 # The same requirement, for misuses that would otherwise pass silently or surface later.
@@ -170,6 +177,7 @@ STRICT_BAD: dict[str, list[Bad]] = {
         Bad("unknown_name", "float17", TypeError, "float17"),
     ],
     "mask": [],
+    "state_bits": [],
 }
 for _table in (BAD, STRICT_BAD):
     _table["non_negative_or_inf"] = [b for b in _table["non_negative"] if b.label != "inf"]
