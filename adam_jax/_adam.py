@@ -133,7 +133,7 @@ def scale_by_adam(
     nesterov: bool = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with Adam (Kingma & Ba, 2015), without a learning rate.
 
@@ -176,7 +176,7 @@ def scale_by_adam(
       (``view_as_real``), so on complex params the two differ by design.
 
     Args:
-      state_bits: 32 (float32 moments, the default) or 8: then
+      state_bits: None or 32 (float32 moments, the default) or 8: then
         ``m`` (signed map) and ``v`` (unsigned map) are stored in 8 bits, in leaves of
         >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs).
       b1: decay of the first moment, in [0, 1).
@@ -252,7 +252,7 @@ def adam(
     bias_correction: bool = True,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with a learning rate, coupled (L2) weight decay and ``maximize``.
 
@@ -334,7 +334,7 @@ def adamw(
     bias_correction: bool = True,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
 

@@ -100,7 +100,7 @@ def scale_by_adamax(
     *,
     eps_in_max: bool = False,
     mu_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with Adamax (Kingma & Ba, 2015, section 7.1), without a learning rate.
 
@@ -129,7 +129,7 @@ def scale_by_adamax(
     float32; complex params use :math:`|g|`, where torch splits real and imaginary parts.
 
     Args:
-      state_bits: 32 (float32 moments, the default) or 8: then
+      state_bits: None or 32 (float32 moments, the default) or 8: then
         ``m`` (signed map) and ``u`` (unsigned map) are stored in 8 bits, in leaves of
         >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs).
       b1: decay of the first moment, in [0, 1).
@@ -177,7 +177,7 @@ def adamax(
     cautious: bool | str = False,
     eps_in_max: bool = False,
     mu_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adamax with a learning rate, coupled (L2) weight decay and ``maximize``.
 
@@ -229,7 +229,7 @@ def adamaxw(
     cautious: bool | str = False,
     eps_in_max: bool = False,
     mu_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adamax with decoupled weight decay, scaled by the learning rate.
 

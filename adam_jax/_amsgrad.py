@@ -100,7 +100,7 @@ def scale_by_amsgrad(
     bias_correction: bool = True,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with AMSGrad (Reddi, Kale & Kumar, 2018), without a learning rate.
 
@@ -129,7 +129,7 @@ def scale_by_amsgrad(
     complex ``|g|²``).
 
     Args:
-      state_bits: 32 (float32 moments, the default) or 8: then
+      state_bits: None or 32 (float32 moments, the default) or 8: then
         ``m`` (signed map), ``v`` and ``v_max`` (unsigned map) are stored in 8 bits, in leaves of
         >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs).
       b1, b2, eps, eps_root, eps_hat, bias_correction, mu_dtype: as in
@@ -185,7 +185,7 @@ def amsgrad(
     bias_correction: bool = True,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AMSGrad with a learning rate, coupled (L2) weight decay and ``maximize``.
 

@@ -189,7 +189,7 @@ def scale_by_nadam(
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     mu_product_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with NAdam and Dozat's momentum schedule, without a learning rate.
 
@@ -237,7 +237,7 @@ def scale_by_nadam(
       real and imaginary parts as independent reals.
 
     Args:
-      state_bits: 32 (float32 moments, the default) or 8: then
+      state_bits: None or 32 (float32 moments, the default) or 8: then
         ``m`` (signed map) and ``v`` (unsigned map) are stored in 8 bits, in leaves of
         >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs).
       b1: :math:`\beta_1`, decay of the first moment and the limit of the schedule, in [0, 1).
@@ -300,7 +300,7 @@ def nadam(
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     mu_product_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdam with a learning rate, weight decay and ``maximize``: ``torch.optim.NAdam``.
 
@@ -377,7 +377,7 @@ def nadamw(
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     mu_product_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""NAdam with decoupled weight decay, scaled by the learning rate.
 

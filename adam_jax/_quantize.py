@@ -300,24 +300,32 @@ def _torch_adam_update(
 
 def with_state_bits(
     scaler: optax.GradientTransformation,
-    state_bits: int,
+    state_bits: int | None,
     config: Any,
     *,
     adam_hp: Any = None,
 ) -> optax.GradientTransformation:
-    """``scaler`` itself for ``state_bits=32``; for 8, the same transformation with its
+    """``scaler`` itself for ``state_bits=32`` or None; for 8, the same transformation with its
     moments stored in 8 bits (see the module docstring). ``config`` supplies the
     family's ``mu_dtype``/``nu_dtype``, which must be left unset with 8-bit states.
 
     ``adam_hp``: the hyperparameters of a plain Adam (``scale_by_adam`` without
     ``eps_root``, ``eps_hat``, ``nesterov``), whose 8-bit update is then torchao's
     arithmetic (:func:`_torch_adam_update`), so that its codes match torchao's."""
-    if (
-        not isinstance(state_bits, int | np.integer)
-        or isinstance(state_bits, bool)
-        or state_bits not in (8, 32)
+    if state_bits is None:
+        return scaler
+    # optax.inject_hyperparams passes a number as an array: a concrete one is read.
+    if isinstance(state_bits, jax.Array | np.ndarray) and not isinstance(
+        state_bits, jax.core.Tracer
     ):
-        raise ValueError(f"state_bits must be 8 or 32, got state_bits={state_bits!r}")
+        if state_bits.ndim == 0 and jnp.issubdtype(state_bits.dtype, jnp.integer):
+            state_bits = int(state_bits)
+    bits_ok = isinstance(state_bits, int | np.integer) and not isinstance(state_bits, bool)
+    if not bits_ok or state_bits not in (8, 32):
+        raise ValueError(
+            "state_bits must be 8 or 32 (a Python int; with optax.inject_hyperparams, "
+            f"list it in static_args), got state_bits={state_bits!r}"
+        )
     if state_bits == 32:
         return scaler
     for name in ("mu_dtype", "nu_dtype"):

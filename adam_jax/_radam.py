@@ -158,7 +158,7 @@ def scale_by_radam(
     form: str = "torch",
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with Rectified Adam (Liu et al., 2020), without a learning rate.
 
@@ -192,7 +192,7 @@ def scale_by_radam(
     :math:`\rho_\infty` ulps.
 
     Args:
-      state_bits: 32 (float32 moments, the default) or 8: then
+      state_bits: None or 32 (float32 moments, the default) or 8: then
         ``m`` (signed map) and ``v`` (unsigned map) are stored in 8 bits, in leaves of
         >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs).
       b1: decay of the first moment, in [0, 1).
@@ -248,7 +248,7 @@ def radam(
     form: str = "torch",
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RAdam with a learning rate, weight decay and ``maximize``: ``torch.optim.RAdam``.
 
@@ -325,7 +325,7 @@ def radamw(
     form: str = "torch",
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
-    state_bits: int = 32,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""RAdam with decoupled weight decay, scaled by the learning rate.
 

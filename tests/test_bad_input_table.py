@@ -94,6 +94,7 @@ KIND = {
     "alpha_warmup": "warmup",
     "b3_warmup": "warmup",
     "b3_schedule": "choice",
+    "state_bits": "state_bits",
 }
 
 
@@ -176,6 +177,12 @@ BAD: dict[str, list[Bad]] = {
         Bad("bool", True, ValueError, "True"),
         Bad("str", "10", ValueError, "'10'"),
     ],
+    "state_bits": [
+        Bad("sixteen", 16, ValueError, "16"),
+        Bad("bool", True, ValueError, "True"),
+        Bad("str", "8", ValueError, "'8'"),
+        Bad("float", 8.0, ValueError, "8.0"),
+    ],
 }
 
 # The same requirement, for misuses that would otherwise pass silently or surface later.
@@ -205,6 +212,7 @@ STRICT_BAD: dict[str, list[Bad]] = {
     "mask": [],
     "cautious": [],
     "warmup": [],
+    "state_bits": [],
 }
 for _table in (BAD, STRICT_BAD):
     _table["non_negative_or_inf"] = [b for b in _table["non_negative"] if b.label != "inf"]
