@@ -27,7 +27,7 @@ def enable_compilation_cache(
     directory to reclaim its space.
 
     Args:
-      path: a directory, created if missing.
+      path: a directory (``~`` is expanded), created if missing.
       min_compile_time_secs: only programs whose compile took at least this
         long are written (JAX's default is 1.0).
 
@@ -55,7 +55,7 @@ def enable_compilation_cache(
         raise ValueError(
             f"min_compile_time_secs must be >= 0, got min_compile_time_secs={min_compile_time_secs}"
         )
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
