@@ -178,9 +178,11 @@ def test_new_inputs_and_learning_rates_do_not_recompile(caplog):
     later = [regressions(seed=seed) for seed in range(3, 10)]
     compiles = lambda: sum("Finished XLA compilation" in r.getMessage() for r in caplog.records)
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
-        # New data and learning rates; make_problem builds a new optimizer each time.
-        for inputs in later:
-            adam_jax.fit_batched(counted, inputs, num_steps=50, early_stopping=es)
+        # New data and learning rates; make_problem builds a new optimizer each time, and
+        # each call gets a freshly built stopping rule with a new target.
+        for i, inputs in enumerate(later):
+            fresh = adam_jax.early_stopping(None, target=0.2 + 0.01 * i)
+            adam_jax.fit_batched(counted, inputs, num_steps=50, early_stopping=fresh)
         assert first > 0 and len(traces) == first
         assert compiles() == 0
         # The negative control: a new make_problem is a new program, as under jax.jit.
