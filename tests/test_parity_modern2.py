@@ -85,38 +85,43 @@ def _step(opt, params, state, grads):
     return optax.apply_updates(params, updates), state
 
 
-def run_ours(opt, steps=STEPS):
+def run_ours(opt, steps=STEPS, dtype=jnp.float64):
     """Params (NumPy dicts) and states after every step."""
-    params = {k: jnp.asarray(v) for k, v in _gradients.initial_params().items()}
+    params = {k: jnp.asarray(v, dtype) for k, v in _gradients.initial_params().items()}
     state = opt.init(params)
     is_pytree = not any(callable(x) for x in jax.tree.leaves(opt))  # optax's are not
     local = jax.jit(lambda *args: _step.__wrapped__(opt, *args))
     step = functools.partial(_step, opt) if is_pytree else local
     trajectory, states = [], []
     for grads in _gradients.gradient_sequence(steps):
-        params, state = step(params, state, {k: jnp.asarray(g) for k, g in grads.items()})
+        params, state = step(params, state, {k: jnp.asarray(g, dtype) for k, g in grads.items()})
         trajectory.append({k: np.asarray(v) for k, v in params.items()})
         states.append(state)
     return trajectory, states
 
 
-def run_torch(make, steps=STEPS):
+def run_torch(make, steps=STEPS, dtype=torch.float64):
     """torch's params after every step; ``make(params)`` builds the optimizer."""
     params = {
-        k: torch.tensor(v, requires_grad=True) for k, v in _gradients.initial_params().items()
+        k: torch.tensor(v, dtype=dtype, requires_grad=True)
+        for k, v in _gradients.initial_params().items()
     }
     opt = make(list(params.values()))
     trajectory = []
     for grads in _gradients.gradient_sequence(steps):
         for k, p in params.items():
-            p.grad = torch.tensor(grads[k])
+            p.grad = torch.tensor(grads[k], dtype=dtype)
         opt.step()
         trajectory.append({k: p.detach().numpy().copy() for k, p in params.items()})
     return trajectory
 
 
 def max_diff(a, b) -> float:
-    return max(float(np.max(np.abs(x[k] - y[k]))) for x, y in zip(a, b, strict=True) for k in x)
+    return max(
+        float(np.max(np.abs(np.asarray(x[k], np.float64) - np.asarray(y[k], np.float64))))
+        for x, y in zip(a, b, strict=True)
+        for k in x
+    )
 
 
 def inner(state, cls):
@@ -401,6 +406,120 @@ def test_cautious_masks_every_alias(name, form):
         )
         zeroed += int(np.sum(agree == 0))
     assert zeroed > 0
+
+
+# --- float32 against the references at torch's default dtype ----------------------------
+
+F32_STEPS = 50
+# Error model: per step, each side rounds the param update p - lr·u once (1/2 ulp of
+# |p|) and computes u with a few ulps relative error, which lr·|u| <= lr·(1 + alpha)
+# = 0.06·|p| shrinks below another 1/2 ulp of max|p|; the schedules' scalars (b3_t,
+# alpha_t) enter the same way. That is at most 2 ulps of max|p| a step between the two
+# sides, added up without cancellation over the run: 2·50 ulps = 1.2e-5 relative.
+# Measured (max over steps of max|a-b| / max|b|): stable_adamw 4.9e-7,
+# ademamix apple 4.4e-7, paper 8.9e-7, adamw(cautious=True) 6.6e-7, i.e. <= 8 ulps.
+# The negative controls are 2e-3 and more. The two AdEMAMix b3 schedules differ by
+# 1.2e-6 here, within float32 rounding: the float64 tests tell them apart.
+F32_RTOL = 2 * F32_STEPS * float(np.finfo(np.float32).eps)
+
+
+def rel_diff32(ours_opt, make_torch) -> float:
+    """max over steps of max|ours - torch| / max|torch|, both in float32."""
+    ours, _ = run_ours(ours_opt, steps=F32_STEPS, dtype=jnp.float32)
+    theirs = run_torch(make_torch, steps=F32_STEPS, dtype=torch.float32)
+    scale = max(float(np.max(np.abs(y[k]))) for y in theirs for k in y)
+    return max_diff(ours, theirs) / scale
+
+
+def apple32(p):
+    return ademamix_apple.AdEMAMix(
+        p,
+        lr=LR,
+        betas=(0.9, 0.999, B3),
+        alpha=ALPHA,
+        beta3_warmup=40,
+        alpha_warmup=40,
+        weight_decay=0.1,
+    )
+
+
+def paper32(p, weight_decouple=True):
+    return pytorch_optimizer.AdEMAMix(
+        p,
+        lr=LR,
+        betas=(0.9, 0.999, B3),
+        alpha=ALPHA,
+        t_alpha_beta3=40,
+        weight_decay=0.1,
+        weight_decouple=weight_decouple,
+    )
+
+
+def ademamix32(schedule):
+    return adam_jax.ademamix(
+        LR,
+        b3=B3,
+        alpha=ALPHA,
+        weight_decay=0.1,
+        alpha_warmup=40,
+        b3_warmup=40,
+        b3_schedule=schedule,
+    )
+
+
+def optax_ademamix_from_zero():
+    """Apple's warmups as optax schedules, which count from 0: one step behind."""
+
+    def alpha(count):
+        return ALPHA * jnp.minimum(count / 40, 1.0)
+
+    def b3(count):
+        a = jnp.minimum(count / 40, 1.0)
+        f1, f3 = (np.log(0.5) / np.log(b + 1e-8) - 1 for b in (0.9, B3))
+        return 0.5 ** (1 / ((1 - a) * f1 + a * f3 + 1))
+
+    return optax.contrib.ademamix(LR, b3=b3, alpha=alpha, weight_decay=0.1)
+
+
+# name: (ours, reference, (a real difference: optimizer, reference))
+FLOAT32_CASES = {
+    "stable_adamw": (
+        lambda: adam_jax.stable_adamw(LR, weight_decay=0.1),
+        lambda p: optimi.StableAdamW(p, lr=LR, weight_decay=0.1, kahan_sum=False, foreach=False),
+        # AdamW-style decay with the unclipped rate
+        lambda: optax.chain(
+            adam_jax.stable_adamw(LR, weight_decay=0.0), optax.add_decayed_weights(-LR * 0.1)
+        ),
+    ),
+    "ademamix_apple": (lambda: ademamix32("apple"), apple32, optax_ademamix_from_zero),
+    "ademamix_paper": (
+        lambda: ademamix32("paper"),
+        paper32,
+        # the reference's coupled decay (its default) against our decoupled one
+        lambda: ademamix32("paper"),
+    ),
+    "adamw_cautious": (
+        lambda: adam_jax.adamw(LR, weight_decay=0.1, cautious=True),
+        lambda p: timm_adamw().AdamWLegacy(p, lr=LR, weight_decay=0.1, caution=True),
+        # the paper's normalisation instead of timm's
+        lambda: adam_jax.adamw(LR, weight_decay=0.1, cautious="paper"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOAT32_CASES))
+def test_float32_matches_reference_at_torch_default_dtype(name):
+    """float32 params and gradients on both sides, torch at its default dtype float32,
+    50 steps of the hostile gradients: within F32_RTOL (error model above)."""
+    torch.set_default_dtype(torch.float32)  # the fixture restores it
+    ours, reference, other = FLOAT32_CASES[name]
+    assert rel_diff32(ours(), reference) <= F32_RTOL
+    # Negative control: a real difference is far outside the tolerance.
+    if name == "ademamix_paper":
+        control = rel_diff32(other(), functools.partial(paper32, weight_decouple=False))
+    else:
+        control = rel_diff32(other(), reference)
+    assert control > 100 * F32_RTOL
 
 
 # --- pytree properties, dtypes, bad input, hypergradients ------------------------------
