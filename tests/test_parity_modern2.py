@@ -412,10 +412,11 @@ def test_cautious_masks_every_alias(name, form):
 
 F32_STEPS = 50
 # Error model: per step, each side rounds the param update p - lr·u once (1/2 ulp of
-# |p|) and computes u with a few ulps relative error, which lr·|u| <= lr·(1 + alpha)
-# = 0.06·|p| shrinks below another 1/2 ulp of max|p|; the schedules' scalars (b3_t,
-# alpha_t) enter the same way. That is at most 2 ulps of max|p| a step between the two
-# sides, added up without cancellation over the run: 2·50 ulps = 1.2e-5 relative.
+# |p|) and computes u with a few ulps relative error, which the step size
+# lr·|u| <~ lr·(1 + alpha) = 0.06 < max|p|/20 (max|p| = 1.35) shrinks below another 1/2
+# ulp of max|p|; the schedules' scalars (b3_t, alpha_t) enter the same way. That is at
+# most 2 ulps of max|p| a step between the two sides, added up without cancellation
+# over the run: 2·50 ulps = 1.2e-5 relative.
 # Measured (max over steps of max|a-b| / max|b|): stable_adamw 4.9e-7,
 # ademamix apple 4.4e-7, paper 8.9e-7, adamw(cautious=True) 6.6e-7, i.e. <= 8 ulps.
 # The negative controls are 2e-3 and more. The two AdEMAMix b3 schedules differ by
