@@ -69,6 +69,7 @@ _NO_STABLE = "optax has no StableAdamW: its AdamW (same defaults) is shown"
 def _no_torch(params: list, flag: dict[str, bool]) -> Any:
     raise ValueError("torch.optim has no such optimizer")
 
+
 # One entry a family: the benchmark's --optimizers choices are these names.
 FAMILIES: dict[str, Family] = {
     "adam": Family(
