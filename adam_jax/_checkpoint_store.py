@@ -255,6 +255,7 @@ def save(
         # before an early stop that took no further update: this one supersedes it.
         # Deleted here and now: orbax's own delete runs in the background and could
         # remove the new checkpoint of the same step.
+        mgr.wait_until_finished()  # a save still being finalized is listed, then renamed
         stale = [s for s in mgr.all_steps() if s >= number]
         for old in stale:
             shutil.rmtree(Path(str(mgr.directory)) / str(old))

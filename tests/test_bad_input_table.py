@@ -87,6 +87,7 @@ KIND = {
     "threshold": "non_negative",
     "mu_dtype": "dtype",
     "nu_dtype": "dtype",
+    "mu_product_dtype": "dtype",
     "mask": "mask",
     "cautious": "cautious",
     "b3": "decay",

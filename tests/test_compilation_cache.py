@@ -27,7 +27,7 @@ CHILD = textwrap.dedent(
     jax.monitoring.register_event_listener(
         lambda event, **kw: hits.append(1) if event == "/jax/compilation_cache/cache_hits" else None
     )
-    adam_jax.enable_compilation_cache(sys.argv[1], min_compile_time_secs=0.1)
+    adam_jax.enable_compilation_cache(sys.argv[1], min_compile_time_secs=0)
 
     def run():
         r = adam_jax.fit(lambda w: jnp.sum((w - 3.0) ** 2), jnp.zeros(2), adam_jax.adam(0.1),

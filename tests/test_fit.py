@@ -92,7 +92,9 @@ def test_log_every_prints_what_the_numpy_loop_prints(capsys):
         return [int(m[1]) for m in matches], [float(m[2]) for m in matches]
 
     ref_steps, ref_values = parse(ref_lines, "RMSE Error", word="epoch")
-    steps, values = parse(our_lines, "loss")
+    # The logs end with the step that stopped the run and why, by name.
+    assert our_lines[-1] == f"step {int(result.num_steps)} stopped: TARGET"
+    steps, values = parse(our_lines[:-1], "loss")
     assert steps == ref_steps == list(range(0, int(result.num_steps) + 1, every))
     np.testing.assert_allclose(values, ref_values, rtol=1e-12)
 
@@ -315,9 +317,11 @@ def test_progress_and_log_under_vmap_report_once_per_chunk(capsys):
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     longest = int(result.num_steps.max())
-    assert len(lines) == longest // 100 + 1  # one line per report, not one per problem
+    # One line per report, not one per problem, and a last one with the stop reasons.
+    assert len(lines) == longest // 100 + 2
     assert lines[0].startswith("step 0 loss min ") and "(4 of 4 running)" in lines[0]
-    assert lines[-1].endswith("(1 of 4 running)")
+    assert lines[-2].endswith("(1 of 4 running)")
+    assert lines[-1] == "stop reasons of the 4 problems: TARGET 4"
     assert "running=" in captured.err and "4 of 4 stopped early" in captured.err
 
 

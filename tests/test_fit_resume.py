@@ -318,7 +318,7 @@ def test_resuming_a_stopped_run_takes_no_step(uninterrupted, capsys):
     assert_bits_equal(again.best_params, uninterrupted.best_params)
     assert np.isnan(again.losses).all() and again.losses.shape == (50,)
     captured = capsys.readouterr()
-    assert "step" not in captured.out
+    assert " loss " not in captured.out  # no step taken, so no log line of one
     assert f"{step}/{step + 50}" in captured.err and "stopped: PATIENCE" in captured.err
 
 
@@ -337,7 +337,8 @@ def test_log_lines_and_bar_continue_the_saved_run(capsys):
     assert resumed_lines[0].startswith("step 100 loss ")
     assert parts + resumed_lines == whole
     stop = stop_step(second, split)
-    assert whole[-1].startswith(f"step {stop - stop % every} loss ")
+    assert whole[-2].startswith(f"step {stop - stop % every} loss ")
+    assert whole[-1] == f"step {stop} stopped: PATIENCE"
     # The bar counts from the saved step: steps taken, the stopping one included.
     assert f"{stop + 1}/{TOTAL}" in captured.err
 
