@@ -50,3 +50,14 @@ def pytest_collection_modifyitems(config, items):
     # Fail loudly if a test module forgot to import anything testable.
     if not items:
         raise pytest.UsageError("no tests collected")
+
+
+@pytest.fixture
+def torch_float64():
+    """torch's default dtype float64 for the test (the parity tests run in double)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

@@ -70,10 +70,13 @@ def ref_nadam(hp, g, m, v, product, t):
 
 def ref_radam(hp, g, m, v, t, cdt):
     b1, b2, eps, eps_root, thr = hp["b1"], hp["b2"], hp["eps"], hp["eps_root"], hp["threshold"]
+    # The size that m's rounding scales with: its terms, not their (maybe cancelling) sum.
+    terms = b1 * np.abs(m) + (1 - b1) * np.abs(g)
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * np.abs(g) ** 2
     c1, c2 = one_minus_pow(b1, t), one_minus_pow(b2, t)
     m_hat = m / c1
+    size = np.maximum(np.abs(m_hat), terms / c1)
     rho_inf = 2 / (1 - b2) - 1
     rho = rho_inf - 2 * t * b2**t / c2
     rho_err = 8 * (abs(rho_inf) + 2 * t) * u_of(cdt)
@@ -82,7 +85,7 @@ def ref_radam(hp, g, m, v, t, cdt):
     if abs(rho - thr) <= rho_err:
         return None, None, {"m": m, "v": v}, 0.0  # the switch is within rounding of rho
     if not rectified:
-        return m_hat, np.abs(m_hat), {"m": m, "v": v}, 0.0
+        return m_hat, size, {"m": m, "v": v}, 0.0
     r = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
     if torch_form:
         den = np.sqrt(v + eps_root) + eps
@@ -90,7 +93,7 @@ def ref_radam(hp, g, m, v, t, cdt):
     else:
         gain = r / (np.sqrt(v / c2 + eps_root) + eps)
     sens = 0.5 * (1 / abs(rho - 4) + 1 / abs(rho - 2) + 1 / abs(rho)) * rho_err
-    return m_hat * gain, np.abs(m_hat) * gain, {"m": m, "v": v}, sens / u_of(cdt)
+    return m_hat * gain, size * gain, {"m": m, "v": v}, sens / u_of(cdt)
 
 
 @st.composite

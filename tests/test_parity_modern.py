@@ -45,15 +45,8 @@ RTOL = 1e-10
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch._utils.is_compiling` is deprecated"),
     pytest.mark.filterwarnings("ignore:Use _accelerator_graph_capture_health_check instead"),
+    pytest.mark.usefixtures("torch_float64"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def torch_float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
 
 
 def grads_seq(steps=STEPS):

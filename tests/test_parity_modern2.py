@@ -47,12 +47,7 @@ SHAPES = _gradients.SHAPES
 PARAM_ATOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def torch_float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("torch_float64")
 
 
 def timm_adamw() -> types.ModuleType:

@@ -31,12 +31,7 @@ MOMENT_RTOL = 1e-12
 STATES = (adam_jax.NAdamState, adam_jax.RAdamState, optax.ScaleByAdamState)
 
 
-@pytest.fixture(autouse=True)
-def torch_float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("torch_float64")
 
 
 def inner(state):
