@@ -3,8 +3,9 @@
 With ``checkpoint_dir``, ``fit`` runs its compiled loop in segments of
 ``checkpoint_every`` steps, each one a resumed fit (``opt_state``,
 ``early_stopping_state``, ``initial_step``), and saves the whole run state with
-orbax-checkpoint after each, as ``steps/<step>`` (the global step the run goes on
-from): the last params, both states, the next step, and the part of
+orbax-checkpoint after each, as ``steps/<n>`` (numbered in the order saved; the
+progress record holds the global step the run goes on from): the last params,
+both states, the next step, and the part of
 ``losses``/``steps`` the fit's ``history`` keeps. Calling the same fit again
 finds the newest complete checkpoint, says so (step and directory) and goes on
 from there; the result is bit-identical to an uninterrupted run. A ``fit.json`` record of the
@@ -194,7 +195,7 @@ def fit_with_checkpoints(
             if unclaimed:
                 store.claim(directory, problem)
                 unclaimed = False
-            store.save(ocp, manager, tree, progress_record, step=start + applied)
+            store.save(ocp, manager, tree, progress_record)
             if interrupt.requested:
                 break
         if interrupt.requested:

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import signal
 import threading
 import types
@@ -232,35 +231,16 @@ def manager(ocp: types.ModuleType, directory: Path, keep: int) -> Any:
     )
 
 
-def save(
-    ocp: types.ModuleType,
-    mgr: Any,
-    tree: dict[str, Any],
-    record: dict[str, Any],
-    step: int | None = None,
-) -> None:
-    """Save ``tree`` with its progress ``record`` as checkpoint ``step`` (``steps/<step>``).
+def save(ocp: types.ModuleType, mgr: Any, tree: dict[str, Any], record: dict[str, Any]) -> None:
+    """Save ``tree`` with its progress ``record`` (which holds the step) as the next checkpoint.
 
-    Without ``step``, checkpoints are numbered in the order they are saved.
+    Checkpoints are numbered in the order they are saved, after every one there, a torn
+    newer one included: orbax saves only past its newest, and replacing a checkpoint in
+    place races with orbax's own finalizing and deleting, which a kill can interrupt.
     """
     # orbax refuses empty arrays; restore_newest makes them again from their template.
     tree = {k: x for k, x in tree.items() if np.size(x)}
-    if step is None:
-        # Numbered after every checkpoint there, a torn newer one included.
-        number = max(mgr.all_steps(), default=0) + 1
-    else:
-        number = step
-        # orbax saves only past its newest checkpoint. One at this step or later is
-        # either torn (the run resumed from an older one) or the same step saved
-        # before an early stop that took no further update: this one supersedes it.
-        # Deleted here and now: orbax's own delete runs in the background and could
-        # remove the new checkpoint of the same step.
-        mgr.wait_until_finished()  # a save still being finalized is listed, then renamed
-        stale = [s for s in mgr.all_steps() if s >= number]
-        for old in stale:
-            shutil.rmtree(Path(str(mgr.directory)) / str(old))
-        if stale:
-            mgr.reload()
+    number = max(mgr.all_steps(), default=0) + 1
     mgr.save(
         number,
         args=ocp.args.Composite(
