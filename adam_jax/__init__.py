@@ -16,10 +16,11 @@ from adam_jax._early_stopping import (
     early_stopping,
 )
 from adam_jax._fit import FitResult, History, fit
-from adam_jax._fit_batched import BatchedWork, default_slots, fit_batched
+from adam_jax._fit_batched import default_slots, fit_batched
 from adam_jax._nadam import NAdamState, nadam, nadamw, scale_by_nadam
 from adam_jax._quantize import QuantizedArray, dynamic_map, quantize_blockwise
 from adam_jax._radam import RAdamState, radam, radamw, scale_by_radam
+from adam_jax._result import BatchedWork
 from adam_jax._schedule_free import (
     ScheduleFreeState,
     schedule_free_adamw,

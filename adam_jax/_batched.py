@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import Callable
 from typing import NamedTuple, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from adam_jax import _fit, _loop, _reporting
+from adam_jax import _loop
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
 from adam_jax._loop import LoopState
 from adam_jax._result import FitResult
+from adam_jax._tree import Split, is_data
 
 LossFn: TypeAlias = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
 Problem: TypeAlias = tuple[LossFn, optax.Params, optax.GradientTransformation]
@@ -70,33 +69,9 @@ class Config(NamedTuple):
     has_aux: bool
     history: History
     slots: int
-    progress: bool
 
 
-@jax.tree_util.register_pytree_node_class
-class Rule:
-    """An early-stopping rule as an argument of the compiled run: its numbers are
-    leaves (traced), the rest (its structure, functions and flags) the static part,
-    as :func:`adam_jax.fit` passes its optimizer and rule. A rule built again with
-    the same structure compiles nothing new."""
-
-    def __init__(self, rule: EarlyStopping | None):
-        self.dynamic, self.treedef, self.static, self.data_at = _fit._split(rule)
-
-    def tree_flatten(self) -> tuple[list[object], tuple]:
-        return self.dynamic, (self.treedef, self.static, self.data_at)
-
-    @classmethod
-    def tree_unflatten(cls, aux: tuple, dynamic: list[object]) -> Rule:
-        rule = object.__new__(cls)
-        rule.dynamic = list(dynamic)
-        rule.treedef, rule.static, rule.data_at = aux
-        return rule
-
-    @property
-    def value(self) -> EarlyStopping | None:
-        dyn, stat = iter(self.dynamic), iter(self.static)
-        return self.treedef.unflatten([next(dyn) if d else next(stat) for d in self.data_at])
+Rule: TypeAlias = Split[EarlyStopping | None]
 
 
 class Lanes(NamedTuple):
@@ -189,7 +164,7 @@ def _loop_of(config: Config, rule: Rule, problem: Problem | None = None) -> _loo
         loss_fn=loss_fn,  # type: ignore[arg-type]
         optimizer=optimizer,
         early_stopping=rule.value,
-        num_steps=config.num_steps,
+        max_steps=config.num_steps,
         n_data=config.n_data,
         has_aux=config.has_aux,
         history=config.history,
@@ -205,7 +180,7 @@ def _problem(config: Config, inputs: object) -> Problem:
     folds, and the two would round differently.
     """
     loss_fn, params, optimizer = config.make_problem(inputs)
-    as_array = lambda x: jnp.asarray(x) if _fit.is_data(x) else x
+    as_array = lambda x: jnp.asarray(x) if is_data(x) else x
     return loss_fn, params, jax.tree.map(as_array, optimizer)
 
 
@@ -277,9 +252,6 @@ def _machine(
             c.ids, jnp.where(valid, c.lanes.ids[at], -1), c.written, 0
         )
         handed = finished & (jnp.cumsum(finished, dtype=jnp.int32) <= k)
-        if config.progress:
-            state = cast(LoopState, _unpack(lay, c.lanes.state))
-            jax.debug.callback(_on_harvest, state.last_value, handed)
         return c._replace(
             lanes=c.lanes._replace(ids=jnp.where(handed, -1, c.lanes.ids)),
             rows=rows,
@@ -435,28 +407,6 @@ def _advance(
         filling = False
 
 
-def advance(
-    lanes: Lanes | None,
-    inputs: object,
-    data: object,
-    base: jax.Array,
-    rule: Rule,
-    *,
-    config: Config,
-    final: bool,
-) -> tuple[Lanes, Output]:
-    """Run the queued ``inputs`` (leading axis: problems) through the lanes.
-
-    Returns when the queue is empty (the lanes still hold running problems,
-    to be continued by the next call), or with ``final`` when every problem is
-    done. The queued problems are numbered ``base``, ``base + 1``, ...; lanes
-    carried in from an earlier call keep their numbers.
-    """
-    queue = jnp.zeros([], jnp.int32)
-    c, lay = _advance(lanes, queue, inputs, data, base, rule, config, final)
-    return c.lanes, Output(_results(config, rule, lay, c.rows), c.ids, c.computed)
-
-
 def segment(
     lanes: Lanes,
     queue: jax.Array,
@@ -519,52 +469,6 @@ def run_all(
 
 
 run_all_jit = jax.jit(run_all, static_argnames=("config",))
-advance_jit = jax.jit(advance, static_argnames=("config", "final"))
 first_lanes_jit = jax.jit(_first_lanes, static_argnames=("config",))
 segment_jit = jax.jit(segment, static_argnames=("config", "filling", "final"))
 compact_jit = jax.jit(_compact, static_argnames=("keep",))
-
-
-class BatchProgress:
-    """The progress bar of a batched run: problems finished, and the min and median of
-    their last monitored values.
-
-    Used as a context manager around the compiled calls; their host callbacks
-    reach the bar that is open.
-    """
-
-    active: BatchProgress | None = None
-
-    def __init__(self, total: int | None):
-        self.bar = _reporting.import_tqdm()(total=total, unit="problem")
-        self.values: list[np.ndarray] = []
-        self.shown = 0.0
-
-    def __enter__(self) -> BatchProgress:
-        BatchProgress.active = self
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        jax.effects_barrier()
-        BatchProgress.active = None
-        self.show()
-        self.bar.close()
-
-    def update(self, values: np.ndarray, finished: np.ndarray) -> None:
-        self.values.append(values[finished])
-        self.bar.update(int(finished.sum()))
-        if time.monotonic() - self.shown > 0.1:
-            self.show()
-
-    def show(self) -> None:
-        self.shown = time.monotonic()
-        v = np.concatenate(self.values) if self.values else np.zeros(0)
-        v = v[np.isfinite(v)]
-        if v.size:
-            self.bar.set_postfix(min=f"{v.min():.4g}", median=f"{np.median(v):.4g}")
-
-
-def _on_harvest(values: np.ndarray, finished: np.ndarray) -> None:
-    bar = BatchProgress.active
-    if bar is not None:
-        bar.update(np.asarray(values), np.asarray(finished))

@@ -1,19 +1,21 @@
 """``fit``: a whole training run, early stopping included, as one compiled loop.
 
-This module checks the arguments and splits the optimizer and early stopping
-into data (their array and number leaves, arguments of the compiled program)
-and structure (everything else, what the program is cached on); the loop itself
-is in ``_loop``.
+This module checks the arguments and passes the optimizer and early stopping to
+the compiled program as a :class:`adam_jax._tree.Split` (numbers traced, the rest
+what the program is cached on); the loop is :mod:`adam_jax._loop`'s, and a
+checkpointed fit advances its loop state through :func:`adam_jax._checkpoint.drive`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,28 +23,22 @@ import numpy as np
 import optax
 
 from adam_jax import _checkpoint, _checks, _fit_checks, _history, _loop, _reporting
-from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState, _without_weak_types
+from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState
 from adam_jax._history import History
+from adam_jax._loop import LoopState
 from adam_jax._result import FitResult
+from adam_jax._tree import Key, Split, is_data, is_traced, without_weak_types
 
 __all__ = ["FitResult", "History", "fit"]
 
-
-def is_data(leaf: object) -> bool:
-    """A leaf that becomes an argument of the compiled program rather than part of its key."""
-    if isinstance(leaf, bool | np.bool_):
-        return False
-    return isinstance(leaf, int | float | complex | np.number | np.ndarray | jax.Array)
+Hyper = Split[tuple[optax.GradientTransformation, EarlyStopping | None]]
 
 
 class _Static(NamedTuple):
-    """What a compiled fit is cached on (hashable when its callables are)."""
+    """What a compiled fit is cached on."""
 
-    loss_fn: Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
-    hyper_def: jax.tree_util.PyTreeDef  # of (optimizer, early_stopping)
-    static_leaves: tuple[object, ...]  # the non-data leaves, in order
-    data_at: tuple[bool, ...]  # which leaves are data
-    num_steps: int
+    loss_fn: Key
+    max_steps: int
     n_data: int | None
     has_aux: bool
     history: History
@@ -50,54 +46,57 @@ class _Static(NamedTuple):
     progress: bool
 
 
-def _split(hyper: object) -> tuple[list[object], jax.tree_util.PyTreeDef, tuple, tuple]:
-    leaves, treedef = jax.tree.flatten(hyper)
-    data_at = tuple(is_data(x) for x in leaves)
-    dynamic = [x for x, d in zip(leaves, data_at, strict=True) if d]
-    static = tuple(x for x, d in zip(leaves, data_at, strict=True) if not d)
-    return dynamic, treedef, static, data_at
-
-
-def _run(
-    dynamic: list[jax.Array],
-    params: optax.Params,
-    data: object,
-    opt_state: optax.OptState | None,
-    es_state: EarlyStoppingState | None,
-    initial_step: jax.Array,
-    *,
-    static: _Static,
-) -> FitResult:
-    dyn, stat = iter(dynamic), iter(static.static_leaves)
-    leaves = [next(dyn) if d else next(stat) for d in static.data_at]
-    optimizer, early_stopping = static.hyper_def.unflatten(leaves)
-    loop = _loop.Loop(
-        loss_fn=static.loss_fn,
-        optimizer=optimizer,
-        early_stopping=early_stopping,
-        num_steps=static.num_steps,
-        n_data=static.n_data,
-        has_aux=static.has_aux,
-        history=static.history,
-        log_every=static.log_every,
-    )
+def _loop_of(hyper: Hyper, static: _Static) -> _loop.Loop:
+    optimizer, early_stopping = hyper.value
     # The loss is traced once (at init, or by the mesh check before the call)
     # and replayed by every step: one Python call of loss_fn per compile.
-    loop = loop._replace(loss_fn=_loop.TracedOnce(static.loss_fn, _PRETRACED.get()))
+    loss_fn = _loop.TracedOnce(static.loss_fn.value, _PRETRACED.get())  # type: ignore[arg-type]
+    return _loop.Loop(
+        loss_fn, optimizer, early_stopping, static.max_steps, static.n_data, static.has_aux,
+        static.history, static.log_every,
+    )  # fmt: skip
+
+
+def _reporter(static: _Static) -> _reporting.Reporter | None:
+    if static.log_every is None and not static.progress:
+        return None
+    return _reporting.Reporter(static.log_every, static.progress)
+
+
+def _init(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
+          initial_step: jax.Array, *, static: _Static) -> LoopState:  # fmt: skip
     anchored = _checks._explicit_mesh_in_context()
-    state = loop.init(params, data, opt_state, es_state, initial_step, anchored=anchored)
-    reporter = None
-    if static.log_every is not None or static.progress:
-        reporter = _reporting.Reporter(static.log_every, static.progress)
-    state = _loop.run(loop, state, data, reporter)
-    return loop.postprocess(state)
+    loop = _loop_of(hyper, static)
+    return loop.init(params, data, opt_state, es_state, initial_step, anchored=anchored)
+
+
+def _run(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
+         initial_step: jax.Array, *, static: _Static) -> FitResult:  # fmt: skip
+    """The whole fit as one program: init, the loop to its end, the result."""
+    state = _init(hyper, params, data, opt_state, es_state, initial_step, static=static)
+    loop = _loop_of(hyper, static)
+    return loop.postprocess(_loop.run(loop, state, data, _reporter(static)))
+
+
+def _advance(
+    hyper: Hyper, state: LoopState, data: object, until: jax.Array, *, static: _Static
+) -> LoopState:
+    loop = _loop_of(hyper, static)
+    return _loop.run(loop, state, data, _reporter(static), until)
+
+
+def _postprocess(hyper: Hyper, state: LoopState, *, static: _Static) -> FitResult:
+    return _loop_of(hyper, static).postprocess(state)
 
 
 _run_jit = jax.jit(_run, static_argnames=("static",))
+_init_jit = jax.jit(_init, static_argnames=("static",))
+_advance_jit = jax.jit(_advance, static_argnames=("static",))
+_postprocess_jit = jax.jit(_postprocess, static_argnames=("static",))
 
 # (loss_fn, the types of its arguments, its replay), set while fit calls the
 # compiled run after the mesh check has traced the loss (only under a trace).
-_PRETRACED: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
+_PRETRACED: contextvars.ContextVar[tuple[Any, ...] | None] = contextvars.ContextVar(
     "adam_jax_pretraced_loss", default=None
 )
 
@@ -114,10 +113,11 @@ def fit(
     history: History | None = None,
     log_every: int | None = None,
     progress: bool = False,
+    resume: FitResult | None = None,
     opt_state: optax.OptState | None = None,
     early_stopping_state: EarlyStoppingState | None = None,
     initial_step: jax.typing.ArrayLike = 0,
-    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int | None = None,
     checkpoint_keep: int = 2,
 ) -> FitResult:
@@ -163,15 +163,16 @@ def fit(
       run goes on. (With early stopping too, pass ``check_finite=False``, or
       the run stops at the bad step instead.)
 
-    **Checkpoint and resume.** The ``last_params``, ``opt_state`` and
-    ``early_stopping_state`` of a :class:`FitResult` are plain pytrees of
-    arrays: save them with the next step, ``initial_step + num_steps``. A fit
-    given them continues the run: the states replace ``init``'s, and steps are
-    numbered from ``initial_step``, so batches (``data[i % n]``), early
-    stopping's ``wait``, best and count, and the log lines pick up where the
-    saved run left off, and the trajectory is bit-identical to an uninterrupted
-    run's on the same machine. A resumed early-stopping state that has already
-    stopped takes no step.
+    **Continue a run.** ``fit(loss_fn, None, optimizer, num_steps=more,
+    resume=result)`` continues the run that returned ``result`` for up to
+    ``more`` steps: from its ``last_params``, ``opt_state`` and
+    ``early_stopping_state`` (plain pytrees of arrays, which can be saved), at
+    its ``next_step``. Batches (``data[i % n]``), early stopping's ``wait``, best
+    and count, and the log lines pick up where the run left off, and the
+    trajectory is bit-identical to one longer run's on the same machine. A run
+    that has stopped takes no step. The same parts can be passed one by one
+    (``opt_state``, ``early_stopping_state``, ``initial_step``), for states
+    saved elsewhere.
 
     All steps run in one ``lax.while_loop``, with no Python dispatch per step.
     ``fit`` is jitted and cached on the structure of its arguments: the array
@@ -222,6 +223,10 @@ def fit(
         run would have.
       progress: show a tqdm progress bar with the step and the latest value
         (needs the ``progress`` extra: ``pip install -e ".[progress]"`` from a checkout).
+      resume: a :class:`FitResult` to continue (``params`` must then be None,
+        and ``opt_state``, ``early_stopping_state`` and ``initial_step`` left
+        out): its last params and states at its ``next_step``; under vmap, a
+        batched result continues each problem.
       opt_state: the optimizer state to start from, e.g. a saved
         ``FitResult.opt_state``, instead of ``optimizer.init(params)``. It must
         have the tree, shapes and dtypes ``init`` gives; nothing is cast.
@@ -229,8 +234,8 @@ def fit(
         saved ``FitResult.early_stopping_state``, instead of
         ``early_stopping.init(params)``; needs ``early_stopping``.
       initial_step: the number of the first step, >= 0, as Keras's
-        ``initial_epoch``: a resumed fit passes the saved run's
-        ``initial_step + num_steps``. It picks the batches and the logged
+        ``initial_epoch``: a resumed fit passes the saved run's ``next_step``
+        (``resume`` does it). It picks the batches and the logged
         steps; ``losses[k]`` is step ``initial_step + k``. (Early stopping
         counts in its own state; its ``start_step`` is a warm-up, in the same
         numbering.) An int, or an int array, also traced: under vmap each
@@ -286,24 +291,19 @@ def fit(
       >>> print(int(result.num_steps), result.stop_reason_names())
       243 TARGET
 
-      The same run in two parts, 200 steps and then the rest, with the states
-      saved in between; the second part ends on the same bits:
+      The same run in two parts, 200 steps and then the rest; the second part
+      ends on the same bits:
 
       >>> es = adam_jax.early_stopping(None, target=0.05)
       >>> part = adam_jax.fit(
       ...     loss_fn, jnp.zeros(3), adam_jax.adam(0.01), num_steps=200,
       ...     has_aux=True, early_stopping=es)
       >>> rest = adam_jax.fit(
-      ...     loss_fn, part.last_params, adam_jax.adam(0.01), num_steps=100_000 - 200,
-      ...     has_aux=True, early_stopping=es, opt_state=part.opt_state,
-      ...     early_stopping_state=part.early_stopping_state,
-      ...     initial_step=part.num_steps)
-      >>> print(200 + int(rest.num_steps), bool((rest.params == result.params).all()))
+      ...     loss_fn, None, adam_jax.adam(0.01), num_steps=100_000 - 200,
+      ...     has_aux=True, early_stopping=es, resume=part)
+      >>> print(int(rest.next_step), bool((rest.params == result.params).all()))
       243 True
     """
-
-    if checkpoint_dir is not None:
-        return _checkpoint.fit_with_checkpoints(fit, **locals())
     _fit_checks.check_positive_int("num_steps", num_steps)
     if log_every is not None:
         _fit_checks.check_positive_int("log_every", log_every)
@@ -315,44 +315,115 @@ def fit(
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
     _fit_checks.check_early_stopping(early_stopping)
+    if resume is not None:
+        params, opt_state, early_stopping_state, initial_step = _fit_checks.resumed(
+            resume, params, opt_state, early_stopping_state, initial_step
+        )
     if early_stopping_state is not None and early_stopping is None:
         raise ValueError(
             "early_stopping_state needs early_stopping: pass the early_stopping(...) "
             "object that made it"
         )
     _fit_checks.check_initial_step(initial_step, num_steps)
-    dynamic, hyper_def, static_leaves, data_at = _split((optimizer, early_stopping))
     static = _Static(
-        loss_fn=loss_fn,
-        hyper_def=hyper_def,
-        static_leaves=static_leaves,
-        data_at=data_at,
-        num_steps=int(num_steps),
-        n_data=_fit_checks.data_length(data),
-        has_aux=bool(has_aux),
-        history=history,
-        log_every=None if log_every is None else int(log_every),
-        progress=bool(progress),
-    )
-    run: Callable[..., FitResult]
-    try:
-        hash(static)
-    except TypeError:
-        run = jax.jit(functools.partial(_run, static=static))
-    else:
-        run = functools.partial(_run_jit, static=static)
-    initial_step = jnp.asarray(initial_step).astype(jnp.int32)
-    args = (dynamic, params, data, opt_state, early_stopping_state, initial_step)
-    mesh, pretraced = _explicit_mesh_in_context(loss_fn, params, data, args)
+        Key(loss_fn), int(num_steps), _fit_checks.data_length(data), bool(has_aux), history,
+        None if log_every is None else int(log_every), bool(progress),
+    )  # fmt: skip
+    hyper: Hyper = Split((optimizer, early_stopping))
+    step0 = jnp.asarray(initial_step).astype(jnp.int32)
+    args = (hyper, params, data, opt_state, early_stopping_state, step0)
+    if checkpoint_dir is not None:
+        options = _checkpoint.CheckpointOptions.of(
+            checkpoint_dir, checkpoint_every, checkpoint_keep, "steps"
+        )
+        if is_traced(args):
+            raise ValueError(
+                "checkpoint_dir needs concrete inputs: call fit with checkpoints outside "
+                "jit and vmap (it saves from the host between compiled segments)"
+            )
+        fresh = functools.partial(_init_jit, *args, static=static)
+        run = _FitRun(static, hyper, data, num_steps, int(step0), fresh)
+        record = run.record(loss_fn, params, optimizer, early_stopping, opt_state,
+                            early_stopping_state, history)  # fmt: skip
+        state = _checkpoint.drive(run, fresh, options, record)
+        return _postprocess_jit(hyper, state, static=static)
+    mesh, pretraced = _mesh_of_inputs(loss_fn, params, data, args)
     token = _PRETRACED.set(pretraced)
     try:
         with mesh:
-            return run(*args)
+            return _run_jit(*args, static=static)
     finally:
         _PRETRACED.reset(token)
 
 
-def _explicit_mesh_in_context(
+@dataclasses.dataclass
+class _FitRun:
+    """A checkpointed fit as a :class:`adam_jax._checkpoint.Engine`: its state is the loop's."""
+
+    static: _Static
+    hyper: Hyper
+    data: object
+    num_steps: int
+    start: int
+    fresh: Callable[[], LoopState]
+    entry = "fit"
+    unit = "steps"
+
+    def record(self, loss_fn: Any, params: Any, optimizer: Any, es: Any, opt_state: Any,
+               es_state: Any, history: History) -> dict[str, Any]:  # fmt: skip
+        options: dict[str, object] = {
+            "num_steps": self.num_steps,
+            "has_aux": self.static.has_aux,
+            "initial_step": self.start,
+            "history": list(history),
+            "opt_state": None if opt_state is None else _checkpoint.digest(opt_state),
+            "early_stopping_state": None if es_state is None else _checkpoint.digest(es_state),
+        }
+        return _checkpoint.problem_record(loss_fn, params, optimizer, es, self.data, options)
+
+    def advance(self, state: LoopState, budget: int) -> LoopState:
+        until = state.i + jnp.int32(budget)
+        return _advance_jit(self.hyper, state, self.data, until, static=self.static)
+
+    def finished(self, state: LoopState) -> bool:
+        return bool(state.stop | (state.i >= state.limit))
+
+    def save(self, state: LoopState) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        # Values waiting for a log line are the reporting's, not the run's.
+        leaves = jax.tree.leaves(state._replace(log=None))
+        arrays = {f"{k:05d}": np.asarray(x) for k, x in enumerate(leaves)}
+        record = {
+            "step": int(state.initial_step + state.i),
+            "next_step": int(state.initial_step + state.applied),
+            "finished": self.finished(state),
+            "loss_dtype": str(state.last_value.dtype),
+        }
+        return arrays, record
+
+    def _template(self) -> LoopState:
+        return jax.eval_shape(self.fresh)._replace(log=None)
+
+    def template(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        leaves = jax.tree.leaves(self._template())
+        return {f"{k:05d}": np.zeros(x.shape, x.dtype) for k, x in enumerate(leaves)}
+
+    def load(self, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> LoopState:
+        template = self._template()
+        leaves = [arrays[f"{k:05d}"] for k in range(len(jax.tree.leaves(template)))]
+        state: LoopState = _checkpoint.restore_like(template, leaves)
+        log = _loop_of(self.hyper, self.static).empty_log(state.last_value.dtype)
+        return state._replace(log=log)
+
+    def interrupted(self, record: dict[str, Any], directory: Path) -> str:
+        taken = record["next_step"] - self.start
+        return (
+            f"fit interrupted: checkpoint saved at step {record['next_step']} "
+            f"({taken} of {self.num_steps} steps taken) in {str(directory)!r}; "
+            "run the same fit call with the same checkpoint_dir to resume"
+        )
+
+
+def _mesh_of_inputs(
     loss_fn: Callable[..., object], params: optax.Params, data: object, args: tuple
 ) -> tuple[contextlib.AbstractContextManager, tuple | None]:
     """While tracing, the abstract mesh of inputs sharded over Explicit axes, if none is in context,
@@ -382,7 +453,7 @@ def _explicit_mesh_in_context(
     if not any(map(mesh_of, shardings)):
         try:
             batch = () if data is None else (_fit_checks.batch_at(data, jnp.int32(0)),)
-            loss_args = (_without_weak_types(params), *batch)
+            loss_args = (without_weak_types(params), *batch)
             replay = _loop.traced_once(loss_fn, *loss_args)
             value = jax.eval_shape(replay, *loss_args)
             pretraced = (loss_fn, _loop.types(loss_args), replay)

@@ -1,42 +1,42 @@
-"""``fit_batched``: train many problems in one compiled program, each doing only its own steps."""
+"""``fit_batched``: train many problems in one compiled program, each doing only its own steps.
+
+Arrays of problems run as one compiled call (:func:`adam_jax._batched.run_all`),
+on each device's share when they are sharded. A run that hands control back to
+the host (chunks streamed from an iterator, a progress bar, checkpoints) is a
+:class:`_Run`: the lanes advanced by budgets of iterations
+(:func:`adam_jax._batched.segment`), which :func:`adam_jax._checkpoint.drive`
+saves and restores.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import os
+import time
 from collections.abc import Iterator
-from typing import NamedTuple, cast
+from pathlib import Path
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adam_jax import _batched, _checkpoint_batched, _checks, _fit_checks, _history, _reporting
-from adam_jax._batched import MakeProblem
+from adam_jax import _batched, _checkpoint, _checks, _fit_checks, _history, _reporting
+from adam_jax._batched import Config, Lanes, MakeProblem
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
-from adam_jax._result import FitResult
+from adam_jax._result import BatchedWork, FitResult
+from adam_jax._tree import Split, is_traced
 
 DEFAULT_HISTORY = History.every(1, max_len=1_000)
+ENTRY = "fit_batched"
+Chunk = tuple[object, object]  # (inputs, data) of some problems
 
 
-class BatchedWork(NamedTuple):
-    """How much a batched run computed, next to what its problems needed.
-
-    Attributes:
-      computed: lane-steps computed, idle lanes included.
-      needed: steps the problems took (each problem's ``num_steps``, plus its
-        stopping step).
-    """
-
-    computed: int
-    needed: int
-
-
-def default_slots(n: int, stops_early: bool = True, n_shards: int = 1) -> int:
-    """The lanes a batched run of ``n`` problems uses on each of ``n_shards`` devices.
+def default_slots(num_problems: int, early_stopping: bool = True, num_shards: int = 1) -> int:
+    """The lanes a batched run of ``num_problems`` problems uses on each of ``num_shards`` devices.
 
     Without early stopping every problem takes ``num_steps`` steps, so nothing
     is gained by refilling: each problem gets its own lane, as under
@@ -53,23 +53,23 @@ def default_slots(n: int, stops_early: bool = True, n_shards: int = 1) -> int:
     an accelerator, which steps thousands of small problems in the time of one).
 
     Args:
-      n: the number of problems.
-      stops_early: whether the problems may stop before ``num_steps`` (a fit
-        with early stopping).
-      n_shards: the devices the problems are sharded over.
+      num_problems: the number of problems.
+      early_stopping: whether the problems may stop before ``num_steps`` (a
+        run with an early-stopping rule).
+      num_shards: the devices the problems are sharded over.
 
     Returns:
       The number of lanes per device, at most the problems per device.
 
     Example:
       >>> import adam_jax
-      >>> adam_jax.default_slots(1_000, stops_early=False)  # one lane per problem
+      >>> adam_jax.default_slots(1_000, early_stopping=False)  # one lane per problem
       1000
-      >>> adam_jax.default_slots(64, n_shards=8)  # never more lanes than problems
+      >>> adam_jax.default_slots(64, num_shards=8)  # never more lanes than problems
       8
     """
-    per_shard = -(-n // n_shards)
-    if not stops_early:
+    per_shard = -(-num_problems // num_shards)
+    if not early_stopping:
         return per_shard
     floor = 128 if jax.default_backend() == "cpu" else 4096
     return max(1, min(per_shard, max(floor, per_shard // 4)))
@@ -117,11 +117,10 @@ def fit_batched(
     data: object = None,
     history: History | None = None,
     progress: bool = False,
-    return_work: bool = False,
-    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int | None = None,
     checkpoint_keep: int = 2,
-) -> FitResult | tuple[FitResult, BatchedWork]:
+) -> FitResult:
     r"""Train many problems in one compiled program, each stopping on its own, with no wasted steps.
 
     ``make_problem(one_inputs)`` builds one problem from its slice of
@@ -166,8 +165,8 @@ def fit_batched(
     problems, inputs, loop states), the queue position, the stage of the
     narrowing tail, the results of the problems finished so far and the work
     counts. Running the identical call again with the same directory resumes
-    from the newest complete checkpoint; the result (and ``return_work``'s
-    counts) is bit for bit that of the same call without checkpoints. Not saved:
+    from the newest complete checkpoint; the result (its ``work`` counts
+    included) is bit for bit that of the same call without checkpoints. Not saved:
     ``inputs``, ``data`` and ``make_problem``, which the repeated call passes
     again. A directory written by another problem is refused with an error
     naming what differs; the first Ctrl-C saves at the end of the running
@@ -194,8 +193,8 @@ def fit_batched(
       history: as in :func:`adam_jax.fit`; default ``History.every(1,
         max_len=1_000)`` (the first 1,000 steps of each problem).
       progress: a tqdm bar of problems finished, with the min and median of
-        the latest values of the running problems.
-      return_work: also return a :class:`BatchedWork`.
+        their last values (the run then hands control back to the host about
+        every 0.2 s to update it, as a checkpointed run does to save).
       checkpoint_dir: save the whole run state there every ``checkpoint_every``
         iterations with orbax-checkpoint (``pip install -e ".[checkpoint]"`` from a checkout),
         keeping the last ``checkpoint_keep``; the same call again resumes from
@@ -207,7 +206,8 @@ def fit_batched(
 
     Returns:
       A :class:`adam_jax.FitResult` whose fields have a leading axis of N, in
-      input order; with ``return_work``, ``(result, work)``.
+      input order; its ``work`` (a :class:`BatchedWork`) says how many
+      lane-steps were computed for the steps the problems needed.
 
     Example:
       Eight linear regressions, each with its own data and learning rate:
@@ -232,57 +232,61 @@ def fit_batched(
         _fit_checks.check_positive_int("slots", slots)
     _checks.check_bool("has_aux", has_aux)
     _checks.check_bool("progress", progress)
-    _checks.check_bool("return_work", return_work)
     if progress:
         _reporting.import_tqdm()
-    checkpoint = None
+    options = None
     if checkpoint_dir is not None:
-        checkpoint = _checkpoint_batched.check_args(
-            inputs, data, checkpoint_dir, checkpoint_every, checkpoint_keep
+        options = _checkpoint.CheckpointOptions.of(
+            checkpoint_dir, checkpoint_every, checkpoint_keep, "iterations"
         )
+        if not isinstance(inputs, Iterator) and is_traced((inputs, data)):
+            raise ValueError(
+                "checkpoint_dir needs concrete inputs: call fit_batched with checkpoints outside "
+                "jit and vmap (it saves from the host between compiled segments)"
+            )
+        _checkpoint.import_orbax(ENTRY)
     if not callable(make_problem):
         raise TypeError(f"make_problem must be callable, got make_problem={make_problem!r}")
     _fit_checks.check_early_stopping(early_stopping)
     history = DEFAULT_HISTORY if history is None else _history.as_history(history)
+    rule = Split(early_stopping)
+    config = functools.partial(
+        _config, make_problem, num_steps, slots, early_stopping, has_aux, history
+    )
     if isinstance(inputs, Iterator):
         if data is not None and not isinstance(data, Iterator):
             raise TypeError("with inputs given as an iterator of chunks, data must be one too")
-        chunks = inputs if data is None else zip(inputs, data, strict=True)
-        if checkpoint is not None:
-            pairs = chunks if data is not None else ((c, None) for c in chunks)
-            count = functools.partial(_count, what="each chunk of inputs")
-            config = lambda i, d: _config(make_problem, d, num_steps, slots, early_stopping,
-                                          has_aux, history, progress, count(i))  # fmt: skip
-            result, computed = _checkpoint_batched.fit_batched_with_checkpoints(
-                make_problem, early_stopping, pairs, config, count, streamed=True, **checkpoint
-            )
-            work = BatchedWork(computed, _needed(result))
-        else:
-            result, work = _stream(
-                make_problem,
-                chunks,
-                data is not None,
-                num_steps,
-                slots,
-                early_stopping,
-                has_aux,
-                history,
-                progress,
-            )
-    else:
-        result, work = _all_at_once(
-            make_problem,
-            inputs,
-            data,
-            num_steps,
-            slots,
-            early_stopping,
-            has_aux,
-            history,
-            progress,
-            checkpoint,
+        chunks: Iterator[Chunk] = (
+            ((c, None) for c in inputs) if data is None else zip(inputs, data, strict=True)
         )
-    return (result, work) if return_work else result
+        run = _Run(config, rule, _Chunks(chunks, "each chunk of inputs"), True, progress)
+    else:
+        n = _count(inputs, "inputs")
+        if data is not None and _count(data, "data") != n:
+            raise ValueError(f"data must have a leading axis of N = {n} problems, like inputs")
+        axis = _problem_axis(inputs)
+        if axis is not None:
+            if options is not None:
+                raise ValueError(
+                    f"checkpoint_dir={str(options.directory)!r} is not supported with inputs "
+                    f"sharded over a mesh ({axis[0].size} devices); pass inputs on one device, "
+                    "or run without checkpoint_dir"
+                )
+            return _run_sharded(config, rule, inputs, data, n, axis, progress)
+        if options is None and not progress:
+            result, computed = _batched.run_all_jit(inputs, data, rule, config=config(data, n))
+            return _with_work(jax.block_until_ready(result), int(computed))
+        run = _Run(config, rule, _Chunks(iter([(inputs, data)]), "inputs"), False, progress)
+    with run:
+        if options is None:
+            state = run.fresh()
+            while not state.finished:
+                state = run.advance(state, np.iinfo(np.int32).max)
+        else:
+            state = _checkpoint.drive(
+                run, run.fresh, options, run.record(make_problem, early_stopping)
+            )
+        return run.result(state)
 
 
 def _count(inputs: object, what: str) -> int:
@@ -298,65 +302,48 @@ def _count(inputs: object, what: str) -> int:
     return cast(int, sizes.pop())
 
 
-def _config(make_problem, data, num_steps, slots, es, has_aux, history, progress, n, shards=1):
+def _config(
+    make_problem: MakeProblem,
+    num_steps: int,
+    slots: int | None,
+    es: EarlyStopping | None,
+    has_aux: bool,
+    history: History,
+    data: object,
+    n: int,
+    shards: int = 1,
+) -> Config:
     n_data = None
     if data is not None:
         # Leading axis: problems; then the batches each problem cycles through.
         n_data = _fit_checks.data_length(jax.tree.map(lambda d: d[0], data))
-    return _batched.Config(
-        make_problem=make_problem,
-        num_steps=int(num_steps),
-        n_data=n_data,
-        has_aux=bool(has_aux),
-        history=history,
-        slots=int(slots) if slots is not None else default_slots(n, es is not None, shards),
-        progress=bool(progress),
-    )
+    if slots is None:
+        slots = default_slots(n, es is not None, shards)
+    return Config(make_problem, int(num_steps), n_data, bool(has_aux), history, int(slots))
 
 
-def _needed(result: FitResult) -> int:
+def _with_work(result: FitResult, computed: int) -> FitResult:
     # A problem that stopped also computed its stopping step.
     stopped = np.asarray(result.stop_reason) != 0
-    return int(np.sum(np.asarray(result.num_steps, np.int64)) + np.sum(stopped))
+    needed = int(np.sum(np.asarray(result.num_steps, np.int64)) + np.sum(stopped))
+    return result._replace(work=BatchedWork(computed, needed))
 
 
-def _all_at_once(
-    make_problem, inputs, data, num_steps, slots, es, has_aux, history, progress, checkpoint
-):
-    n = _count(inputs, "inputs")
-    if data is not None and _count(data, "data") != n:
-        raise ValueError(f"data must have a leading axis of N = {n} problems, like inputs")
-    axis = _problem_axis(inputs)
-    shards = 1 if axis is None else int(np.prod([axis[0].shape[a] for a in _names(axis[1])]))
+def _run_sharded(config: Any, rule: Split[Any], inputs: object, data: object, n: int,
+                 axis: tuple[Any, PartitionSpec], progress: bool) -> FitResult:  # fmt: skip
+    shards = int(np.prod([axis[0].shape[a] for a in _names(axis[1])]))
     if n % shards:
         raise ValueError(
             f"inputs are sharded over {shards} devices along the problems' axis, "
             f"which must divide N = {n} evenly"
         )
-    config = _config(
-        make_problem, data, num_steps, slots, es, has_aux, history, progress, n, shards
-    )
-    if checkpoint is not None:
-        if axis is not None:
-            raise ValueError(
-                f"checkpoint_dir={str(checkpoint['checkpoint_dir'])!r} is not supported with "
-                f"inputs sharded over a mesh ({shards} devices); pass inputs on one device, "
-                "or run without checkpoint_dir"
-            )
-        result, computed = _checkpoint_batched.fit_batched_with_checkpoints(
-            make_problem, es, iter([(inputs, data)]), lambda i, d: config, lambda x: n,
-            streamed=False, **checkpoint,
-        )  # fmt: skip
-        return result, BatchedWork(computed, _needed(result))
-    run = (
-        functools.partial(_batched.run_all_jit, config=config)
-        if axis is None
-        else _sharded(config, *axis)
-    )
-    with _batched.BatchProgress(n) if progress else contextlib.nullcontext():
-        result, computed = run(inputs, data, _batched.Rule(es))
+    bar = _Bar(n) if progress else None
+    result, computed = _sharded(config(data, n, shards), *axis)(inputs, data, rule)
     result = jax.block_until_ready(result)
-    return result, BatchedWork(int(computed), _needed(result))
+    if bar is not None:  # one compiled call over every device: the bar moves at its end
+        bar.update(np.asarray(result.best_value))
+        bar.close()
+    return _with_work(result, int(computed))
 
 
 def _names(spec: PartitionSpec) -> tuple[str, ...]:
@@ -364,34 +351,237 @@ def _names(spec: PartitionSpec) -> tuple[str, ...]:
     return axes if isinstance(axes, tuple) else (axes,)
 
 
-def _stream(make_problem, chunks, with_data, num_steps, slots, es, has_aux, history, progress):
-    lanes, base, config = None, 0, None
-    rows: list[FitResult] = []
-    ids: list[np.ndarray] = []
-    computed = 0
-    chunk = next(chunks, None)
-    if chunk is None:
-        raise ValueError("inputs is an empty iterator: it must yield at least one chunk")
-    with _batched.BatchProgress(None) if progress else contextlib.nullcontext():
-        while chunk is not None:
-            inputs, data = chunk if with_data else (chunk, None)
-            n = _count(inputs, "each chunk of inputs")
-            if config is None:
-                config = _config(
-                    make_problem, data, num_steps, slots, es, has_aux, history, progress, n
-                )
-            following = next(chunks, None)
-            lanes, out = _batched.advance_jit(
-                lanes, inputs, data, jnp.int32(base), _batched.Rule(es),
-                config=config, final=following is None,
+class _Bar:
+    """A tqdm bar of problems finished, with the min and median of their best values."""
+
+    def __init__(self, total: int | None, done: int = 0) -> None:
+        self.bar = _reporting.import_tqdm()(total=total, initial=done, unit="problem")
+        self.values: list[np.ndarray] = []
+
+    def update(self, best_values: np.ndarray) -> None:
+        self.values.append(best_values)
+        self.bar.update(best_values.size)
+        v = np.concatenate(self.values)
+        v = v[np.isfinite(v)]
+        if v.size:
+            self.bar.set_postfix(min=f"{v.min():.4g}", median=f"{np.median(v):.4g}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Chunks:
+    """The chunks of problems, pulled one ahead (the last one runs the narrowing tail);
+    a resumed run pulls again those the checkpoint had consumed, and checks them."""
+
+    def __init__(self, chunks: Iterator[Chunk], what: str) -> None:
+        self.chunks, self.what = chunks, what
+        self.digests: list[str] = []
+        self.index = self.base = 0  # the current chunk, and its first problem's number
+        current = self._pull()
+        if current is None:
+            raise ValueError("inputs is an empty iterator: it must yield at least one chunk")
+        self.current, self.following = current, self._pull()
+
+    def _pull(self) -> Chunk | None:
+        chunk = next(self.chunks, None)
+        if chunk is not None:
+            self.digests.append(_checkpoint.digest(chunk))
+        return chunk
+
+    @property
+    def n(self) -> int:
+        return _count(self.current[0], self.what)
+
+    def advance(self) -> None:
+        self.base += self.n
+        self.index += 1
+        following = self.following
+        assert following is not None  # the caller advances only past a chunk that is not the last
+        self.current, self.following = following, self._pull()
+
+    def skip_to(self, record: dict[str, Any]) -> None:
+        """Pull chunks until this run is where the checkpoint's run was."""
+        while self.index < record["chunk"] and self.following is not None:
+            self.advance()
+        if self.digests != record["chunks"]:
+            raise ValueError(
+                f"inputs yielded other chunks than the run that wrote the checkpoint "
+                f"({len(self.digests)} chunks pulled, {len(record['chunks'])} recorded, "
+                "or their values differ): pass the identical iterator of chunks to resume"
+            )
+
+
+@dataclasses.dataclass
+class _State:
+    """A batched run between two segments (host side)."""
+
+    lanes: Lanes
+    queue: jax.Array
+    filling: bool  # the lanes still load queued problems
+    iterations: int
+    computed: int  # lane-steps
+    finished: bool
+    rows: list[list[np.ndarray]]  # the finished problems' FitResult leaves, per segment
+    ids: list[np.ndarray]  # and their problem numbers
+
+    def gathered(self) -> tuple[list[np.ndarray], np.ndarray]:
+        self.rows = [[np.concatenate(r) for r in zip(*self.rows, strict=True)]]
+        self.ids = [np.concatenate(self.ids)]
+        return self.rows[0], self.ids[0]
+
+
+class _Run:
+    """A batched run that hands control back to the host between segments: an
+    :class:`adam_jax._checkpoint.Engine` (one step in every lane is an iteration)."""
+
+    entry, unit = ENTRY, "iterations"
+
+    def __init__(self, config: Any, rule: Split[Any], source: _Chunks, streamed: bool,
+                 progress: bool) -> None:  # fmt: skip
+        self.rule, self.source, self.streamed = rule, source, streamed
+        inputs, data = source.current
+        self.config: Config = config(data, source.n)
+        self.segment = functools.partial(_batched.segment_jit, config=self.config)
+        zero = jnp.zeros([], jnp.int32)
+        first = functools.partial(_batched.first_lanes_jit, config=self.config)
+        self.lanes_t, queue_t = jax.eval_shape(first, inputs, data, zero, rule)
+        segment = functools.partial(self.segment, filling=True, final=True)
+        out = jax.eval_shape(segment, self.lanes_t, queue_t, inputs, data, zero, zero, rule)[2]
+        self.results_t = out.results
+        self.bar = _Bar(None if streamed else source.n) if progress else None
+        self.tick = 64  # iterations between two bar updates, adapted to take ~0.2 s
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def fresh(self) -> _State:
+        inputs, data = self.source.current
+        zero = jnp.zeros([], jnp.int32)
+        lanes, queue = _batched.first_lanes_jit(inputs, data, zero, self.rule, config=self.config)
+        empty = [np.zeros((0, *x.shape[1:]), x.dtype) for x in jax.tree.leaves(self.results_t)]
+        return _State(lanes, queue, True, 0, 0, False, [empty], [np.zeros(0, np.int32)])
+
+    def advance(self, s: _State, budget: int) -> _State:
+        while budget and not s.finished:
+            inputs, data = self.source.current
+            final = self.source.following is None
+            chunk = budget if self.bar is None else min(budget, self.tick)
+            start = time.monotonic()
+            s.lanes, s.queue, out, taken, ended = self.segment(
+                s.lanes, s.queue, inputs, data, jnp.int32(self.source.base), jnp.int32(chunk),
+                self.rule, filling=s.filling, final=final,
             )  # fmt: skip
             # Only the rows written come back to the host.
-            keep = np.flatnonzero(np.asarray(out.ids) >= 0)
-            rows.append(jax.tree.map(lambda r, k=keep: np.asarray(r)[k], out.results))
-            ids.append(np.asarray(out.ids)[keep])
-            computed += int(out.computed)
-            base += n
-            chunk = following
-    order = np.argsort(np.concatenate(ids), kind="stable")
-    result = jax.tree.map(lambda *r: np.concatenate(r)[order], *rows)
-    return result, BatchedWork(computed, _needed(result))
+            written = np.flatnonzero(np.asarray(out.ids) >= 0)
+            s.rows.append([np.asarray(x)[written] for x in jax.tree.leaves(out.results)])
+            s.ids.append(np.asarray(out.ids)[written])
+            s.computed += int(out.computed)
+            budget -= int(taken)
+            s.iterations += int(taken)
+            if self.bar is not None:
+                self.bar.update(np.asarray(out.results.best_value)[written])
+                rate = int(taken) / max(time.monotonic() - start, 1e-3)
+                self.tick = int(min(max(16, 0.2 * rate), 1 << 20))
+            if not bool(ended):
+                continue
+            if not final:  # the queue is empty: the lanes go on with the next chunk
+                self.source.advance()
+                s.queue = jnp.zeros([], jnp.int32)
+            elif keep := _batched.next_width(s.lanes.ids.shape[0], self.config.slots):
+                s.lanes, s.filling = _batched.compact_jit(s.lanes, keep=keep), False
+            else:
+                s.finished = True
+        return s
+
+    def finished(self, s: _State) -> bool:
+        return s.finished
+
+    def result(self, s: _State) -> FitResult:
+        rows, ids = s.gathered()
+        order = np.argsort(ids, kind="stable")
+        as_array = np.asarray if self.streamed else jnp.asarray
+        leaves = [as_array(r[order]) for r in rows]
+        return _with_work(jax.tree.structure(self.results_t).unflatten(leaves), s.computed)
+
+    def record(self, make_problem: MakeProblem, es: EarlyStopping | None) -> dict[str, Any]:
+        """fit's record of the first problem as ``make_problem`` builds it (loss, params,
+        optimizer), with the inputs' trees, shapes, dtypes and values and the options."""
+        inputs, data = self.source.current
+        loss_fn, params, optimizer = make_problem(jax.tree.map(lambda x: x[0], inputs))
+        name = getattr(make_problem, "__qualname__", type(make_problem).__qualname__)
+        options: dict[str, object] = {
+            "make_problem": f"{getattr(make_problem, '__module__', '')}.{name}",
+            "problems": self.source.n,
+            "num_steps": self.config.num_steps,
+            "slots": self.config.slots,
+            "has_aux": self.config.has_aux,
+            "history": list(self.config.history),
+            "inputs.tree": str(jax.tree.structure(inputs)),
+            "inputs.values": _checkpoint.digest(inputs),
+            "inputs.kind": "iterator of chunks" if self.streamed else "arrays",
+        }
+        if data is not None:
+            options["data.values"] = _checkpoint.digest(data)
+        for path, x in jax.tree_util.tree_flatten_with_path(inputs)[0]:
+            options[f"inputs{jax.tree_util.keystr(path)}"] = _checkpoint.leaf_record(x)
+        return _checkpoint.problem_record(
+            loss_fn, params, optimizer, es, data, options, prefix=ENTRY
+        )
+
+    def save(self, s: _State) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        rows, ids = s.gathered()
+        arrays = {f"lanes{k:05d}": np.asarray(x) for k, x in enumerate(jax.tree.leaves(s.lanes))}
+        arrays.update({f"results{k:05d}": x for k, x in enumerate(rows)})
+        arrays["ids"] = ids
+        record = {
+            "step": s.iterations,
+            "chunk": self.source.index,
+            "chunks": self.source.digests,
+            "queue": int(s.queue),
+            "width": int(s.lanes.ids.shape[0]),
+            "filling": s.filling,
+            "iterations": s.iterations,
+            "computed": s.computed,
+            "rows": len(ids),
+            "finished": s.finished,
+        }
+        return arrays, record
+
+    def template(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        def rows(tree: object, n: int) -> list[np.ndarray]:
+            return [np.zeros((n, *x.shape[1:]), x.dtype) for x in jax.tree.leaves(tree)]
+
+        out = {f"lanes{k:05d}": x for k, x in enumerate(rows(self.lanes_t, record["width"]))}
+        out.update(
+            {f"results{k:05d}": x for k, x in enumerate(rows(self.results_t, record["rows"]))}
+        )
+        out["ids"] = np.zeros(record["rows"], np.int32)
+        return out
+
+    def load(self, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> _State:
+        self.source.skip_to(record)
+        n_lanes = len(jax.tree.leaves(self.lanes_t))
+        lanes = _checkpoint.restore_like(
+            self.lanes_t, [arrays[f"lanes{k:05d}"] for k in range(n_lanes)]
+        )
+        n_rows = len(jax.tree.leaves(self.results_t))
+        rows = [arrays[f"results{k:05d}"] for k in range(n_rows)]
+        if self.bar is not None:
+            results = jax.tree.structure(self.results_t).unflatten(rows)
+            self.bar.update(np.asarray(results.best_value))
+        return _State(
+            lanes, jnp.asarray(record["queue"], jnp.int32), record["filling"],
+            record["iterations"], record["computed"], record["finished"], [rows], [arrays["ids"]],
+        )  # fmt: skip
+
+    def interrupted(self, record: dict[str, Any], directory: Path) -> str:
+        return (
+            f"fit_batched interrupted: checkpoint saved after {record['iterations']} iterations "
+            f"({record['rows']} problems finished) in {str(directory)!r}; "
+            "run the same fit_batched call with the same checkpoint_dir to resume"
+        )

@@ -129,3 +129,26 @@ def checked_state(name: str, state: Any, template: Any) -> Any:
             raise ValueError(f"{where} has dtype {x.dtype}, but init gives dtype {t.dtype}")
         leaves.append(x)
     return jax.tree.structure(template).unflatten(leaves)
+
+
+def resumed(resume: Any, params: Any, opt_state: Any, es_state: Any, initial_step: Any) -> tuple:
+    """``(params, opt_state, early_stopping_state, initial_step)`` of ``fit(resume=...)``."""
+    fields = ("last_params", "opt_state", "early_stopping_state", "next_step")
+    if not all(hasattr(resume, f) for f in fields) or resume.next_step is None:
+        raise TypeError(f"resume must be the FitResult of a fit, got resume={type(resume)!r}")
+    given = [
+        name
+        for name, value, default in (
+            ("params", params, None),
+            ("opt_state", opt_state, None),
+            ("early_stopping_state", es_state, None),
+            ("initial_step", initial_step, 0),
+        )
+        if value is not default
+    ]
+    if given:
+        raise ValueError(
+            f"fit(resume=...) continues from the result's last params, states and next step; "
+            f"pass {', '.join(given)} as None (or leave them out), got {', '.join(given)} too"
+        )
+    return resume.last_params, resume.opt_state, resume.early_stopping_state, resume.next_step

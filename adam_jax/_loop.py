@@ -21,14 +21,9 @@ from jax import custom_batching
 from jax.extend.core import jaxpr_as_fun
 
 from adam_jax import _fit_checks, _history, _reporting
-from adam_jax._early_stopping import (
-    EarlyStopping,
-    EarlyStoppingState,
-    StopReason,
-    _tree_where,
-    _without_weak_types,
-)
+from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState, StopReason
 from adam_jax._result import FitResult
+from adam_jax._tree import tree_where, without_weak_types
 
 LOG_LEN = 128  # log-line values held between two host calls
 
@@ -47,7 +42,7 @@ class LoopState(NamedTuple):
     Attributes:
       i: steps taken in this call (values measured, the stopping one included).
       applied: updates applied in this call.
-      num_steps: the most steps this problem may take (int32, per problem).
+      limit: the most steps this problem may take in this call (int32, per problem).
       initial_step: the global number of the call's first step.
       params, opt_state, es_state: the current params and states.
       history: the kept values (see :class:`adam_jax.History`).
@@ -58,7 +53,7 @@ class LoopState(NamedTuple):
 
     i: jax.Array
     applied: jax.Array
-    num_steps: jax.Array
+    limit: jax.Array
     initial_step: jax.Array
     params: optax.Params
     opt_state: optax.OptState
@@ -154,7 +149,7 @@ class Loop(NamedTuple):
     loss_fn: Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
     optimizer: optax.GradientTransformation
     early_stopping: EarlyStopping | None
-    num_steps: int  # the buffers' bound; a state's own num_steps may be smaller
+    max_steps: int  # the buffers' bound; a state's own limit may be smaller
     n_data: int | None
     has_aux: bool
     history: _history.History
@@ -173,7 +168,7 @@ class Loop(NamedTuple):
         opt_state: optax.OptState | None = None,
         es_state: EarlyStoppingState | None = None,
         initial_step: jax.typing.ArrayLike = 0,
-        num_steps: jax.typing.ArrayLike | None = None,
+        limit: jax.typing.ArrayLike | None = None,
         anchored: bool = True,
     ) -> LoopState:
         """One problem's first state; a given ``opt_state``/``es_state`` is checked, not cast.
@@ -183,7 +178,7 @@ class Loop(NamedTuple):
         mesh with Explicit axes needs it: elsewhere ``lax.while_loop`` finds by
         itself which parts of a carry that starts unbatched turn batched.
         """
-        params = _without_weak_types(params)
+        params = without_weak_types(params)
         if opt_state is None:
             opt_state = self.optimizer.init(params)
         else:
@@ -198,29 +193,29 @@ class Loop(NamedTuple):
                 es_state = _fit_checks.checked_state("early_stopping_state", es_state, template)
         out = jax.eval_shape(self._call, params, self._batch(data, jnp.int32(0)))
         dtype = _fit_checks.check_loss_output(out, self.has_aux).dtype
-        log = None
-        if self.log_every is not None:
-            log = LogState(
-                jnp.full((LOG_LEN,), jnp.nan, dtype),
-                jnp.full((LOG_LEN,), -1, jnp.int32),
-                jnp.zeros([], jnp.int32),
-            )
         zero = jnp.zeros([], jnp.int32)
         state = LoopState(
             i=zero,
             applied=zero,
-            num_steps=jnp.asarray(self.num_steps if num_steps is None else num_steps, jnp.int32),
+            limit=jnp.asarray(self.max_steps if limit is None else limit, jnp.int32),
             initial_step=jnp.asarray(initial_step).astype(jnp.int32),
             params=params,
             opt_state=opt_state,
             es_state=es_state,
-            history=_history.init(self.history, self.num_steps, dtype),
+            history=_history.init(self.history, self.max_steps, dtype),
             last_value=jnp.full([], jnp.nan, dtype),
             # A resumed state that has already stopped takes no step.
             stop=jnp.zeros([], bool) if es_state is None else es_state.should_stop,
-            log=log,
+            log=self.empty_log(dtype),
         )
         return _batched_like(state, self._anchor(state, data)) if anchored else state
+
+    def empty_log(self, dtype: jnp.dtype) -> LogState | None:
+        """No values waiting for a log line (None without ``log_every``)."""
+        if self.log_every is None:
+            return None
+        nan, none = jnp.full((LOG_LEN,), jnp.nan, dtype), jnp.full((LOG_LEN,), -1, jnp.int32)
+        return LogState(nan, none, jnp.zeros([], jnp.int32))
 
     def _anchor(self, s: LoopState, data: object) -> jax.Array:
         """A False that depends on everything a step reads: the state, the data,
@@ -242,8 +237,8 @@ class Loop(NamedTuple):
         return (anchor | _depends_on((s, data))) & False
 
     def done(self, s: LoopState) -> jax.Array:
-        """The problem has taken its last step (stopped, or reached its ``num_steps``)."""
-        return s.stop | (s.i >= s.num_steps)
+        """The problem has taken its last step (stopped, or reached its ``limit``)."""
+        return s.stop | (s.i >= s.limit)
 
     def step(self, s: LoopState, data: object = None) -> LoopState:
         """One step: value and gradient, early stopping, then the update unless it stops.
@@ -267,8 +262,8 @@ class Loop(NamedTuple):
                 finite &= jnp.isfinite(out[0])
             value = jnp.where(finite, metric, jnp.nan)
             new_es = self.early_stopping.update(s.es_state, value, s.params)
-            es_state = _tree_where(active, new_es, s.es_state)
-            stop = es_state.should_stop
+            es_state = tree_where(active, new_es, s.es_state)
+            stop = jnp.where(active, new_es.should_stop, s.stop)
         updates, opt_state = self.optimizer.update(grads, s.opt_state, s.params)
         new_params = optax.apply_updates(s.params, updates)
         # The stopping step's update is not applied: params stay where the
@@ -288,10 +283,10 @@ class Loop(NamedTuple):
         return LoopState(
             i=s.i + active.astype(jnp.int32),
             applied=s.applied + apply.astype(jnp.int32),
-            num_steps=s.num_steps,
+            limit=s.limit,
             initial_step=s.initial_step,
-            params=_tree_where(apply, new_params, s.params),
-            opt_state=_tree_where(apply, opt_state, s.opt_state),
+            params=tree_where(apply, new_params, s.params),
+            opt_state=tree_where(apply, opt_state, s.opt_state),
             es_state=es_state,
             history=_history.record(self.history, s.history, s.i, step, metric, active),
             last_value=jnp.where(active, metric, s.last_value),
@@ -312,7 +307,6 @@ class Loop(NamedTuple):
             reason, best_step, best_value = es.reason, es.best_step, es.best_value
         return FitResult(
             params=best_params,
-            best_params=best_params,
             opt_state=s.opt_state,
             losses=history.values,
             num_steps=s.applied,
@@ -322,6 +316,7 @@ class Loop(NamedTuple):
             early_stopping_state=es,
             last_params=s.params,
             steps=history.steps,
+            next_step=s.initial_step + s.applied,
         )
 
     def record(self, s: LoopState) -> _reporting.Record:
@@ -334,7 +329,7 @@ class Loop(NamedTuple):
         return _reporting.Record(
             initial_step=s.initial_step,
             i=s.i,
-            num_steps=s.num_steps,
+            num_steps=s.limit,
             last_value=s.last_value,
             running=~self.done(s),
             reason=reason,
@@ -358,9 +353,13 @@ def _any_of_batch_vmap(
 
 
 def run(
-    loop: Loop, state: LoopState, data: object, reporter: _reporting.Reporter | None
+    loop: Loop,
+    state: LoopState,
+    data: object,
+    reporter: _reporting.Reporter | None,
+    until: jax.Array | None = None,
 ) -> LoopState:
-    """Step ``state`` until it is done: fit's driver.
+    """Step ``state`` until it is done, or until it has taken ``until`` steps: the engine.
 
     With a reporter, an inner loop steps until the step the host asked to hear
     from next (or until ``LOG_LEN`` log values wait), then one host call hands
@@ -370,21 +369,24 @@ def run(
     def step(s: LoopState) -> LoopState:
         return loop.step(s, data)
 
-    if reporter is None and loop.early_stopping is None:
-        # Every problem takes exactly num_steps steps: a trip count the problems
+    def going(s: LoopState) -> jax.Array:
+        return ~loop.done(s) if until is None else ~loop.done(s) & (s.i < until)
+
+    if reporter is None and loop.early_stopping is None and until is None:
+        # Every problem takes exactly max_steps steps: a trip count the problems
         # share, so under vmap (over sharded problems too) the loop needs no
         # reduction across the batch.
-        return jax.lax.fori_loop(0, loop.num_steps, lambda _, s: step(s), state)
+        return jax.lax.fori_loop(0, loop.max_steps, lambda _, s: step(s), state)
     if reporter is None:
         # Under vmap a batched predicate would make the loop select its whole
         # carry, history buffers included, on every step; `step` leaves a done
         # problem as it is, so the loop can run until every problem is done.
-        return jax.lax.while_loop(lambda s: _any_of_batch(~loop.done(s)), step, state)
+        return jax.lax.while_loop(lambda s: _any_of_batch(going(s)), step, state)
 
     def chunk(c: tuple[LoopState, jax.Array]) -> tuple[LoopState, jax.Array]:
         s, target = c
         s = jax.lax.while_loop(
-            lambda s: ~loop.done(s) & (s.i < target) & (s.log is None or s.log.filled < LOG_LEN),
+            lambda s: going(s) & (s.i < target) & (s.log is None or s.log.filled < LOG_LEN),
             step,
             s,
         )
@@ -397,6 +399,6 @@ def run(
     target = jnp.maximum(_reporting.call(reporter, _reporting.BEGIN, loop.record(state)), state.i)
     # The outer loop calls the host, an effect a while_loop with a batched
     # predicate cannot hold: under vmap it runs until every problem is done.
-    state, _ = jax.lax.while_loop(lambda c: _any_of_batch(~loop.done(c[0])), chunk, (state, target))
+    state, _ = jax.lax.while_loop(lambda c: _any_of_batch(going(c[0])), chunk, (state, target))
     _reporting.call(reporter, _reporting.END, loop.record(state))
     return state

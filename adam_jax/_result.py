@@ -11,26 +11,38 @@ import optax
 from adam_jax._early_stopping import EarlyStoppingState, StopReason
 
 
+class BatchedWork(NamedTuple):
+    """How much a batched run computed, next to what its problems needed.
+
+    Attributes:
+      computed: lane-steps computed, idle lanes included.
+      needed: steps the problems took (each problem's ``num_steps``, plus its
+        stopping step).
+    """
+
+    computed: int
+    needed: int
+
+
 class FitResult(NamedTuple):
     """What :func:`adam_jax.fit` returns (a NamedTuple, so a pytree that vmap can batch).
 
     Steps are numbered globally, from ``initial_step`` (0 unless the fit resumes
-    a saved run); ``num_steps`` counts the steps of this call only.
+    a run); ``num_steps`` counts the updates of this call only, and ``next_step``
+    is where a continued run starts: ``fit(..., resume=result)`` continues it.
 
     Attributes:
       params: the params to use: with early stopping's ``restore_best=True``
-        the best ones (``best_params``), otherwise the last ones (``last_params``).
-      best_params: the params of the best step when early stopping has
-        ``restore_best=True`` (those given to the fit until something
-        improves); otherwise the last params.
+        the best ones (those given to the fit until something improves),
+        otherwise the last ones (``last_params``). ``best_params`` is the same
+        value under its older name.
       opt_state: the last optimizer state, the one that goes with ``last_params``.
       losses: the monitored value (the loss, or the metric with ``has_aux=True``)
         at the steps in ``steps``, as the fit's ``history`` chose; the default
         keeps every step up to 100 000, so ``losses[k]`` is step
         ``initial_step + k``. A slot no step reached holds NaN.
-      num_steps: int32, the number of updates this call applied. The next
-        step to take is ``initial_step + num_steps``, the ``initial_step`` a
-        resumed fit gets.
+      num_steps: int32, the number of updates this call applied (the
+        argument of the same name is the most steps the call may take).
       stop_reason: int32 holding a :class:`StopReason`; ``NONE`` if the run
         did not stop early. :meth:`stop_reason_names` reads it.
       best_step: int32, the step of the best value, counted by the early-stopping
@@ -45,10 +57,13 @@ class FitResult(NamedTuple):
         A resumed fit starts from these.
       steps: int32, aligned with ``losses``: the global step of each entry,
         -1 for a slot no step reached.
+      next_step: int32, ``initial_step + num_steps``: the step a continued run
+        takes next (after a stop, the stopping step, whose update was not applied).
+      work: :func:`adam_jax.fit_batched`'s :class:`BatchedWork` (host ints);
+        None from :func:`adam_jax.fit`.
     """
 
     params: optax.Params
-    best_params: optax.Params
     opt_state: optax.OptState
     losses: jax.Array
     num_steps: jax.Array
@@ -58,6 +73,13 @@ class FitResult(NamedTuple):
     early_stopping_state: EarlyStoppingState | None = None
     last_params: optax.Params = None
     steps: jax.Array | None = None
+    next_step: jax.Array | None = None
+    work: BatchedWork | None = None
+
+    @property
+    def best_params(self) -> optax.Params:
+        """``params`` (the best params with ``restore_best=True``, else the last)."""
+        return self.params
 
     def __repr__(self) -> str:
         # The stop reason by name where a user reads it: a single result or a small batch.

@@ -182,7 +182,7 @@ def bench_batched(n: int, repeats: int) -> dict:
             return elapsed, result
 
     times = interleaved(run, repeats)
-    work = adam_jax.fit_batched(make_regression, inputs, **kw, return_work=True)[1]
+    work = adam_jax.fit_batched(make_regression, inputs, **kw).work
     workload = (
         f"fit_batched: {n} linear regressions (200 samples, 4 weights), float32, Adam, "
         f"target MSE 1.0, at most 5000 steps, {adam_jax.default_slots(n)} lanes, "

@@ -233,11 +233,12 @@ def bench_three_ways(xs, ys, lrs, num_steps, target, slot_counts, repeats) -> di
         def run(slots=slots):
             return adam_jax.fit_batched(
                 make_problem, args, num_steps=num_steps, slots=slots, early_stopping=es,
-                has_aux=True, history=adam_jax.History.none(), return_work=True,
+                has_aux=True, history=adam_jax.History.none(),
             )  # fmt: skip
 
         t = time.perf_counter()
-        result, work = run()
+        result = run()
+        work = result.work
         first = time.perf_counter() - t
         rows[name] = {
             "slots": slots or adam_jax.default_slots(n, es is not None),
@@ -367,11 +368,11 @@ def bench_sweep(repeats: int, num_steps: int = 2_000, target: float = 0.5) -> di
     def batched():
         return adam_jax.fit_batched(
             sweep_problem, inputs, num_steps=num_steps, early_stopping=es,
-            history=adam_jax.History.none(), return_work=True,
+            history=adam_jax.History.none(),
         )  # fmt: skip
 
     t = time.perf_counter()
-    _, work = batched()
+    work = batched().work
     first = time.perf_counter() - t
     rows["fit_batched_default"] = {
         "slots": adam_jax.default_slots(n),

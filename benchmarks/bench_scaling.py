@@ -129,11 +129,11 @@ def point_problems(n: int, cap: int, repeats: int) -> dict:
     def run():
         return adam_jax.fit_batched(
             make_problem, inputs, num_steps=cap, early_stopping=es, has_aux=True,
-            history=adam_jax.History.none(), return_work=True,
+            history=adam_jax.History.none(),
         )  # fmt: skip
 
     t = time.perf_counter()
-    _, work = run()
+    work = run().work
     first = time.perf_counter() - t
     median, times = _timed(run, repeats)
     return {

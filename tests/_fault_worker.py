@@ -138,9 +138,8 @@ def main() -> None:
             every = BATCHED_EVERY if batched else EVERY
             kw.update(checkpoint_dir=workdir / name, checkpoint_every=every, checkpoint_keep=2)
         if batched:
-            result, work = adam_jax.fit_batched(kw.pop("make_problem"), kw.pop("inputs"),
-                                                return_work=True, **kw)  # fmt: skip
-            result = (result, tuple(work))
+            result = adam_jax.fit_batched(kw.pop("make_problem"), kw.pop("inputs"), **kw)
+            result = (result._replace(work=None), tuple(result.work))
         else:
             params, optimizer = kw.pop("params"), kw.pop("optimizer")
             result = adam_jax.fit(_loss, params, optimizer, **kw)

@@ -45,10 +45,11 @@ def main() -> None:
         sharded_inputs = jax.device_put(inputs, NamedSharding(mesh, P("problems")))
         with jax.set_mesh(mesh):
             result = adam_jax.fit_batched(make_problem, sharded_inputs, **kwargs)
+        # The work counts differ: each device runs its own lanes.
         equal = jax.tree.map(
             lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)),
-            one,
-            result,
+            one._replace(work=None),
+            result._replace(work=None),
         )
         report[mode] = {
             "shards": len(result.num_steps.sharding.device_set),

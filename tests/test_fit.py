@@ -412,7 +412,6 @@ def test_data_leaves_must_agree_on_the_leading_axis():
 def test_result_is_a_named_pytree():
     assert adam_jax.FitResult._fields == (
         "params",
-        "best_params",
         "opt_state",
         "losses",
         "num_steps",
@@ -422,10 +421,14 @@ def test_result_is_a_named_pytree():
         "early_stopping_state",
         "last_params",
         "steps",
+        "next_step",
     )
     result = adam_jax.fit(lambda p: p**2, jnp.asarray(1.0), optax.sgd(0.1), num_steps=4)
     assert len(jax.tree.leaves(result)) > 6
     assert result.losses.shape == (4,)
+    # One params field: best_params is the same value under its older name.
+    assert result.best_params is result.params
+    assert int(result.next_step) == 4
 
 
 def test_docstring_example():

@@ -141,9 +141,8 @@ def test_equals_vmapped_fit_with_data_batches():
 def test_computes_only_the_steps_needed():
     inputs = regressions()
     es = adam_jax.early_stopping(None, target=0.2)
-    result, work = adam_jax.fit_batched(
-        make_problem, inputs, num_steps=2_000, early_stopping=es, slots=4, return_work=True
-    )
+    result = adam_jax.fit_batched(make_problem, inputs, num_steps=2_000, early_stopping=es, slots=4)
+    work = result.work
     steps = np.asarray(result.num_steps) + 1  # each also computed its stopping step
     assert np.all(np.asarray(result.stop_reason_names()) == "TARGET")
     assert work.needed == steps.sum()
@@ -158,7 +157,8 @@ def test_streamed_chunks_equal_all_at_once():
     kwargs = dict(num_steps=500, early_stopping=es, slots=5, history=adam_jax.History.last(4))
     whole = adam_jax.fit_batched(make_problem, inputs, **kwargs)
     chunks = iter([jax.tree.map(lambda a, k=k: a[k : k + 8], inputs) for k in range(0, N, 8)])
-    streamed, work = adam_jax.fit_batched(make_problem, chunks, return_work=True, **kwargs)
+    streamed = adam_jax.fit_batched(make_problem, chunks, **kwargs)
+    work = streamed.work
     assert isinstance(streamed.params, np.ndarray)
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, whole), streamed)
     assert work.computed <= 1.25 * work.needed

@@ -297,6 +297,63 @@ def test_two_fits_equal_one_for_any_split(uninterrupted, split):
         assert step < split and int(second.num_steps) == 0
 
 
+@pytest.mark.parametrize("split", [1, SAVE_AT, 150])
+def test_resume_from_a_result_continues_one_longer_run(uninterrupted, split):
+    """fit(resume=result): no step arithmetic, the same bits as one run of TOTAL steps."""
+    first = fit(split)
+    assert int(first.next_step) == stop_step(first)
+    second = fit(TOTAL - split, params=None, resume=first)
+    assert int(second.next_step) == int(uninterrupted.next_step) == stop_step(uninterrupted)
+    assert_bits_equal(run_state(second), run_state(uninterrupted))
+    assert_bits_equal(second.params, uninterrupted.params)
+    assert_bits_equal(np.concatenate([first.losses, second.losses]), uninterrupted.losses)
+    # A third part of a finished run takes no step.
+    third = fit(10, params=None, resume=second)
+    assert int(third.num_steps) == 0 and int(third.next_step) == int(second.next_step)
+
+
+def test_resume_under_vmap_continues_each_problem():
+    lrs = jnp.array([0.004, 0.008])
+
+    @jax.jit
+    @jax.vmap
+    def part(lr):
+        return adam_jax.fit(LOSS_FN, PARAMS0, adam_jax.adam(lr), num_steps=60, data=DATA,
+                            has_aux=True, early_stopping=EARLY_STOPPING)  # fmt: skip
+
+    @jax.jit
+    @jax.vmap
+    def rest(lr, result):
+        return adam_jax.fit(LOSS_FN, None, adam_jax.adam(lr), num_steps=TOTAL, data=DATA,
+                            has_aux=True, early_stopping=EARLY_STOPPING, resume=result)  # fmt: skip
+
+    @jax.jit
+    @jax.vmap
+    def whole(lr):
+        return adam_jax.fit(LOSS_FN, PARAMS0, adam_jax.adam(lr), num_steps=60 + TOTAL,
+                            data=DATA, has_aux=True, early_stopping=EARLY_STOPPING)  # fmt: skip
+
+    got, want = rest(lrs, part(lrs)), whole(lrs)
+    np.testing.assert_array_equal(got.next_step, want.next_step)
+    np.testing.assert_array_equal(got.stop_reason, want.stop_reason)
+    np.testing.assert_allclose(got.last_params, want.last_params, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        (dict(params=PARAMS0), "params"),
+        (dict(params=None, initial_step=3), "initial_step"),
+        (dict(params=None, opt_state=OPTIMIZER.init(PARAMS0)), "opt_state"),
+    ],
+)
+def test_resume_with_parts_of_its_own_is_refused(checkpoint, kwargs, named):
+    with pytest.raises(ValueError, match=f"pass {named} as None"):
+        fit(10, resume=checkpoint, **kwargs)
+    with pytest.raises(TypeError, match="resume must be the FitResult"):
+        fit(10, params=None, resume=run_state(checkpoint))
+
+
 def test_initial_step_picks_the_batches(checkpoint, uninterrupted):
     n = stop_step(uninterrupted) - SAVE_AT
     right = resume(run_state(checkpoint), SAVE_AT, n)

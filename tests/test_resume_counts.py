@@ -163,7 +163,6 @@ def fit_batched(directory: Any) -> Any:
         data=DATA,
         num_steps=STEPS,
         slots=SLOTS,
-        return_work=True,
         checkpoint_dir=directory,
         checkpoint_every=EVERY,
     )
@@ -177,9 +176,7 @@ def iteration_of(problem: int, step: int) -> int:
 def plain() -> Any:
     """The same call without checkpoints."""
     REC.take()
-    result = adam_jax.fit_batched(
-        make_problem, INPUTS, data=DATA, num_steps=STEPS, slots=SLOTS, return_work=True
-    )
+    result = adam_jax.fit_batched(make_problem, INPUTS, data=DATA, num_steps=STEPS, slots=SLOTS)
     everything = REC.take()
     assert everything == collections.Counter((k, i) for k in range(N) for i in range(STEPS)), (
         "uninterrupted, each problem's step is evaluated once"
@@ -191,13 +188,14 @@ def plain() -> Any:
 def test_fit_batched_after_a_fault_recomputes_from_the_newest_checkpoint(
     tmp_path: Any, plain: Any, fault_at: tuple[int, int]
 ) -> None:
-    plain, plain_work = plain
+    plain_work = plain.work
     REC.take()
     REC.fault_at = fault_at
     with pytest.raises(Exception, match="injected fault"):
         fit_batched(tmp_path)
     REC.take()
-    result, work = fit_batched(tmp_path)
+    result = fit_batched(tmp_path)
+    work = result.work
     newest = EVERY * (iteration_of(*fault_at) // EVERY)
     want = collections.Counter(
         (k, i) for k in range(N) for i in range(STEPS) if iteration_of(k, i) >= newest

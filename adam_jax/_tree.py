@@ -1,0 +1,92 @@
+"""Tree helpers the training loops share: data leaves, the static/dynamic split, selects."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+T = TypeVar("T")
+
+
+def is_data(leaf: object) -> bool:
+    """A leaf that becomes an argument of a compiled program rather than part of its key."""
+    if isinstance(leaf, bool | np.bool_):
+        return False
+    return isinstance(leaf, int | float | complex | np.number | np.ndarray | jax.Array)
+
+
+def is_traced(tree: object) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+class Key:
+    """A static leaf as part of a cache key: by value when hashable, else by identity
+    (so an unhashable one compiles again for each new object, as ``jax.jit`` would)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        try:
+            return hash(self.value)
+        except TypeError:
+            return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Key):
+            return NotImplemented
+        if self.value is other.value:
+            return True
+        try:
+            return hash(self) == hash(other) and bool(self.value == other.value)
+        except Exception:
+            return False
+
+
+@jax.tree_util.register_pytree_node_class
+class Split(Generic[T]):
+    """A pytree (an optimizer, an early-stopping rule) as the argument of a compiled
+    program: its number and array leaves are children, traced; its other leaves
+    (functions, flags) and its structure are the static part, what the program is
+    cached on. Two values of the same structure compile once."""
+
+    def __init__(self, value: T) -> None:
+        leaves, self.treedef = jax.tree.flatten(value)
+        self.data_at = tuple(map(is_data, leaves))
+        self.dynamic = [x for x, d in zip(leaves, self.data_at, strict=True) if d]
+        self.static = tuple(Key(x) for x, d in zip(leaves, self.data_at, strict=True) if not d)
+
+    def tree_flatten(self) -> tuple[list[Any], tuple[Any, ...]]:
+        return self.dynamic, (self.treedef, self.static, self.data_at)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple[Any, ...], dynamic: list[Any]) -> Split[T]:
+        out = object.__new__(cls)
+        out.treedef, out.static, out.data_at = aux
+        out.dynamic = list(dynamic)
+        return out
+
+    @property
+    def value(self) -> T:
+        dyn, stat = iter(self.dynamic), iter(self.static)
+        leaves = [next(dyn) if d else next(stat).value for d in self.data_at]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+def without_weak_types(tree: T) -> T:
+    """``tree`` as arrays of their own dtypes, so a loop carry keeps one type."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), tree)
+
+
+def tree_where(cond: jax.Array, new: T, old: T) -> T:
+    """``new`` where ``cond`` else ``old``, leaf by leaf, in ``old``'s dtypes."""
+    return jax.tree.map(lambda n, o: jnp.where(cond, n, o).astype(jnp.result_type(o)), new, old)
+
+
+def take(tree: T, index: jax.Array) -> T:
+    return jax.tree.map(lambda x: x[index], tree)
