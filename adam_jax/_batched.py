@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple, TypeAlias, cast
+from typing import Any, NamedTuple, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
@@ -185,7 +185,7 @@ def _problem(config: Config, inputs: object) -> Problem:
 
 
 @functools.lru_cache(maxsize=16)
-def _lane_fns(config: Config) -> tuple[Callable, Callable]:
+def _lane_fns(config: Config) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """One lane's ``init`` and ``step``, vmapped over lanes. Each is a jitted call
     inside the run, so the problem (``make_problem``, the loss, the optimizer) is
     traced once per run and shared by every width of the tail."""
@@ -207,7 +207,7 @@ def _lane_fns(config: Config) -> tuple[Callable, Callable]:
             same = (x.dtype, jax.typeof(x).weak_type) == (t.dtype, t.weak_type)
             return x if same else jnp.asarray(x, t.dtype)
 
-        return jax.tree.map(settle, state, stepped)
+        return cast(LoopState, jax.tree.map(settle, state, stepped))
 
     return jax.vmap(init, in_axes=(None, 0, 0)), jax.vmap(step, in_axes=(None, 0, 0, 0))
 
@@ -228,7 +228,7 @@ def _machine(
     base: jax.Array,
     lay: _Layout,
     inits: tuple[jax.Array, ...] | None,
-):
+) -> tuple[Callable[..., _Carry], Callable[..., jax.Array]]:
     """The loop pieces of a batched run over the queued ``inputs``: ``body(carry, filling)``
     (one iteration, then hand-over and refill) and ``more(carry, keep, filling)``.
 
@@ -267,7 +267,7 @@ def _machine(
             return hand_over(c, finished, k)
         many = jnp.sum(finished, dtype=jnp.int32) > k
         few, every = (functools.partial(hand_over, k=j) for j in (k, width))
-        return jax.lax.cond(many, every, few, c, finished)
+        return cast(_Carry, jax.lax.cond(many, every, few, c, finished))
 
     def refill(c: _Carry) -> _Carry:
         """Load up to ``hand_size`` queued problems into idle lanes."""
@@ -277,8 +277,12 @@ def _machine(
         load = (lane < width) & (queued < n)
         source = jnp.minimum(queued, n - 1)
         dest = jnp.where(load, lane, width)
-        put = lambda x, v: x.at[dest].set(v, mode="drop")
-        state = zip(c.lanes.state, (p[source] for p in cast(tuple, inits)), strict=True)
+
+        def put(x: jax.Array, v: jax.Array) -> jax.Array:
+            return x.at[dest].set(v, mode="drop")
+
+        assert inits is not None  # refills happen only while filling
+        state = zip(c.lanes.state, (p[source] for p in inits), strict=True)
         lanes = Lanes(
             ids=put(c.lanes.ids, base + queued),
             inputs=jax.tree.map(put, c.lanes.inputs, _take(inputs, source)),
@@ -373,40 +377,6 @@ def _compact(lanes: Lanes, keep: int) -> Lanes:
     return _unpack(lay, tuple(p[order] for p in _pack(lay, lanes)))  # type: ignore[return-value]
 
 
-def _advance(
-    lanes: Lanes | None,
-    queue: jax.Array,
-    inputs: object,
-    data: object,
-    base: jax.Array,
-    rule: Rule,
-    config: Config,
-    final: bool,
-) -> tuple[_Carry, _Layout]:
-    n = jax.tree.leaves(inputs)[0].shape[0]
-    inits, lay = _inits(inputs, data, rule, config)
-    if lanes is None:
-        lanes, queue = _first_lanes_from(inits, lay, inputs, data, base, config.slots)
-    c = _start(lanes, queue, n, lay)
-    body, more = _machine(config, rule, inputs, data, base, lay, inits)
-    filling = True
-    while True:
-        # The first loop refills lanes while the queue lasts; with `final` it and
-        # each later one run until at most `next_width` lanes are busy, and the
-        # next keeps only those lanes (the last runs until every problem is done).
-        width = c.lanes.ids.shape[0]
-        keep = next_width(width, config.slots) if final else width
-        c = jax.lax.while_loop(
-            functools.partial(more, keep=keep, filling=filling),
-            functools.partial(body, filling=filling),
-            c,
-        )
-        if not final or not keep:
-            return c, lay
-        c = c._replace(lanes=_compact(c.lanes, keep))
-        filling = False
-
-
 def segment(
     lanes: Lanes,
     queue: jax.Array,
@@ -440,7 +410,8 @@ def segment(
     keep = next_width(width, config.slots) if final else width
 
     def go_on(ci: tuple[_Carry, jax.Array]) -> jax.Array:
-        return more(ci[0], keep, filling) & (ci[1] < budget)
+        going: jax.Array = more(ci[0], keep, filling) & (ci[1] < budget)
+        return going
 
     def one(ci: tuple[_Carry, jax.Array]) -> tuple[_Carry, jax.Array]:
         return body(ci[0], filling), ci[1] + 1
@@ -454,17 +425,32 @@ def segment(
 def run_all(
     inputs: object, data: object, rule: Rule, *, config: Config
 ) -> tuple[FitResult, jax.Array]:
-    """Every problem in one compiled call; results in input order, and the lane-steps computed."""
+    """Every problem in one compiled call; results in input order, and the lane-steps computed.
+
+    The first loop refills lanes while the queue lasts; it and each later one run
+    until at most ``next_width`` lanes are busy, and the next keeps only those lanes
+    (the last runs until every problem is done).
+    """
     n = jax.tree.leaves(inputs)[0].shape[0]
     zero = jnp.zeros([], jnp.int32)
-    c, lay = _advance(None, zero, inputs, data, zero, rule, config, True)
+    inits, lay = _inits(inputs, data, rule, config)
+    c = _start(*_first_lanes_from(inits, lay, inputs, data, zero, config.slots), n, lay)
+    body, more = _machine(config, rule, inputs, data, zero, lay, inits)
+    filling = True
+    while True:
+        keep = next_width(c.lanes.ids.shape[0], config.slots)
+        c = jax.lax.while_loop(
+            functools.partial(more, keep=keep, filling=filling),
+            functools.partial(body, filling=filling),
+            c,
+        )
+        if not keep:
+            break
+        c, filling = c._replace(lanes=_compact(c.lanes, keep)), False
     # Row k of the result is problem k: a gather per dtype of the packed rows.
     at = jnp.where(c.ids >= 0, c.ids, n)
-    where = (
-        jnp.zeros((n,), jnp.int32)
-        .at[at]
-        .set(jnp.arange(c.ids.shape[0], dtype=jnp.int32), mode="drop")
-    )
+    rows = jnp.arange(c.ids.shape[0], dtype=jnp.int32)
+    where = jnp.zeros((n,), jnp.int32).at[at].set(rows, mode="drop")
     return _results(config, rule, lay, tuple(r[where] for r in c.rows)), c.computed
 
 

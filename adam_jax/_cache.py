@@ -8,7 +8,7 @@ import jax
 
 
 def enable_compilation_cache(
-    path: str | os.PathLike, *, min_compile_time_secs: float = 1.0
+    path: str | os.PathLike[str], *, min_compile_time_secs: float = 1.0
 ) -> None:
     """Keep compiled programs in ``path``, so a new process reuses them.
 

@@ -29,7 +29,7 @@ import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,7 @@ def import_orbax(entry: str = "fit") -> types.ModuleType:
             f"{entry}(checkpoint_dir=...) needs orbax-checkpoint, an optional dependency: "
             'pip install -e ".[checkpoint]" from a checkout'
         ) from e
-    return ocp
+    return cast(types.ModuleType, ocp)
 
 
 def leaf_record(x: Any) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def problem_record(
     _describe(optimizer, "optimizer", record, set())
     _describe(early_stopping, "early_stopping", record, set())
     record.update({f"{prefix}.{k}": v for k, v in options.items()})
-    return json.loads(json.dumps(record, default=str))
+    return cast(dict[str, Any], json.loads(json.dumps(record, default=str)))
 
 
 def check_problem(directory: Path, record: dict[str, Any], entry: str = "fit") -> bool:
@@ -380,4 +380,4 @@ def _weak(x: jax.Array) -> jax.Array:
     # JAX has no public way to make an array weakly typed but from a Python scalar.
     from jax._src.lax.lax import _convert_element_type
 
-    return _convert_element_type(x, np.dtype(x.dtype), weak_type=True)
+    return cast(jax.Array, _convert_element_type(x, np.dtype(x.dtype), weak_type=True))

@@ -15,7 +15,7 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -346,12 +346,12 @@ def fit(
         record = run.record(loss_fn, params, optimizer, early_stopping, opt_state,
                             early_stopping_state, history)  # fmt: skip
         state = _checkpoint.drive(run, fresh, options, record)
-        return _postprocess_jit(hyper, state, static=static)
+        return cast(FitResult, _postprocess_jit(hyper, state, static=static))
     mesh, pretraced = _mesh_of_inputs(loss_fn, params, data, args)
     token = _PRETRACED.set(pretraced)
     try:
         with mesh:
-            return _run_jit(*args, static=static)
+            return cast(FitResult, _run_jit(*args, static=static))
     finally:
         _PRETRACED.reset(token)
 
@@ -383,7 +383,8 @@ class _FitRun:
 
     def advance(self, state: LoopState, budget: int) -> LoopState:
         until = state.i + jnp.int32(budget)
-        return _advance_jit(self.hyper, state, self.data, until, static=self.static)
+        out = _advance_jit(self.hyper, state, self.data, until, static=self.static)
+        return cast(LoopState, out)
 
     def finished(self, state: LoopState) -> bool:
         return bool(state.stop | (state.i >= state.limit))
@@ -401,7 +402,7 @@ class _FitRun:
         return arrays, record
 
     def _template(self) -> LoopState:
-        return jax.eval_shape(self.fresh)._replace(log=None)
+        return cast(LoopState, jax.eval_shape(self.fresh)._replace(log=None))
 
     def template(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         leaves = jax.tree.leaves(self._template())
@@ -424,8 +425,8 @@ class _FitRun:
 
 
 def _mesh_of_inputs(
-    loss_fn: Callable[..., object], params: optax.Params, data: object, args: tuple
-) -> tuple[contextlib.AbstractContextManager, tuple | None]:
+    loss_fn: Callable[..., object], params: optax.Params, data: object, args: tuple[Any, ...]
+) -> tuple[contextlib.AbstractContextManager[Any], tuple[Any, ...] | None]:
     """While tracing, the abstract mesh of inputs sharded over Explicit axes, if none is in context,
     and the loss traced to find it (or None): ``(loss_fn, types of its arguments, replay)``.
 

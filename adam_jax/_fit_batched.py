@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -90,7 +90,9 @@ def _problem_axis(
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded(config: _batched.Config, mesh: jax.sharding.Mesh, spec: PartitionSpec):
+def _sharded(
+    config: _batched.Config, mesh: jax.sharding.Mesh, spec: PartitionSpec
+) -> Callable[..., tuple[FitResult, jax.Array]]:
     """``run_all`` on each device's share of the problems, with no communication."""
     run = functools.partial(_batched.run_all, config=config)
     specs = (spec, spec, PartitionSpec())
@@ -337,7 +339,7 @@ def _run_sharded(config: Any, rule: Split[Any], inputs: object, data: object, n:
             f"inputs are sharded over {shards} devices along the problems' axis, "
             f"which must divide N = {n} evenly"
         )
-    bar = _Bar(n) if progress else None
+    bar = _reporting.ProblemBar(n) if progress else None
     result, computed = _sharded(config(data, n, shards), *axis)(inputs, data, rule)
     result = jax.block_until_ready(result)
     if bar is not None:  # one compiled call over every device: the bar moves at its end
@@ -349,25 +351,6 @@ def _run_sharded(config: Any, rule: Split[Any], inputs: object, data: object, n:
 def _names(spec: PartitionSpec) -> tuple[str, ...]:
     axes = spec[0]
     return axes if isinstance(axes, tuple) else (axes,)
-
-
-class _Bar:
-    """A tqdm bar of problems finished, with the min and median of their best values."""
-
-    def __init__(self, total: int | None, done: int = 0) -> None:
-        self.bar = _reporting.import_tqdm()(total=total, initial=done, unit="problem")
-        self.values: list[np.ndarray] = []
-
-    def update(self, best_values: np.ndarray) -> None:
-        self.values.append(best_values)
-        self.bar.update(best_values.size)
-        v = np.concatenate(self.values)
-        v = v[np.isfinite(v)]
-        if v.size:
-            self.bar.set_postfix(min=f"{v.min():.4g}", median=f"{np.median(v):.4g}", refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 class _Chunks:
@@ -449,7 +432,7 @@ class _Run:
         segment = functools.partial(self.segment, filling=True, final=True)
         out = jax.eval_shape(segment, self.lanes_t, queue_t, inputs, data, zero, zero, rule)[2]
         self.results_t = out.results
-        self.bar = _Bar(None if streamed else source.n) if progress else None
+        self.bar = _reporting.ProblemBar(None if streamed else source.n) if progress else None
         self.tick = 64  # iterations between two bar updates, adapted to take ~0.2 s
 
     def __enter__(self) -> _Run:

@@ -83,7 +83,8 @@ def check_loss_output(out: Any, has_aux: bool) -> jax.ShapeDtypeStruct:
             raise ValueError(f"loss_fn's {what} must be a scalar, got shape {x.shape}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"loss_fn's {what} must be a real float scalar, got dtype {x.dtype}")
-    return named[-1][1]
+    metric: jax.ShapeDtypeStruct = named[-1][1]
+    return metric
 
 
 def check_initial_step(initial_step: Any, num_steps: int) -> None:
@@ -131,7 +132,9 @@ def checked_state(name: str, state: Any, template: Any) -> Any:
     return jax.tree.structure(template).unflatten(leaves)
 
 
-def resumed(resume: Any, params: Any, opt_state: Any, es_state: Any, initial_step: Any) -> tuple:
+def resumed(
+    resume: Any, params: Any, opt_state: Any, es_state: Any, initial_step: Any
+) -> tuple[Any, Any, Any, Any]:
     """``(params, opt_state, early_stopping_state, initial_step)`` of ``fit(resume=...)``."""
     fields = ("last_params", "opt_state", "early_stopping_state", "next_step")
     if not all(hasattr(resume, f) for f in fields) or resume.next_step is None:

@@ -12,7 +12,7 @@ is fit's driver: one ``lax.while_loop``, or two nested ones when reporting.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +78,7 @@ def _batched_like(state: LoopState, anchor: jax.Array) -> LoopState:
             return x | anchor
         return jnp.where(anchor, jnp.zeros_like(x), x)
 
-    return jax.tree.map(tie, state)
+    return cast(LoopState, jax.tree.map(tie, state))
 
 
 def _depends_on(tree: object) -> jax.Array:
@@ -110,7 +110,7 @@ class TracedOnce:
     of the same function in the same trace, is used when the types match.
     """
 
-    def __init__(self, fn: Callable[..., object], pretraced: tuple | None = None) -> None:
+    def __init__(self, fn: Callable[..., object], pretraced: tuple[Any, ...] | None = None) -> None:
         self.fn, self.pretraced = fn, pretraced
         self.replay: Callable[..., object] | None = None
 
@@ -124,7 +124,7 @@ class TracedOnce:
         return self.replay(*args)
 
 
-def types(tree: object) -> tuple:
+def types(tree: object) -> tuple[Any, ...]:
     """The tree structure and the types of the leaves of ``tree``."""
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, tuple(jax.typeof(x) for x in leaves)
@@ -234,7 +234,8 @@ class Loop(NamedTuple):
 
         never = s.initial_step < 0
         anchor = jax.lax.cond(never, probe, lambda: jnp.zeros([], bool))
-        return (anchor | _depends_on((s, data))) & False
+        out: jax.Array = (anchor | _depends_on((s, data))) & False
+        return out
 
     def done(self, s: LoopState) -> jax.Array:
         """The problem has taken its last step (stopped, or reached its ``limit``)."""
@@ -376,7 +377,7 @@ def run(
         # Every problem takes exactly max_steps steps: a trip count the problems
         # share, so under vmap (over sharded problems too) the loop needs no
         # reduction across the batch.
-        return jax.lax.fori_loop(0, loop.max_steps, lambda _, s: step(s), state)
+        return cast(LoopState, jax.lax.fori_loop(0, loop.max_steps, lambda _, s: step(s), state))
     if reporter is None:
         # Under vmap a batched predicate would make the loop select its whole
         # carry, history buffers included, on every step; `step` leaves a done

@@ -1,13 +1,14 @@
-"""Reporting from inside :func:`adam_jax.fit`'s compiled loop: ``log_every`` lines
-and the tqdm progress bar, through one host callback per batch of steps; and the
-line that announces a resumed checkpointed run."""
+"""What the training loops tell the user: ``fit``'s ``log_every`` lines and tqdm bar,
+from inside its compiled loop through one host callback per batch of steps;
+``fit_batched``'s bar of problems, from its host driver; and the line that
+announces a resumed checkpointed run."""
 
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ def import_tqdm() -> type:
             "progress=True needs tqdm, an optional dependency: "
             'pip install -e ".[progress]" from a checkout'
         ) from e
-    return tqdm
+    return cast(type, tqdm)
 
 
 def write_line(line: str) -> None:
@@ -54,6 +55,26 @@ def announce_resume(record: dict[str, Any], checkpoint: Path) -> None:
             write_line(f"fit_batched: the run saved in {where} had finished ({done}); its result")
         else:
             write_line(f"fit_batched: resuming after {done}, from the checkpoint {where}")
+
+
+class ProblemBar:
+    """fit_batched's tqdm bar, moved by its host driver between compiled segments: the
+    problems finished, with the min and median of their best values."""
+
+    def __init__(self, total: int | None) -> None:
+        self.bar = import_tqdm()(total=total, unit="problem")
+        self.values: list[np.ndarray] = []
+
+    def update(self, best_values: np.ndarray) -> None:
+        self.values.append(best_values)
+        self.bar.update(best_values.size)
+        v = np.concatenate(self.values)
+        v = v[np.isfinite(v)]
+        if v.size:
+            self.bar.set_postfix(min=f"{v.min():.4g}", median=f"{np.median(v):.4g}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 BEGIN, REPORT, END = 0, 1, 2
@@ -219,7 +240,8 @@ def call(reporter: Reporter, kind: int, record: Record) -> jax.Array:
     @custom_batching.custom_vmap
     def host(record: Record) -> jax.Array:
         shape = jax.ShapeDtypeStruct(jnp.shape(record.i), jnp.int32)
-        return io_callback(lambda r: reporter(kind, r), shape, record, ordered=False)
+        out: jax.Array = io_callback(lambda r: reporter(kind, r), shape, record, ordered=False)
+        return out
 
     @host.def_vmap
     def _batched(
@@ -232,4 +254,5 @@ def call(reporter: Reporter, kind: int, record: Record) -> jax.Array:
         )
         return host(record), True
 
-    return host(record)
+    out: jax.Array = host(record)
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -75,18 +75,19 @@ class Split(Generic[T]):
     def value(self) -> T:
         dyn, stat = iter(self.dynamic), iter(self.static)
         leaves = [next(dyn) if d else next(stat).value for d in self.data_at]
-        return jax.tree.unflatten(self.treedef, leaves)
+        return cast(T, jax.tree.unflatten(self.treedef, leaves))
 
 
 def without_weak_types(tree: T) -> T:
     """``tree`` as arrays of their own dtypes, so a loop carry keeps one type."""
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), tree)
+    return cast(T, jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), tree))
 
 
 def tree_where(cond: jax.Array, new: T, old: T) -> T:
     """``new`` where ``cond`` else ``old``, leaf by leaf, in ``old``'s dtypes."""
-    return jax.tree.map(lambda n, o: jnp.where(cond, n, o).astype(jnp.result_type(o)), new, old)
+    select = lambda n, o: jnp.where(cond, n, o).astype(jnp.result_type(o))
+    return cast(T, jax.tree.map(select, new, old))
 
 
 def take(tree: T, index: jax.Array) -> T:
-    return jax.tree.map(lambda x: x[index], tree)
+    return cast(T, jax.tree.map(lambda x: x[index], tree))
