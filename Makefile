@@ -10,7 +10,9 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Each worker is a JAX process of up to ~2.5 GB: more than 4 buys little and costs memory.
 # loadfile: a module's tests share one worker, so a module-scoped fixture (the 8-device
 # and 2-process subprocess runs, the docs build) runs once, not once a worker.
-PYTEST_XDIST := -n auto --maxprocesses=4 --dist loadfile
+# --no-loadscope-reorder: modules go out in collection order, the costliest first
+# (tests/conftest.py's HEAVY_FIRST), so that no long module runs alone at the end.
+PYTEST_XDIST := -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo demo-torch test lint format bench docs clean
 

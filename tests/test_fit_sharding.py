@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _devices import FAST_COMPILE_FLAGS
 
 HERE = Path(__file__).resolve().parent
 CASES = [
@@ -29,6 +30,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def results() -> dict:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "JAX_PLATFORMS": "cpu"}
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
     proc = subprocess.run(
         [sys.executable, str(HERE / "_fit_sharding_checks.py")],
         capture_output=True,

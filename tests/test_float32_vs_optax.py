@@ -65,8 +65,9 @@ def _train(optimizer, x, y, steps):
     return params, run(params)
 
 
+@jax.jit
 def _max_diff(a, b):
-    return max(float(jnp.max(jnp.abs(a[k] - b[k]))) for k in a)
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(a[k] - b[k])) for k in a]))
 
 
 def test_digits_mlp_reaches_optax_loss_though_params_drift():
@@ -88,12 +89,18 @@ def _check_drift_and_loss():
     # Many steps: the params drifted apart far beyond rounding ...
     assert _max_diff(ours, theirs) > 1e3 * one
     # ... and the loss reached is the same, after training brought it down 1000-fold.
-    l0, l_ours, l_theirs = (float(_loss(p, x, y)) for p in (start, ours, theirs))
+    l0, l_ours, l_theirs = (float(jax.jit(_loss)(p, x, y)) for p in (start, ours, theirs))
     assert l_ours < 1e-3 * l0
     assert abs(l_ours - l_theirs) <= LOSS_RTOL * l_theirs, (l_ours, l_theirs)
 
 
 def _one(optimizer, params, x, y):
-    """The params after one full-batch step."""
-    updates, _ = optimizer.update(jax.grad(_loss)(params, x, y), optimizer.init(params), params)
-    return optax.apply_updates(params, updates)
+    """The params after one full-batch step (compiled, as in the runs: one program, not an
+    op-by-op compile of every primitive)."""
+
+    @jax.jit
+    def one(params, x, y):
+        updates, _ = optimizer.update(jax.grad(_loss)(params, x, y), optimizer.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    return one(params, x, y)

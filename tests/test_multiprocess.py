@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import pytest
+from _devices import FAST_COMPILE_FLAGS
 
 HERE = pathlib.Path(__file__).parent
 WORKER = HERE / "_multiprocess_worker.py"
@@ -49,6 +50,7 @@ def launch(num_processes: int, out: pathlib.Path, *extra: str) -> list[dict]:
     """Run the worker in ``num_processes`` processes; fail with their stderr if any fails."""
     coordinator = f"localhost:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # both process counts alike
     env["PYTHONPATH"] = str(WORKER.parents[1])  # this checkout's adam_jax, whatever is installed
     procs, logs = [], []
     for i in range(num_processes):
