@@ -390,10 +390,11 @@ def segment(
     filling: bool,
     final: bool,
 ) -> tuple[Lanes, jax.Array, Output, jax.Array, jax.Array]:
-    """At most ``budget`` iterations of one loop of :func:`advance`.
+    """At most ``budget`` iterations of one stage of :func:`run_all`, on one chunk of problems.
 
-    A checkpointed run is a chain of these: each lane takes the same steps at the
-    same widths as in one ``advance`` call, wherever the chain is cut. Returns the
+    A run that hands control back to the host is a chain of these: each lane takes
+    the same steps at the same widths as in one ``run_all`` call, wherever the chain
+    is cut. Returns the
     lanes, the queue position, the problems finished, the iterations run, and
     whether the loop has ended (the caller then goes on with the next chunk, or,
     with ``final``, keeps ``next_width`` lanes with :func:`compact_jit`, or

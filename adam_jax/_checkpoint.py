@@ -39,7 +39,7 @@ from adam_jax import _fit_checks, _reporting
 
 S = TypeVar("S")
 
-FORMAT = 1
+FORMAT = 2  # 2: checkpoints hold the loop state, in folders named by step
 PROBLEM_FILE = "fit.json"
 STEPS_DIR = "steps"
 UNREADABLE_DIR = "unreadable"
@@ -253,17 +253,17 @@ class CheckpointOptions:
 
 
 class Engine(Protocol[S]):
-    """A run :func:`drive` can checkpoint: advanced by budgets of iterations, written as
-    arrays (named leaves) and a JSON progress record holding ``step`` and ``finished``."""
+    """A run :func:`drive` can checkpoint: advanced by budgets of iterations, saved as a
+    pytree of arrays and a JSON progress record holding ``step`` and ``finished``."""
 
     entry: str  # "fit" or "fit_batched", as errors and messages name it
     unit: str  # what ``every`` counts
 
     def advance(self, state: S, budget: int) -> S: ...
     def finished(self, state: S) -> bool: ...
-    def save(self, state: S) -> tuple[dict[str, np.ndarray], dict[str, Any]]: ...
-    def template(self, record: dict[str, Any]) -> dict[str, np.ndarray]: ...
-    def load(self, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> S: ...
+    def save(self, state: S) -> tuple[Any, dict[str, Any]]: ...
+    def template(self, record: dict[str, Any]) -> Any: ...  # ShapeDtypeStructs of the tree
+    def load(self, tree: Any, record: dict[str, Any]) -> S: ...
     def interrupted(self, record: dict[str, Any], directory: Path) -> str: ...
 
 
@@ -281,11 +281,14 @@ def drive(
         with _manager(ocp, options) as mgr:
             while not engine.finished(state):
                 state = engine.advance(state, options.every)
-                arrays, record = engine.save(state)
+                tree, record = engine.save(state)
                 if record["step"] > last:  # an iteration-less end changes nothing saved
                     if unclaimed:
                         claim(options.directory, problem)
                         unclaimed = False
+                    arrays = {
+                        f"{k:05d}": np.asarray(x) for k, x in enumerate(jax.tree.leaves(tree))
+                    }
                     _save(ocp, mgr, arrays, record)
                     last = record["step"]
                 if interrupt.requested:
@@ -320,12 +323,12 @@ def _save(ocp: types.ModuleType, mgr: Any, tree: dict[str, Any], record: dict[st
 def restore_newest(
     ocp: types.ModuleType,
     options: CheckpointOptions,
-    template: Callable[[dict[str, Any]], dict[str, np.ndarray]],
-) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """The newest checkpoint that reads back whole, as (arrays, progress record), or None;
+    template: Callable[[dict[str, Any]], Any],
+) -> tuple[Any, dict[str, Any]] | None:
+    """The newest checkpoint that reads back whole, as (tree, progress record), or None;
     announced (:func:`adam_jax._reporting.announce_resume`) with its step and folder.
 
-    ``template(record)`` gives the arrays' shapes and dtypes (zeros). Newer ones that
+    ``template(record)`` gives the tree's structure, shapes and dtypes. Newer ones that
     fail to read are moved to ``unreadable/`` with a warning, once the manager that
     listed them is closed, so that the run saves those steps again in new folders.
     """
@@ -335,12 +338,13 @@ def restore_newest(
             try:
                 meta = mgr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
                 record = dict(meta.progress)
-                zeros = template(record)
-                stored = {k: x for k, x in zeros.items() if x.size}
+                like = template(record)
+                zeros = [np.zeros(t.shape, t.dtype) for t in jax.tree.leaves(like)]
+                stored = {f"{k:05d}": x for k, x in enumerate(zeros) if x.size}
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(stored))
                 state = mgr.restore(step, args=args).state if stored else {}
-                arrays = {k: np.asarray(state[k]) if x.size else x for k, x in zeros.items()}
-                found = (arrays, record, step)
+                leaves = [state[f"{k:05d}"] if x.size else x for k, x in enumerate(zeros)]
+                found = (restore_like(like, leaves), record, step)
                 break
             except Exception as e:
                 unreadable.append(step)
@@ -361,8 +365,7 @@ def restore_newest(
 
 
 def restore_like(template: Any, leaves: list[np.ndarray]) -> Any:
-    """Restored leaves as arrays with their templates' tree, dtypes and weak types
-    (the shapes are the leaves' own: a template of lanes fits any lane width).
+    """Restored leaves as arrays with their templates' tree, dtypes and weak types.
 
     A weakly typed value (a learning rate from ``jnp.full(n, 0.05)``) that came back
     strongly typed would promote differently (a bfloat16 param times it would become

@@ -19,7 +19,6 @@ from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from adam_jax import _checkpoint, _checks, _fit_checks, _history, _loop, _reporting
@@ -389,29 +388,20 @@ class _FitRun:
     def finished(self, state: LoopState) -> bool:
         return bool(state.stop | (state.i >= state.limit))
 
-    def save(self, state: LoopState) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        # Values waiting for a log line are the reporting's, not the run's.
-        leaves = jax.tree.leaves(state._replace(log=None))
-        arrays = {f"{k:05d}": np.asarray(x) for k, x in enumerate(leaves)}
+    def save(self, state: LoopState) -> tuple[LoopState, dict[str, Any]]:
         record = {
             "step": int(state.initial_step + state.i),
             "next_step": int(state.initial_step + state.applied),
             "finished": self.finished(state),
             "loss_dtype": str(state.last_value.dtype),
         }
-        return arrays, record
+        # Values waiting for a log line are the reporting's, not the run's.
+        return state._replace(log=None), record
 
-    def _template(self) -> LoopState:
+    def template(self, record: dict[str, Any]) -> LoopState:
         return cast(LoopState, jax.eval_shape(self.fresh)._replace(log=None))
 
-    def template(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        leaves = jax.tree.leaves(self._template())
-        return {f"{k:05d}": np.zeros(x.shape, x.dtype) for k, x in enumerate(leaves)}
-
-    def load(self, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> LoopState:
-        template = self._template()
-        leaves = [arrays[f"{k:05d}"] for k in range(len(jax.tree.leaves(template)))]
-        state: LoopState = _checkpoint.restore_like(template, leaves)
+    def load(self, state: LoopState, record: dict[str, Any]) -> LoopState:
         log = _loop_of(self.hyper, self.static).empty_log(state.last_value.dtype)
         return state._replace(log=log)
 

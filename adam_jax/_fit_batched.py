@@ -516,11 +516,8 @@ class _Run:
             loss_fn, params, optimizer, es, data, options, prefix=ENTRY
         )
 
-    def save(self, s: _State) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def save(self, s: _State) -> tuple[Any, dict[str, Any]]:
         rows, ids = s.gathered()
-        arrays = {f"lanes{k:05d}": np.asarray(x) for k, x in enumerate(jax.tree.leaves(s.lanes))}
-        arrays.update({f"results{k:05d}": x for k, x in enumerate(rows)})
-        arrays["ids"] = ids
         record = {
             "step": s.iterations,
             "chunk": self.source.index,
@@ -533,33 +530,30 @@ class _Run:
             "rows": len(ids),
             "finished": s.finished,
         }
-        return arrays, record
+        return (s.lanes, rows, ids), record
 
-    def template(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        def rows(tree: object, n: int) -> list[np.ndarray]:
-            return [np.zeros((n, *x.shape[1:]), x.dtype) for x in jax.tree.leaves(tree)]
+    def template(self, record: dict[str, Any]) -> Any:
+        def rows(tree: object, n: int) -> Any:
+            return jax.tree.map(
+                lambda t: jax.ShapeDtypeStruct((n, *t.shape[1:]), t.dtype, weak_type=t.weak_type),
+                tree,
+            )
 
-        out = {f"lanes{k:05d}": x for k, x in enumerate(rows(self.lanes_t, record["width"]))}
-        out.update(
-            {f"results{k:05d}": x for k, x in enumerate(rows(self.results_t, record["rows"]))}
-        )
-        out["ids"] = np.zeros(record["rows"], np.int32)
-        return out
+        results = jax.tree.leaves(rows(self.results_t, record["rows"]))
+        ids = jax.ShapeDtypeStruct((record["rows"],), jnp.int32)
+        return rows(self.lanes_t, record["width"]), results, ids
 
-    def load(self, arrays: dict[str, np.ndarray], record: dict[str, Any]) -> _State:
+    def load(self, tree: Any, record: dict[str, Any]) -> _State:
         self.source.skip_to(record)
-        n_lanes = len(jax.tree.leaves(self.lanes_t))
-        lanes = _checkpoint.restore_like(
-            self.lanes_t, [arrays[f"lanes{k:05d}"] for k in range(n_lanes)]
-        )
-        n_rows = len(jax.tree.leaves(self.results_t))
-        rows = [arrays[f"results{k:05d}"] for k in range(n_rows)]
+        lanes, rows, ids = tree
+        rows = [np.asarray(r) for r in rows]
         if self.bar is not None:
             results = jax.tree.structure(self.results_t).unflatten(rows)
             self.bar.update(np.asarray(results.best_value))
         return _State(
             lanes, jnp.asarray(record["queue"], jnp.int32), record["filling"],
-            record["iterations"], record["computed"], record["finished"], [rows], [arrays["ids"]],
+            record["iterations"], record["computed"], record["finished"], [rows],
+            [np.asarray(ids)],
         )  # fmt: skip
 
     def interrupted(self, record: dict[str, Any], directory: Path) -> str:
