@@ -62,12 +62,13 @@ def adam_scalars(
     if config.nesterov:  # m̂ is corrected in the leaf: the ratio takes no 1/(1-b1^t)
         c1_next = _common.correction(mo.b1, _common.increment(count))
         nesterov = (r1, _common.reciprocal(c1_next))
+    inner: jax.Array | None
+    outer: jax.Array | None
     if config.eps_hat:  # u = m̂·sqrt(1-b2^t) / (sqrt(v + eps_root) + eps)
-        outer = jnp.sqrt(c2) if config.nesterov else jnp.sqrt(c2) / c1
-        direction = _common.Direction(mo.eps, mo.eps_root, None, outer)
+        inner, outer = None, jnp.sqrt(c2) if config.nesterov else jnp.sqrt(c2) / c1
     else:  # u = m̂ / (sqrt(v/(1-b2^t) + eps_root) + eps)
-        outer_ = None if config.nesterov else r1
-        direction = _common.Direction(mo.eps, mo.eps_root, _common.reciprocal(c2), outer_)
+        inner, outer = _common.reciprocal(c2), None if config.nesterov else r1
+    direction = _common.Direction(mo.eps, mo.eps_root, inner, outer)
     return AdamScalars(mo.b1, mo.b2, direction, nesterov)
 
 

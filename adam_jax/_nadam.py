@@ -53,7 +53,7 @@ class NAdamConfig:
     mu_product_dtype: np.dtype | None = None
 
 
-class Step(NamedTuple):
+class NAdamScalars(NamedTuple):
     """The scalars one NAdam update shares between leaves of one real compute dtype."""
 
     b1: DecayPair
@@ -92,18 +92,18 @@ def schedule_coefficients(
     return one_minus_mu / (1 - product), mu_next / (1 - product * mu_next), stored
 
 
-def step_scalars(
+def nadam_scalars(
     hp: NAdamHyperparams, count: jax.Array, g_coef: jax.Array, m_coef: jax.Array, dtype: np.dtype
-) -> Step:
+) -> NAdamScalars:
     """The per-step scalars for leaves of real compute ``dtype``."""
     mo = _common.moments(dtype, hp.b1, hp.b2, hp.eps)
     r2 = _common.reciprocal(_common.correction(mo.b2, count))
     direction = _common.Direction(mo.eps, inner=r2)  # u = m̂ / (sqrt(v/(1-b2^t)) + eps)
-    return Step(mo.b1, mo.b2, direction, g_coef.astype(dtype), m_coef.astype(dtype))
+    return NAdamScalars(mo.b1, mo.b2, direction, g_coef.astype(dtype), m_coef.astype(dtype))
 
 
 def nadam_leaf(
-    s: Step, g: jax.Array, m: jax.Array, v: jax.Array
+    s: NAdamScalars, g: jax.Array, m: jax.Array, v: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One leaf's NAdam step: ``(direction, new m, new v)`` in the storage dtypes."""
     cdt, rdt = _dtypes.dtypes_of(g)
@@ -175,10 +175,10 @@ def _update(
     count = _common.increment(state.count)
     dtype = np.dtype(jnp.result_type(product_dtype(updates), state.mu_product.dtype))
     g_coef, m_coef, product = schedule_coefficients(hp, count, state.mu_product, dtype)
-    steps = _common.by_dtype(updates, lambda dt: step_scalars(hp, count, g_coef, m_coef, dt))
+    scalars = _common.by_dtype(updates, lambda dt: nadam_scalars(hp, count, g_coef, m_coef, dt))
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-        return nadam_leaf(steps[_dtypes.dtypes_of(g)[1]], g, m, v)
+        return nadam_leaf(scalars[_dtypes.dtypes_of(g)[1]], g, m, v)
 
     u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
     return u, NAdamState(count=count, m=m, v=v, mu_product=product)

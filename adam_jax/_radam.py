@@ -52,7 +52,7 @@ class RAdamConfig:
     nu_dtype: np.dtype | None
 
 
-class Step(NamedTuple):
+class RAdamScalars(NamedTuple):
     """The scalars one RAdam update shares between leaves of one real compute dtype."""
 
     b1: DecayPair
@@ -63,9 +63,9 @@ class Step(NamedTuple):
     r: jax.Array  # the rectification factor r_t (1 where not rectified)
 
 
-def step_scalars(
+def radam_scalars(
     hp: RAdamHyperparams, config: RAdamConfig, count: jax.Array, dtype: np.dtype
-) -> Step:
+) -> RAdamScalars:
     r"""The per-step scalars for leaves of real compute ``dtype``.
 
     :math:`\rho_\infty = 2/(1-\beta_2) - 1`,
@@ -90,11 +90,11 @@ def step_scalars(
     r = jnp.sqrt(
         (rho_safe - 4) * (rho_safe - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_safe)
     )
-    return Step(mo.b1, mo.b2, direction, r1, rectified, jnp.where(rectified, r, 1))
+    return RAdamScalars(mo.b1, mo.b2, direction, r1, rectified, jnp.where(rectified, r, 1))
 
 
 def radam_leaf(
-    s: Step, g: jax.Array, m: jax.Array, v: jax.Array
+    s: RAdamScalars, g: jax.Array, m: jax.Array, v: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One leaf's RAdam step: ``(direction, new m, new v)`` in the storage dtypes."""
     cdt, rdt = _dtypes.dtypes_of(g)
@@ -145,10 +145,10 @@ def _update(
     _checks.traced_interval("eps_root", hp.eps_root, 0.0)
     _checks.traced_interval("threshold", hp.threshold, 0.0)
     count = _common.increment(state.count)
-    steps = _common.by_dtype(updates, lambda dt: step_scalars(hp, config, count, dt))
+    scalars = _common.by_dtype(updates, lambda dt: radam_scalars(hp, config, count, dt))
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-        return radam_leaf(steps[_dtypes.dtypes_of(g)[1]], g, m, v)
+        return radam_leaf(scalars[_dtypes.dtypes_of(g)[1]], g, m, v)
 
     u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
     return u, RAdamState(count=count, m=m, v=v)
