@@ -5,16 +5,17 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common, _dtypes, _quantize
-from adam_jax._common import Decay
+from adam_jax import _alias, _cautious, _checks, _common, _dtypes, _quantize
+from adam_jax._common import AdamHyperparams, DecayPair
 
 
+@_checks.state_class
 class AdamState(NamedTuple):
     """State of :func:`scale_by_adam`.
 
@@ -29,15 +30,6 @@ class AdamState(NamedTuple):
     v: optax.Updates
 
 
-class AdamHyperparams(NamedTuple):
-    """The leaves of :func:`scale_by_adam` (and of :func:`adam_jax.scale_by_amsgrad`)."""
-
-    b1: Decay
-    b2: Decay
-    eps: chex.Numeric
-    eps_root: chex.Numeric
-
-
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class AdamConfig:
@@ -48,37 +40,53 @@ class AdamConfig:
     nu_dtype: np.dtype | None
 
 
-def adam_hyperparams(
-    b1: ArrayLike, b2: ArrayLike, eps: ArrayLike, eps_root: ArrayLike, eps_hat: bool
-) -> AdamHyperparams:
-    """Check concrete values and store the decays as ``(b, 1 - b)`` leaves."""
-    _checks.check_decay("b1", b1)
-    _checks.check_decay("b2", b2)
-    _checks.check_non_negative("eps", eps)
-    _checks.check_non_negative("eps_root", eps_root)
-    _checks.check_bool("eps_hat", eps_hat)
-    return AdamHyperparams(_common.decay_leaves(b1), _common.decay_leaves(b2), eps, eps_root)
+class AdamScalars(NamedTuple):
+    """The scalars one Adam update shares between leaves of one real compute dtype."""
+
+    b1: DecayPair
+    b2: DecayPair
+    direction: _common.Direction
+    nesterov: tuple[ArrayLike, ArrayLike] | None  # (1/(1-b1^t), 1/(1-b1^(t+1)))
 
 
 def adam_scalars(
-    hp: AdamHyperparams,
-    updates: optax.Updates,
-    count: jax.Array | None,
-    *,
-    bias_correction: bool,
-    nesterov: bool = False,
-) -> dict[np.dtype, _common.Scalars]:
-    """The per-step scalars of each compute dtype; traced values are range-checked
-    under ``checkify``."""
-    _checks.traced_interval("b1", hp.b1.d, 0.0, 1.0)
-    _checks.traced_interval("b2", hp.b2.d, 0.0, 1.0)
-    _checks.traced_interval("eps", hp.eps, 0.0)
-    _checks.traced_interval("eps_root", hp.eps_root, 0.0)
-    t = count if bias_correction else None
-    return _common.by_dtype(
-        updates,
-        lambda dt: _common.scalars(dt, t, hp.b1, hp.b2, hp.eps, hp.eps_root, nesterov=nesterov),
-    )
+    hp: AdamHyperparams, config: AdamConfig, count: jax.Array, dtype: np.dtype
+) -> AdamScalars:
+    """Cast the hyperparameters to ``dtype`` and form the corrections ``config`` applies."""
+    mo = _common.moments(dtype, hp.b1, hp.b2, hp.eps, hp.eps_root)
+    if not config.bias_correction:
+        return AdamScalars(mo.b1, mo.b2, _common.Direction(mo.eps, mo.eps_root), None)
+    c1, c2 = _common.correction(mo.b1, count), _common.correction(mo.b2, count)
+    r1 = _common.reciprocal(c1)
+    nesterov = None
+    if config.nesterov:  # m̂ is corrected in the leaf: the ratio takes no 1/(1-b1^t)
+        c1_next = _common.correction(mo.b1, _common.increment(count))
+        nesterov = (r1, _common.reciprocal(c1_next))
+    inner: jax.Array | None
+    outer: jax.Array | None
+    if config.eps_hat:  # u = m̂·sqrt(1-b2^t) / (sqrt(v + eps_root) + eps)
+        inner, outer = None, jnp.sqrt(c2) if config.nesterov else jnp.sqrt(c2) / c1
+    else:  # u = m̂ / (sqrt(v/(1-b2^t) + eps_root) + eps)
+        inner, outer = _common.reciprocal(c2), None if config.nesterov else r1
+    direction = _common.Direction(mo.eps, mo.eps_root, inner, outer)
+    return AdamScalars(mo.b1, mo.b2, direction, nesterov)
+
+
+def adam_leaf(
+    config: AdamConfig, s: AdamScalars, g: jax.Array, m: jax.Array, v: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One leaf's Adam step: ``(direction, new m, new v)`` in the storage dtypes."""
+    cdt, rdt = _dtypes.dtypes_of(g)
+    g_ = _dtypes.cast(g, cdt)
+    m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
+    g_sq = _common.abs_sq(g_)
+    v_new = _common.ema(g_sq, _dtypes.cast(v, rdt), s.b2, nonnegative=True)  # b2·v + (1-b2)·|g|²
+    if config.nesterov:  # m̂ = b1·m/(1-b1^(t+1)) + (1-b1)·g/(1-b1^t)
+        m_new_hat = _common.nesterov_first_moment(g_, m_new, s.b1, s.nesterov)
+        u = _common.adam_direction(m_new_hat, v_new, s.direction)
+    else:  # u = m̂/(sqrt(v̂ + eps_root) + eps)
+        u = _common.adam_direction(m_new, v_new, s.direction)
+    return _dtypes.cast(u, g.dtype), _common.store(m_new, m), _dtypes.cast(v_new, v.dtype)
 
 
 def _init(config: AdamConfig, params: optax.Params) -> AdamState:
@@ -98,25 +106,12 @@ def _update(
 ) -> tuple[optax.Updates, AdamState]:
     del params
     _checks.prepare_update(updates, state, AdamState, "scale_by_adam")
+    _common.check_traced(hp)
     count = _common.increment(state.count)
-    scalars = adam_scalars(
-        hp, updates, count, bias_correction=config.bias_correction, nesterov=config.nesterov
-    )
+    scalars = _common.by_dtype(updates, lambda dt: adam_scalars(hp, config, count, dt))
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-        cdt, rdt = _dtypes.dtypes_of(g)
-        s = scalars[rdt]
-        g_ = _dtypes.cast(g, cdt)
-        m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
-        v_new = _common.ema(
-            _common.abs_sq(g_), _dtypes.cast(v, rdt), s.b2, nonnegative=True
-        )  # v = b2·v + (1-b2)·|g|²
-        if config.nesterov:  # m̂ = b1·m/(1-b1^(t+1)) + (1-b1)·g/(1-b1^t)
-            m_hat = _common.nesterov_first_moment(g_, m_new, s)
-            u = _common.adam_direction(m_hat, v_new, s, eps_hat=config.eps_hat, m_is_corrected=True)
-        else:  # u = m̂/(sqrt(v̂ + eps_root) + eps)
-            u = _common.adam_direction(m_new, v_new, s, eps_hat=config.eps_hat)
-        return _dtypes.cast(u, g.dtype), _common.store(m_new, m), _dtypes.cast(v_new, v.dtype)
+        return adam_leaf(config, scalars[_dtypes.dtypes_of(g)[1]], g, m, v)
 
     u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
     return u, AdamState(count=count, m=m, v=v)
@@ -222,7 +217,8 @@ def scale_by_adam(
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
       Dozat, *Incorporating Nesterov Momentum into Adam*, ICLR 2016 workshop.
     """
-    hp = adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
+    hp = _common.adam_hyperparams(b1, b2, eps, eps_root)
+    _checks.check_bool("eps_hat", eps_hat)
     _checks.check_bool("bias_correction", bias_correction)
     _checks.check_bool("nesterov", nesterov)
     config = AdamConfig(
@@ -246,7 +242,7 @@ def adam(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
     eps_hat: bool = False,
     nesterov: bool = False,
     bias_correction: bool = True,
@@ -328,7 +324,7 @@ def adamw(
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: _alias.Mask = None,
     maximize: bool = False,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
     eps_hat: bool = False,
     nesterov: bool = False,
     bias_correction: bool = True,

@@ -13,10 +13,11 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common, _dtypes, _quantize
-from adam_jax._common import Decay
+from adam_jax import _alias, _cautious, _checks, _common, _dtypes, _quantize
+from adam_jax._common import Decay, DecayPair
 
 
+@_checks.state_class
 class AdamaxState(NamedTuple):
     """State of :func:`scale_by_adamax`.
 
@@ -46,6 +47,40 @@ class AdamaxConfig:
     mu_dtype: np.dtype | None
 
 
+class AdamaxScalars(NamedTuple):
+    """The scalars one Adamax update shares between leaves of one real compute dtype."""
+
+    b1: DecayPair
+    b2: DecayPair
+    eps: ArrayLike
+    r1: jax.Array  # 1/(1-b1^t)
+
+
+def adamax_scalars(hp: AdamaxHyperparams, count: jax.Array, dtype: np.dtype) -> AdamaxScalars:
+    """Cast the hyperparameters to ``dtype`` and form the first moment's correction."""
+    mo = _common.moments(dtype, hp.b1, hp.b2, hp.eps)
+    return AdamaxScalars(mo.b1, mo.b2, mo.eps, _common.reciprocal(_common.correction(mo.b1, count)))
+
+
+def adamax_leaf(
+    config: AdamaxConfig, s: AdamaxScalars, g: jax.Array, m: jax.Array, u: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One leaf's Adamax step: ``(direction, new m, new u)`` in the storage dtypes."""
+    cdt, rdt = _dtypes.dtypes_of(g)
+    g_ = _dtypes.cast(g, cdt)
+    m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
+    u_decayed = _common.decayed(s.b2, _dtypes.cast(u, rdt), nonnegative=True)
+    abs_g = lax.abs(g_) if g_.dtype == rdt else jnp.abs(g_)
+    # d = m̂/denominator with m̂ = m/(1-b1^t), corrected last (see adam_direction).
+    if config.eps_in_max:  # u = max(b2·u, |g| + eps),  d = m̂/u
+        u_new = lax.max(lax.add(abs_g, s.eps), u_decayed)
+        d = _common.scale(s.r1, _common.divide(m_new, u_new))
+    else:  # u = max(b2·u, |g|),  d = m̂/(u + eps)
+        u_new = lax.max(u_decayed, abs_g)
+        d = _common.scale(s.r1, _common.divide(m_new, lax.add(u_new, s.eps)))
+    return _dtypes.cast(d, g.dtype), _common.store(m_new, m), _dtypes.cast(u_new, u.dtype)
+
+
 def _init(config: AdamaxConfig, params: optax.Params) -> AdamaxState:
     return AdamaxState(
         count=_common.init_count(),
@@ -67,27 +102,10 @@ def _update(
     _checks.traced_interval("b2", hp.b2.d, 0.0, 1.0)
     _checks.traced_interval("eps", hp.eps, 0.0)
     count = _common.increment(state.count)
-    scalars = _common.by_dtype(
-        updates,
-        lambda dt: _common.scalars(dt, count, hp.b1, hp.b2, hp.eps, correct_b2=False),
-    )
+    scalars = _common.by_dtype(updates, lambda dt: adamax_scalars(hp, count, dt))
 
     def leaf(g: jax.Array, m: jax.Array, u: jax.Array) -> tuple[jax.Array, ...]:
-        cdt, rdt = _dtypes.dtypes_of(g)
-        s = scalars[rdt]
-        r1: jax.Array = s.r1  # type: ignore[assignment]  # always bias-corrected
-        g_ = _dtypes.cast(g, cdt)
-        m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
-        u_decayed = _common.decayed(s.b2, _dtypes.cast(u, rdt), nonnegative=True)
-        abs_g = lax.abs(g_) if g_.dtype == rdt else jnp.abs(g_)
-        # d = m̂/denominator with m̂ = m/(1-b1^t), corrected last (see adam_direction).
-        if config.eps_in_max:  # u = max(b2·u, |g| + eps),  d = m̂/u
-            u_new = lax.max(lax.add(abs_g, s.eps), u_decayed)
-            d = _common.scale(r1, _common.divide(m_new, u_new))
-        else:  # u = max(b2·u, |g|),  d = m̂/(u + eps)
-            u_new = lax.max(u_decayed, abs_g)
-            d = _common.scale(r1, _common.divide(m_new, lax.add(u_new, s.eps)))
-        return _dtypes.cast(d, g.dtype), _common.store(m_new, m), _dtypes.cast(u_new, u.dtype)
+        return adamax_leaf(config, scalars[_dtypes.dtypes_of(g)[1]], g, m, u)
 
     d, m, u = _common.map_leaves(leaf, 3, updates, state.m, state.u)
     return d, AdamaxState(count=count, m=m, u=u)
@@ -173,13 +191,22 @@ def adamax(
     eps: ArrayLike = 1e-8,
     *,
     weight_decay: optax.ScalarOrSchedule = 0.0,
+    decoupled_weight_decay: bool = False,
     maximize: bool = False,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
     eps_in_max: bool = False,
     mu_dtype: DTypeLike | None = None,
     state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Adamax with a learning rate, coupled (L2) weight decay and ``maximize``.
+    r"""Adamax with a learning rate, weight decay and ``maximize``.
+
+    .. math::
+
+      \text{coupled:}\quad g_t \leftarrow \pm g_t + \lambda p_{t-1}, \quad
+      p_t = p_{t-1} - \eta_t \cdot \mathrm{scale\_by\_adamax}(g_t)
+
+      \text{decoupled:}\quad
+      p_t = p_{t-1} - \eta_t \left(\mathrm{scale\_by\_adamax}(\pm g_t) + \lambda p_{t-1}\right)
 
     ``eps_in_max=True`` is ``torch.optim.Adamax`` (with its ``weight_decay`` and
     ``maximize``) and ``optax.adamax``; the default is the ``m̂/(u + eps)`` form, Keras's.
@@ -189,7 +216,11 @@ def adamax(
     Args:
       state_bits: as in :func:`scale_by_adamax`.
       learning_rate: a number, an array or an optax schedule; >= 0.
-      weight_decay: coupled L2 coefficient, >= 0.
+      weight_decay: :math:`\lambda`, >= 0; coupled (L2, added to the gradient) by default.
+      decoupled_weight_decay: decay the params by :math:`\eta\lambda p` outside the
+        Adamax step (AdamW-style), the meaning of torch's ``decoupled_weight_decay`` for
+        Adam, NAdam and RAdam (``torch.optim.Adamax`` has no such option). ``True`` is
+        :func:`adamaxw` (with this function's default ``weight_decay=0``).
       maximize: ascend instead of descend.
       cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
         first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
@@ -206,15 +237,15 @@ def adamax(
     References:
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015, section 7.1.
     """
-    return _alias.coupled(
-        scale_by_adamax(
-            b1, b2, eps, eps_in_max=eps_in_max, mu_dtype=mu_dtype, state_bits=state_bits
-        ),
-        learning_rate,
-        weight_decay,
-        maximize,
-        cautious=cautious,
+    _checks.check_bool("decoupled_weight_decay", decoupled_weight_decay)
+    scaler = scale_by_adamax(
+        b1, b2, eps, eps_in_max=eps_in_max, mu_dtype=mu_dtype, state_bits=state_bits
     )
+    if decoupled_weight_decay:
+        return _alias.decoupled(
+            scaler, learning_rate, weight_decay, None, maximize, cautious=cautious
+        )
+    return _alias.coupled(scaler, learning_rate, weight_decay, maximize, cautious=cautious)
 
 
 def adamaxw(
@@ -226,7 +257,7 @@ def adamaxw(
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: _alias.Mask = None,
     maximize: bool = False,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
     eps_in_max: bool = False,
     mu_dtype: DTypeLike | None = None,
     state_bits: int | None = None,

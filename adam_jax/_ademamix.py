@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple, TypeAlias, get_args
 
 import chex
 import jax
@@ -13,12 +13,14 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common, _dtypes
-from adam_jax._common import Decay
+from adam_jax import _alias, _cautious, _checks, _common, _dtypes
+from adam_jax._common import Decay, DecayPair
 
-SCHEDULES = ("apple", "paper")
+B3Schedule: TypeAlias = Literal["apple", "paper"]
+SCHEDULES: tuple[B3Schedule, ...] = get_args(B3Schedule)
 
 
+@_checks.state_class
 class AdEMAMixState(NamedTuple):
     """State of :func:`scale_by_ademamix`.
 
@@ -48,14 +50,17 @@ class AdEMAMixHyperparams(NamedTuple):
 class AdEMAMixConfig:
     alpha_warmup: int | None
     b3_warmup: int | None
-    b3_schedule: str
+    b3_schedule: B3Schedule
     mu_dtype: np.dtype | None
     nu_dtype: np.dtype | None
 
 
 class Step(NamedTuple):
-    sc: _common.Scalars  # b1, b2, eps and the bias corrections
-    b3: Decay  # (b3_t, 1 - b3_t)
+    b1: DecayPair
+    b2: DecayPair
+    direction: _common.Direction  # eps and the second moment's correction 1/(1-b2^t)
+    r1: jax.Array  # 1/(1-b1^t)
+    b3: DecayPair  # (b3_t, 1 - b3_t)
     alpha: jax.Array  # alpha_t
 
 
@@ -66,7 +71,7 @@ def alpha_at(alpha: jax.Array, t: jax.Array, warmup: int | None) -> jax.Array:
     return jnp.where(t < warmup, t / warmup * alpha, alpha)
 
 
-def b3_at(b1: Decay, b3: Decay, t: jax.Array, config: AdEMAMixConfig) -> Decay:
+def b3_at(b1: DecayPair, b3: DecayPair, t: jax.Array, config: AdEMAMixConfig) -> DecayPair:
     """``(b3_t, 1 - b3_t)``, from ``b1`` at ``t = 0`` to ``b3`` at ``t = T``, in half-life."""
     warmup = config.b3_warmup
     if warmup is None:
@@ -80,17 +85,21 @@ def b3_at(b1: Decay, b3: Decay, t: jax.Array, config: AdEMAMixConfig) -> Decay:
         ln1, ln3 = jnp.log(b1.d), jnp.log(b3.d)
         b3_t = jnp.minimum(jnp.exp(ln1 * ln3 / ((1 - a) * ln3 + a * ln1)), b3.d)
     b3_t = jnp.where(t < warmup, b3_t, b3.d)
-    return Decay(b3_t, jnp.where(t < warmup, 1 - b3_t, b3.one_minus_d))
+    return _common.traced_pair(b3_t, jnp.where(t < warmup, 1 - b3_t, b3.one_minus_d))
 
 
 def _step(
     hp: AdEMAMixHyperparams, config: AdEMAMixConfig, count: jax.Array, dtype: np.dtype
 ) -> Step:
-    sc = _common.scalars(dtype, count, hp.b1, hp.b2, hp.eps)
+    mo = _common.moments(dtype, hp.b1, hp.b2, hp.eps)
+    r1 = _common.reciprocal(_common.correction(mo.b1, count))
+    r2 = _common.reciprocal(_common.correction(mo.b2, count))
+    direction = _common.Direction(mo.eps, inner=r2)  # u = mix / (sqrt(v/(1-b2^t)) + eps)
     b3 = _common.decay_pair(hp.b3, dtype)
     t = count.astype(dtype)
     alpha = jnp.asarray(_common.scalar(hp.alpha, dtype))
-    return Step(sc, b3_at(sc.b1, b3, t, config), alpha_at(alpha, t, config.alpha_warmup))
+    b3_t = b3_at(mo.b1, b3, t, config)
+    return Step(mo.b1, mo.b2, direction, r1, b3_t, alpha_at(alpha, t, config.alpha_warmup))
 
 
 def _init(config: AdEMAMixConfig, params: optax.Params) -> AdEMAMixState:
@@ -123,12 +132,11 @@ def _update(
         cdt, rdt = _dtypes.dtypes_of(g)
         s = steps[rdt]
         g_ = _dtypes.cast(g, cdt)
-        m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.sc.b1)  # m = b1·m + (1-b1)·g
+        m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
         slow_new = _common.ema(g_, _dtypes.cast(m_slow, cdt), s.b3)  # m2 = b3_t·m2 + (1-b3_t)·g
-        v_new = _common.ema(_common.abs_sq(g_), _dtypes.cast(v, rdt), s.sc.b2, nonnegative=True)
-        r1: jax.Array = s.sc.r1  # type: ignore[assignment]  # always bias-corrected
-        mix = _common.scale(r1, m_new) + _common.scale(s.alpha, slow_new)  # m̂ + alpha_t·m2
-        u = _common.adam_direction(mix, v_new, s.sc, eps_hat=False, m_is_corrected=True)
+        v_new = _common.ema(_common.abs_sq(g_), _dtypes.cast(v, rdt), s.b2, nonnegative=True)
+        mix = _common.scale(s.r1, m_new) + _common.scale(s.alpha, slow_new)  # m̂ + alpha_t·m2
+        u = _common.adam_direction(mix, v_new, s.direction)
         return (
             _dtypes.cast(u, g.dtype),
             _common.store(m_new, m),
@@ -141,10 +149,8 @@ def _update(
 
 
 def _check_warmup(name: str, value: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be None or an integer >= 1, got {name}={value!r}")
+    if value is not None:
+        _checks.check_positive_int(name, value, reason=" >= 1 or None", type_error=ValueError)
 
 
 def scale_by_ademamix(
@@ -156,7 +162,7 @@ def scale_by_ademamix(
     *,
     alpha_warmup: int | None = None,
     b3_warmup: int | None = None,
-    b3_schedule: str = "apple",
+    b3_schedule: B3Schedule = "apple",
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformation:
@@ -254,10 +260,10 @@ def ademamix(
     *,
     alpha_warmup: int | None = None,
     b3_warmup: int | None = None,
-    b3_schedule: str = "apple",
+    b3_schedule: B3Schedule = "apple",
     mask: _alias.Mask = None,
     maximize: bool = False,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:

@@ -15,6 +15,7 @@ from adam_jax import _alias, _checks, _common, _dtypes
 from adam_jax._common import Decay
 
 
+@_checks.state_class
 class ADOPTState(NamedTuple):
     """State of :func:`scale_by_adopt`.
 

@@ -102,15 +102,19 @@ class AliasConfig:
 
     def parts(
         self, scaler: Any, learning_rate: chex.Numeric, weight_decay: chex.Numeric
-    ) -> list[Any]:
-        """The pieces of the chain, in order."""
+    ) -> dict[str, Any]:
+        """The pieces of the chain by name, in order; the chain's state holds one
+        state per piece, in the same order."""
         mask = self.mask.tree() if isinstance(self.mask, FrozenMask) else self.mask
         wd = self.wd_schedule if self.wd_schedule is not None else weight_decay
         lr = self.lr_schedule if self.lr_schedule is not None else learning_rate
         decay = optax.add_decayed_weights(wd, mask)
-        parts = [optax.scale(-1.0)] if self.maximize else []
-        parts += [scaler, decay] if self.decoupled else [decay, scaler]
-        return [*parts, optax.scale_by_learning_rate(lr)]
+        parts = {"maximize": optax.scale(-1.0)} if self.maximize else {}
+        if self.decoupled:
+            parts |= {"scaler": scaler, "weight_decay": decay}
+        else:
+            parts |= {"weight_decay": decay, "scaler": scaler}
+        return parts | {"learning_rate": optax.scale_by_learning_rate(lr)}
 
 
 class AliasHyperparams(NamedTuple):
@@ -118,10 +122,12 @@ class AliasHyperparams(NamedTuple):
     weight_decay: chex.Numeric | None
 
 
-def _init(config: AliasConfig, scaler_init: Callable, params: optax.Params) -> optax.OptState:
+def _init(
+    config: AliasConfig, scaler_init: Callable[..., optax.OptState], params: optax.Params
+) -> optax.OptState:
     _check_mask(config, params)
     parts = config.parts(optax.GradientTransformation(scaler_init, None), 0.0, 1.0)
-    return optax.chain(*parts).init(params)
+    return optax.chain(*parts.values()).init(params)
 
 
 def _update(
@@ -146,12 +152,15 @@ def _update(
         except ValueError:
             # Name the grads when they are what differs from the state; the scaler
             # checks them against its state itself, so this runs only on failure.
-            inner = state[int(config.maximize) + int(not config.decoupled)]
+            inner = state[list(parts).index("scaler")]
             if hasattr(inner, "m"):
                 _checks.check_like(updates, inner.m)
             raise
         _check_mask(config, params)
-    return optax.chain(*parts).update(updates, state, params, **extra_args)
+    result: tuple[optax.Updates, optax.OptState] = optax.chain(*parts.values()).update(
+        updates, state, params, **extra_args
+    )
+    return result
 
 
 def _check_mask(config: AliasConfig, params: optax.Params) -> None:
@@ -189,7 +198,7 @@ def coupled(
     learning_rate: optax.ScalarOrSchedule,
     weight_decay: optax.ScalarOrSchedule,
     maximize: bool,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
 ) -> optax.GradientTransformationExtraArgs:
     """``torch.optim.Adam``/``Adamax`` layout: L2 added to the gradient.
 
@@ -207,7 +216,7 @@ def decoupled(
     weight_decay: optax.ScalarOrSchedule,
     mask: Mask,
     maximize: bool,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
 ) -> optax.GradientTransformationExtraArgs:
     """``torch.optim.AdamW``/``optax.adamw`` layout: decay scaled by the learning rate.
 

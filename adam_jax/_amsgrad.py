@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple, TypeAlias, get_args
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common, _dtypes, _quantize
-from adam_jax._adam import AdamHyperparams, adam_hyperparams, adam_scalars
+from adam_jax import _alias, _cautious, _checks, _common, _dtypes, _quantize
+from adam_jax._common import AdamHyperparams, DecayPair
 
-MAX_OF = ("raw", "corrected")
+MaxOf: TypeAlias = Literal["raw", "corrected"]
+MAX_OF: tuple[MaxOf, ...] = get_args(MaxOf)
 
 
+@_checks.state_class
 class AMSGradState(NamedTuple):
     """State of :func:`scale_by_amsgrad`.
 
@@ -38,10 +41,57 @@ class AMSGradState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class AMSGradConfig:
     eps_hat: bool
-    max_of: str
+    max_of: MaxOf
     bias_correction: bool
     mu_dtype: np.dtype | None
     nu_dtype: np.dtype | None
+
+
+class AMSGradScalars(NamedTuple):
+    """The scalars one AMSGrad update shares between leaves of one real compute dtype."""
+
+    b1: DecayPair
+    b2: DecayPair
+    direction: _common.Direction
+    v_scale: ArrayLike | None  # 1/(1-b2^t) for max_of="corrected", else None (1)
+
+
+def amsgrad_scalars(
+    hp: AdamHyperparams, config: AMSGradConfig, count: jax.Array, dtype: np.dtype
+) -> AMSGradScalars:
+    """Cast the hyperparameters to ``dtype`` and form the corrections ``config`` applies."""
+    mo = _common.moments(dtype, hp.b1, hp.b2, hp.eps, hp.eps_root)
+    if not config.bias_correction:
+        return AMSGradScalars(mo.b1, mo.b2, _common.Direction(mo.eps, mo.eps_root), None)
+    c1, c2 = _common.correction(mo.b1, count), _common.correction(mo.b2, count)
+    r1, r2 = _common.reciprocal(c1), _common.reciprocal(c2)
+    corrected = config.max_of == "corrected"
+    if config.eps_hat:  # u = m·sqrt(1-b2^t)/(1-b1^t) / (sqrt(v_max_raw + eps_root) + eps)
+        inner = c2 if corrected else None
+        direction = _common.Direction(mo.eps, mo.eps_root, inner, jnp.sqrt(c2) / c1)
+    else:  # u = m̂ / (sqrt(v̂_max + eps_root) + eps)
+        direction = _common.Direction(mo.eps, mo.eps_root, None if corrected else r2, r1)
+    return AMSGradScalars(mo.b1, mo.b2, direction, r2 if corrected else None)
+
+
+def amsgrad_leaf(
+    s: AMSGradScalars, g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """One leaf's AMSGrad step: ``(direction, new m, new v, new v_max)`` in the storage dtypes."""
+    cdt, rdt = _dtypes.dtypes_of(g)
+    g_ = _dtypes.cast(g, cdt)
+    m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
+    v_new = _common.ema(_common.abs_sq(g_), _dtypes.cast(v, rdt), s.b2, nonnegative=True)
+    # v_max = max(v_max, v̂) or max(v_max, v)
+    candidate = v_new if s.v_scale is None else lax.mul(v_new, s.v_scale)
+    v_max_new = lax.max(_dtypes.cast(v_max, rdt), candidate)
+    u = _common.adam_direction(m_new, v_max_new, s.direction)
+    return (
+        _dtypes.cast(u, g.dtype),
+        _common.store(m_new, m),
+        _dtypes.cast(v_new, v.dtype),
+        _dtypes.cast(v_max_new, v_max.dtype),
+    )
 
 
 def _init(config: AMSGradConfig, params: optax.Params) -> AMSGradState:
@@ -62,28 +112,12 @@ def _update(
 ) -> tuple[optax.Updates, AMSGradState]:
     del params
     _checks.prepare_update(updates, state, AMSGradState, "scale_by_amsgrad")
+    _common.check_traced(hp)
     count = _common.increment(state.count)
-    scalars = adam_scalars(hp, updates, count, bias_correction=config.bias_correction)
-    corrected = config.max_of == "corrected" and config.bias_correction
+    scalars = _common.by_dtype(updates, lambda dt: amsgrad_scalars(hp, config, count, dt))
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array, v_max: jax.Array) -> tuple[jax.Array, ...]:
-        cdt, rdt = _dtypes.dtypes_of(g)
-        s = scalars[rdt]
-        g_ = _dtypes.cast(g, cdt)
-        m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
-        v_new = _common.ema(_common.abs_sq(g_), _dtypes.cast(v, rdt), s.b2, nonnegative=True)
-        # v_max = max(v_max, v̂) or max(v_max, v)
-        candidate = lax.mul(v_new, s.r2) if corrected and s.r2 is not None else v_new
-        v_max_new = lax.max(_dtypes.cast(v_max, rdt), candidate)
-        u = _common.adam_direction(
-            m_new, v_max_new, s, eps_hat=config.eps_hat, s_is_corrected=corrected
-        )
-        return (
-            _dtypes.cast(u, g.dtype),
-            _common.store(m_new, m),
-            _dtypes.cast(v_new, v.dtype),
-            _dtypes.cast(v_max_new, v_max.dtype),
-        )
+        return amsgrad_leaf(scalars[_dtypes.dtypes_of(g)[1]], g, m, v, v_max)
 
     u, m, v, v_max = _common.map_leaves(leaf, 4, updates, state.m, state.v, state.v_max)
     return u, AMSGradState(count=count, m=m, v=v, v_max=v_max)
@@ -96,7 +130,7 @@ def scale_by_amsgrad(
     eps_root: ArrayLike = 0.0,
     *,
     eps_hat: bool = False,
-    max_of: str = "raw",
+    max_of: MaxOf = "raw",
     bias_correction: bool = True,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
@@ -156,7 +190,8 @@ def scale_by_amsgrad(
     References:
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
     """
-    hp = adam_hyperparams(b1, b2, eps, eps_root, eps_hat)
+    hp = _common.adam_hyperparams(b1, b2, eps, eps_root)
+    _checks.check_bool("eps_hat", eps_hat)
     _checks.check_choice("max_of", max_of, MAX_OF)
     _checks.check_bool("bias_correction", bias_correction)
     config = AMSGradConfig(
@@ -178,25 +213,37 @@ def amsgrad(
     eps_root: ArrayLike = 0.0,
     *,
     weight_decay: optax.ScalarOrSchedule = 0.0,
+    decoupled_weight_decay: bool = False,
     maximize: bool = False,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
     eps_hat: bool = False,
-    max_of: str = "raw",
+    max_of: MaxOf = "raw",
     bias_correction: bool = True,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""AMSGrad with a learning rate, coupled (L2) weight decay and ``maximize``.
+    r"""AMSGrad with a learning rate, weight decay and ``maximize``.
+
+    .. math::
+
+      \text{coupled:}\quad g_t \leftarrow \pm g_t + \lambda p_{t-1}, \quad
+      p_t = p_{t-1} - \eta_t \cdot \mathrm{scale\_by\_amsgrad}(g_t)
+
+      \text{decoupled:}\quad
+      p_t = p_{t-1} - \eta_t \left(\mathrm{scale\_by\_amsgrad}(\pm g_t) + \lambda p_{t-1}\right)
 
     With the defaults this is ``torch.optim.Adam(amsgrad=True)`` (including its
-    ``weight_decay`` and ``maximize``); ``max_of="corrected"`` is ``optax.amsgrad``.
-    See :func:`scale_by_amsgrad`.
+    ``weight_decay``, ``decoupled_weight_decay`` and ``maximize``);
+    ``max_of="corrected"`` is ``optax.amsgrad``. See :func:`scale_by_amsgrad`.
 
     Args:
       state_bits: as in :func:`scale_by_amsgrad`.
       learning_rate: a number, an array or an optax schedule; >= 0.
-      weight_decay: coupled L2 coefficient, >= 0.
+      weight_decay: :math:`\lambda`, >= 0; coupled (L2, added to the gradient) by default.
+      decoupled_weight_decay: as in ``torch.optim.Adam(amsgrad=True)``: decay the params
+        by :math:`\eta\lambda p` outside the AMSGrad step (AdamW-style) instead of
+        adding :math:`\lambda p` to the gradient.
       maximize: ascend instead of descend.
       cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the step where the
         first moment and the gradient disagree (:func:`adam_jax.cautious`); decay is not masked.
@@ -214,21 +261,21 @@ def amsgrad(
     References:
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
     """
-    return _alias.coupled(
-        scale_by_amsgrad(
-            b1,
-            b2,
-            eps,
-            eps_root,
-            eps_hat=eps_hat,
-            max_of=max_of,
-            bias_correction=bias_correction,
-            mu_dtype=mu_dtype,
-            nu_dtype=nu_dtype,
-            state_bits=state_bits,
-        ),
-        learning_rate,
-        weight_decay,
-        maximize,
-        cautious=cautious,
+    _checks.check_bool("decoupled_weight_decay", decoupled_weight_decay)
+    scaler = scale_by_amsgrad(
+        b1,
+        b2,
+        eps,
+        eps_root,
+        eps_hat=eps_hat,
+        max_of=max_of,
+        bias_correction=bias_correction,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        state_bits=state_bits,
     )
+    if decoupled_weight_decay:
+        return _alias.decoupled(
+            scaler, learning_rate, weight_decay, None, maximize, cautious=cautious
+        )
+    return _alias.coupled(scaler, learning_rate, weight_decay, maximize, cautious=cautious)

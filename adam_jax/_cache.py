@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -57,5 +59,6 @@ def enable_compilation_cache(
         )
     path = os.path.expanduser(os.fspath(path))
     os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+    update: Callable[[str, Any], None] = jax.config.update  # untyped in jax's stubs
+    update("jax_compilation_cache_dir", path)
+    update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal, TypeAlias, get_args
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +13,16 @@ from jax.tree_util import Partial
 
 from adam_jax import _checks, _dtypes, _quantize
 
-FORMS = ("timm", "paper")
+Form: TypeAlias = Literal["timm", "paper"]
+FORMS: tuple[Form, ...] = get_args(Form)
+# An alias's ``cautious`` argument: off, on (``True`` = ``"timm"``) or a form.
+Cautious: TypeAlias = bool | Form
 
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class CautiousConfig:
-    form: str
+    form: Form
 
 
 def _init(scaler_init: Any, params: optax.Params) -> optax.OptState:
@@ -47,7 +50,7 @@ def _parts(x: jax.Array) -> jax.Array:
     return jnp.stack([jnp.real(x), jnp.imag(x)], -1) if jnp.iscomplexobj(x) else x
 
 
-def _masked(u: jax.Array, m: jax.Array, g: jax.Array, form: str) -> jax.Array:
+def _masked(u: jax.Array, m: jax.Array, g: jax.Array, form: Form) -> jax.Array:
     """``u·mask`` with ``mask = (m·g > 0)`` normalised per tensor."""
     if u.size == 0:
         return u
@@ -66,7 +69,7 @@ def _masked(u: jax.Array, m: jax.Array, g: jax.Array, form: str) -> jax.Array:
     return _dtypes.cast(u_parts, u.dtype)
 
 
-def form_of(cautious: bool | str) -> str | None:
+def form_of(cautious: Cautious) -> Form | None:
     """The normalisation a ``cautious`` argument asks for: None (off), ``"timm"`` or ``"paper"``."""
     if isinstance(cautious, bool):
         return "timm" if cautious else None
@@ -77,7 +80,7 @@ def form_of(cautious: bool | str) -> str | None:
 
 
 def cautious(
-    scaler: optax.GradientTransformation, form: str = "timm"
+    scaler: optax.GradientTransformation, form: Form = "timm"
 ) -> optax.GradientTransformation:
     r"""Make a ``scale_by_*`` transformation cautious (Liang et al., 2024).
 
@@ -132,7 +135,7 @@ def cautious(
     )
 
 
-def maybe(scaler: optax.GradientTransformation, cautious_: bool | str) -> Any:
+def maybe(scaler: optax.GradientTransformation, cautious_: Cautious) -> Any:
     """``scaler``, made cautious when an alias's ``cautious`` argument asks for it."""
     form = form_of(cautious_)
     return scaler if form is None else cautious(scaler, form)

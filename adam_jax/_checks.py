@@ -11,19 +11,22 @@ tree path, raised before anything is computed.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import checkify
 
 
-def _is_traced(value: Any) -> bool:
-    return isinstance(value, jax.core.Tracer)
+def is_traced(value: Any) -> bool:
+    """Whether any leaf of ``value`` is a tracer (inside jit, vmap or grad)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(value))
 
 
 def _concrete_values(name: str, value: Any, *, schedule_ok: bool = False) -> np.ndarray | None:
@@ -38,7 +41,7 @@ def _concrete_values(name: str, value: Any, *, schedule_ok: bool = False) -> np.
             f"{name} must be a real number or a scalar array, not a function: got {name}={value!r}"
         )
     check_scalar(name, value)
-    if _is_traced(value):
+    if is_traced(value):
         return None
     if isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be a real number, got the bool {value!r}")
@@ -104,7 +107,7 @@ def traced_interval(
     ``checkify.debug_check``: it reports the argument and its value when the caller
     is wrapped in ``jax.experimental.checkify.checkify``, and stages nothing that
     runs otherwise. Concrete values were checked when the optimizer was built."""
-    if not _is_traced(value) or _explicit_mesh_in_context():
+    if not is_traced(value) or _explicit_mesh_in_context():
         return
     upper = value < high if high_open else value <= high
     bracket = ")" if high_open else "]"
@@ -127,6 +130,17 @@ def _explicit_mesh_in_context() -> bool:
     return not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types
 
 
+def check_positive_int(
+    name: str, value: Any, *, reason: str = "", type_error: type[Exception] = TypeError
+) -> None:
+    """A Python or NumPy int >= 1 (not a bool, not an array): a count that fixes a
+    shape or a length. ``reason`` follows "must be a Python int" in the error."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise type_error(f"{name} must be a Python int{reason}, got {name}={value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {name}={value}")
+
+
 def check_non_negative_int(name: str, value: Any) -> None:
     """An integer >= 0: a Python or NumPy int, or an integer scalar array (traced
     ones are checked for dtype and shape only). ``2.5``, ``3.0`` and bools are refused."""
@@ -136,7 +150,7 @@ def check_non_negative_int(name: str, value: Any) -> None:
     ):
         raise TypeError(f"{name} must be an integer >= 0, got {name}={value!r}")
     check_scalar(name, value)
-    if not _is_traced(value) and int(value) < 0:
+    if not is_traced(value) and int(value) < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {name}={int(value)}")
 
 
@@ -199,7 +213,7 @@ def canonical_dtype(name: str, dtype: Any) -> jnp.dtype | None:
     return jax.dtypes.canonicalize_dtype(dt)
 
 
-def check_inexact(dtype: Any) -> jnp.dtype:
+def check_inexact(dtype: Any) -> np.dtype:
     """A floating-point or complex dtype, or a TypeError that says why."""
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.inexact):
@@ -207,7 +221,8 @@ def check_inexact(dtype: Any) -> jnp.dtype:
             f"adam_jax optimizers need floating-point or complex params and grads, "
             f"got dtype {dtype}: Adam on integer params is meaningless"
         )
-    return dtype
+    result: np.dtype = dtype
+    return result
 
 
 def check_leaf(x: Any, where: str) -> None:
@@ -243,7 +258,7 @@ def check_same_tree(
     if t_tree == t_ref:
         return
 
-    def paths(t):
+    def paths(t: Any) -> set[str]:
         return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
 
     missing = sorted(paths(reference) - paths(tree))
@@ -273,12 +288,12 @@ def check_prefix_tree(tree: Any, reference: Any, *, what: str, reference_name: s
     except (ValueError, TypeError):
         pass
 
-    def paths(t):
+    def paths(t: Any) -> list[Any]:
         return [p for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]]
 
     prefixes, full = paths(tree), paths(reference)
 
-    def covered(path):
+    def covered(path: Any) -> bool:
         return any(path[: len(p)] == p for p in prefixes)
 
     missing = sorted({jax.tree_util.keystr(p) for p in full if not covered(p)})
@@ -344,14 +359,29 @@ def prepare_update(grads: Any, state: Any, state_cls: type, owner: str) -> None:
             )
 
 
-def is_optimizer_state(x: Any) -> bool:
-    """A node that only an optimizer state holds: an optax or adam_jax state NamedTuple."""
-    fields = getattr(x, "_fields", None)
-    return (
-        isinstance(x, tuple)
-        and fields is not None
-        and ("count" in fields or type(x).__name__.endswith("State"))
+_STATE_TYPES: set[type] = set()
+T = TypeVar("T", bound=type)
+
+
+def state_class(cls: T) -> T:
+    """Register ``cls`` as one of this library's optimizer states (a class decorator)."""
+    _STATE_TYPES.add(cls)
+    return cls
+
+
+@functools.cache
+def _optax_state_types() -> frozenset[type]:
+    """The state classes optax exports: its NamedTuples named ``...State``."""
+    return frozenset(
+        v
+        for name, v in vars(optax).items()
+        if isinstance(v, type) and issubclass(v, tuple) and name.endswith("State")
     )
+
+
+def is_optimizer_state(x: Any) -> bool:
+    """A node that only an optimizer state holds: a state of this library or of optax."""
+    return type(x) in _STATE_TYPES or type(x) in _optax_state_types()
 
 
 def mask_leaf(x: Any) -> bool:

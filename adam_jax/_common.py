@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import numbers
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 import chex
 import jax
@@ -30,9 +30,11 @@ import optax
 from jax import lax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _dtypes
+from adam_jax import _checks, _dtypes
 
 T = TypeVar("T")
+# A scalar in a compute dtype: an array on the host (NumPy) or in the program (JAX).
+Scalar: TypeAlias = jax.Array | np.ndarray
 
 
 def init_count() -> jax.Array:
@@ -41,22 +43,32 @@ def init_count() -> jax.Array:
 
 def increment(count: jax.Array) -> jax.Array:
     """``count + 1``, saturating at the int32 maximum instead of wrapping."""
-    return optax.safe_increment(count)
+    new: jax.Array = optax.safe_increment(count)
+    return new
 
 
 class Decay(NamedTuple):
-    """A decay rate ``d`` with ``1 - d``, both pytree leaves.
+    """A decay rate ``d`` with ``1 - d``, both pytree leaves: how an optimizer stores it.
 
     :func:`decay_leaves` forms ``1 - d`` in the hyperparameter's own precision
     (double for a Python float), as optax and torch do; forming it after a cast
     to float32 would move float32 results by an ulp. Kept as a leaf, it is the
-    same number whether the optimizer is traced or not. :func:`decay_pair` adds
-    ``cap`` (see :func:`decayed`).
+    same number whether the optimizer is traced or not. :func:`decay_pair` casts it
+    for one compute dtype.
     """
 
     d: chex.Numeric
     one_minus_d: chex.Numeric
-    cap: tuple[Any, Any] | tuple[()] | None = None  # (-c, c), see decayed
+
+
+class DecayPair(NamedTuple):
+    """A :class:`Decay` in one real compute dtype, with the bounds ``(-c, c)`` that
+    :func:`decayed` clamps the decayed value to: ``c`` is the dtype's maximum where
+    ``d`` is 0 and inf elsewhere."""
+
+    d: Scalar
+    one_minus_d: Scalar
+    cap: tuple[Scalar, Scalar]
 
 
 def decay_leaves(decay: ArrayLike | Decay) -> Decay:
@@ -69,34 +81,32 @@ def decay_leaves(decay: ArrayLike | Decay) -> Decay:
     return Decay(decay, 1 - decay)
 
 
-def decay_pair(decay: ArrayLike | Decay, dtype: DTypeLike) -> Decay:
+def decay_pair(decay: ArrayLike | Decay, dtype: DTypeLike) -> DecayPair:
     """``(decay, 1 - decay)`` as arrays in ``dtype`` (see :func:`decay_leaves`), and
     the ``cap`` that :func:`decayed` clamps the decayed value to.
 
     A concrete (not traced) decay is cast on the host and its ``cap`` resolved here:
-    for ``d != 0`` the clamp is the identity and is left out of the program
-    (:data:`UNBOUNDED`), so a many-leaf update stages no more than its arithmetic.
+    for ``d != 0`` it is ``(-inf, inf)``, which :func:`decayed` recognises on the host
+    and leaves out of the program, so a many-leaf update stages no more than its
+    arithmetic.
     """
-    d, one_minus_d, _ = decay_leaves(decay)
+    d, one_minus_d = decay_leaves(decay)
     d_, om = scalar(d, dtype), scalar(one_minus_d, dtype)
     if isinstance(d_, np.ndarray) and isinstance(om, np.ndarray):
-        if d_ != 0:
-            return Decay(d_, om, UNBOUNDED)
-        big = np.asarray(np.finfo(_dtypes.real_dtype(dtype)).max, _dtypes.real_dtype(dtype))
-        return Decay(d_, om, (-big, big))
-    cap = jnp.where(d_ == 0, jnp.finfo(dtype).max, jnp.inf).astype(_dtypes.real_dtype(dtype))
-    return Decay(d_, om, (-cap, cap))
+        rdt = _dtypes.real_dtype(dtype)
+        big = np.asarray(np.inf if d_ != 0 else np.finfo(rdt).max, rdt)
+        return DecayPair(d_, om, (-big, big))
+    return traced_pair(d_, om)
 
 
-# The cap of a decay known not to be 0: x is left as it is.
-UNBOUNDED: tuple[()] = ()
+def traced_pair(d: Scalar, one_minus_d: Scalar) -> DecayPair:
+    """A :class:`DecayPair` for a decay known only at run time."""
+    d = jnp.asarray(d)
+    cap = jnp.where(d == 0, _dtypes.finfo(d.dtype).max, jnp.inf).astype(d.dtype)
+    return DecayPair(d, one_minus_d, (-cap, cap))
 
 
-def _is_traced(x: Any) -> bool:
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
-
-
-def correction(decay: Decay, count: jax.Array) -> jax.Array:
+def correction(decay: DecayPair, count: jax.Array) -> jax.Array:
     """The bias correction ``1 - d**count`` for a :func:`decay_pair`, a scalar.
 
     Computed as ``-expm1(count·log1p(-(1-d)))`` from ``1 - d`` (formed in the
@@ -112,8 +122,8 @@ def correction(decay: Decay, count: jax.Array) -> jax.Array:
     logarithm is singular. log1p is only used where ``1 - d < 0.25``: XLA:CPU's
     float64 log1p loses ~8 bits on [-0.41, -0.35], where ``log(d)`` is exact enough.
     """
-    d, one_minus_d, _ = decay
-    t = count.astype(d.dtype)
+    d, one_minus_d = decay.d, decay.one_minus_d
+    t = count.astype(jnp.result_type(d))
     small = d < 0.5
     direct = 1 - jnp.where(small, d, 0.25) ** t
     # Safe inputs in the branch not taken keep it and its gradient finite.
@@ -143,7 +153,9 @@ def scale(c: ArrayLike, x: jax.Array) -> jax.Array:
     return jnp.multiply(c, x)
 
 
-def ema(g: jax.Array, moment: jax.Array, decay: Decay, *, nonnegative: bool = False) -> jax.Array:
+def ema(
+    g: jax.Array, moment: jax.Array, decay: DecayPair, *, nonnegative: bool = False
+) -> jax.Array:
     """``decay·moment + (1-decay)·g`` in the order optax uses, for bit-parity.
     ``nonnegative``: the moment is never negative (a second moment)."""
     m = decayed(decay, moment, nonnegative=nonnegative)
@@ -151,25 +163,24 @@ def ema(g: jax.Array, moment: jax.Array, decay: Decay, *, nonnegative: bool = Fa
     return lax.add(g_term, m) if g_term.dtype == m.dtype else g_term + m
 
 
-def decayed(decay: Decay, x: jax.Array, *, nonnegative: bool = False) -> jax.Array:
+def decayed(decay: DecayPair, x: jax.Array, *, nonnegative: bool = False) -> jax.Array:
     """``d·x``, but 0 when ``d`` is 0 even if ``x`` is inf.
 
     Once |g|² overflows (|g| > 1.8e19 in float32) ``v`` is inf, as in torch and
     optax, and every later update of that element is 0. With ``b2 = 0`` there is
     no memory, so the next step must not see ``0·inf = NaN``. ``x`` is clamped to
-    ``cap = (-c, c)``, where ``c`` is the dtype's maximum when ``d`` is 0 and inf otherwise: one
-    operation per leaf, which leaves ``x`` (and its derivative) as it is wherever
-    it matters. A decay known on the host to be nonzero (:data:`UNBOUNDED`) needs
-    no clamp at all.
+    ``decay.cap``: one operation per leaf, which leaves ``x`` (and its derivative)
+    as it is wherever it matters. A cap known on the host to be infinite (a
+    nonzero decay) needs no clamp at all.
     """
-    d, cap = decay.d, decay.cap
-    if cap is not None and len(cap) == 0:  # UNBOUNDED
+    d, (low, high) = decay.d, decay.cap
+    if isinstance(high, np.ndarray) and np.isposinf(high):
         return scale(d, x)
-    if cap is None or jnp.iscomplexobj(x) or cap[0].dtype != x.dtype:
-        return d * jnp.where((d == 0) & jnp.isinf(x), jnp.zeros((), x.dtype), x)
+    if jnp.iscomplexobj(x) or jnp.result_type(high) != x.dtype:
+        return jnp.multiply(d, jnp.where((d == 0) & jnp.isinf(x), jnp.zeros((), x.dtype), x))
     if nonnegative:  # a second moment or an infinity norm: one bound is enough
-        return lax.mul(d, lax.min(x, cap[1]))
-    return lax.mul(d, lax.clamp(cap[0], x, cap[1]))
+        return lax.mul(d, lax.min(x, high))
+    return lax.mul(d, lax.clamp(low, x, high))
 
 
 def map_leaves(
@@ -192,77 +203,99 @@ def by_dtype(updates: optax.Updates, make: Callable[[np.dtype], T]) -> dict[np.d
     return {dt: make(dt) for dt in dtypes}
 
 
-class Scalars(NamedTuple):
-    """The per-step scalars of Adam and its relatives, in one real compute dtype.
+class Moments(NamedTuple):
+    """The hyperparameters of Adam's two moments and its denominator, in one real
+    compute dtype; ``eps_root`` is None where it is known on the host to be 0."""
 
-    ``c1 = 1 - b1**t`` and ``c2 = 1 - b2**t`` are None without bias correction.
-    """
-
-    b1: Decay
-    b2: Decay
-    c1: jax.Array | None
-    c2: jax.Array | None
-    eps: ArrayLike
-    eps_root: ArrayLike | None
-    c1_next: jax.Array | None = None  # 1 - b1**(t+1), for Nesterov momentum only
-    alpha: jax.Array | None = None  # sqrt(c2)/c1, Keras's step-size factor
-    # 1/c1, 1/c2, 1/c1_next. Leaves are multiplied by these reciprocals rather than
-    # divided by the scalars: XLA rewrites x / scalar as x * (1/scalar) in some
-    # programs and not in others (eager, vmapped, constant-folded), and an
-    # optimizer must give the same numbers in each.
-    r1: jax.Array | None = None
-    r2: jax.Array | None = None
-    r1_next: jax.Array | None = None
+    b1: DecayPair
+    b2: DecayPair
+    eps: Scalar
+    eps_root: Scalar | None
 
 
-def scalars(
-    dtype: np.dtype,
-    count: jax.Array | None,
-    b1: Decay,
-    b2: Decay,
-    eps: chex.Numeric,
-    eps_root: chex.Numeric | None = None,
-    *,
-    correct_b2: bool = True,
-    nesterov: bool = False,
-) -> Scalars:
-    """Cast the hyperparameters to ``dtype`` and form the bias corrections: ``c1``,
-    ``c2`` (only when ``correct_b2``) and ``c1_next`` (only for ``nesterov``); with
-    ``count=None`` (no bias correction), none of them."""
-    b1_, b2_ = decay_pair(b1, dtype), decay_pair(b2, dtype)
-    eps_ = scalar(eps, dtype)
+def moments(
+    dtype: np.dtype, b1: Decay, b2: Decay, eps: chex.Numeric, eps_root: chex.Numeric | None = None
+) -> Moments:
+    """Cast the hyperparameters to ``dtype``."""
     root = None if eps_root is None else scalar(eps_root, dtype)
     if isinstance(root, np.ndarray) and root == 0:
         # s + 0 is s for every s >= +0, NaN and inf: the update is unchanged.
         root = None
-    c1 = c2 = c1_next = alpha = r1 = r2 = r1_next = None
-    if count is not None:
-        c1 = correction(b1_, count)
-        c2 = correction(b2_, count) if correct_b2 else None
-        c1_next = correction(b1_, increment(count)) if nesterov else None
-        alpha = jnp.sqrt(c2) / c1 if c2 is not None else None
-        r1 = 1 / c1
-        r2 = None if c2 is None else 1 / c2
-        r1_next = None if c1_next is None else 1 / c1_next
-    return Scalars(b1_, b2_, c1, c2, eps_, root, c1_next, alpha, r1, r2, r1_next)
+    return Moments(decay_pair(b1, dtype), decay_pair(b2, dtype), scalar(eps, dtype), root)
 
 
-def scalar(x: ArrayLike, dtype: DTypeLike) -> ArrayLike:
+class AdamHyperparams(NamedTuple):
+    """The leaves of Adam's moments (of ``scale_by_adam`` and ``scale_by_amsgrad``)."""
+
+    b1: Decay
+    b2: Decay
+    eps: chex.Numeric
+    eps_root: chex.Numeric
+
+
+def adam_hyperparams(
+    b1: ArrayLike, b2: ArrayLike, eps: ArrayLike, eps_root: ArrayLike
+) -> AdamHyperparams:
+    """Check concrete values and store the decays as ``(b, 1 - b)`` leaves."""
+    _checks.check_decay("b1", b1)
+    _checks.check_decay("b2", b2)
+    _checks.check_non_negative("eps", eps)
+    _checks.check_non_negative("eps_root", eps_root)
+    return AdamHyperparams(decay_leaves(b1), decay_leaves(b2), eps, eps_root)
+
+
+def check_traced(hp: AdamHyperparams) -> None:
+    """Range-check traced hyperparameters, under ``checkify`` only."""
+    _checks.traced_interval("b1", hp.b1.d, 0.0, 1.0)
+    _checks.traced_interval("b2", hp.b2.d, 0.0, 1.0)
+    _checks.traced_interval("eps", hp.eps, 0.0)
+    _checks.traced_interval("eps_root", hp.eps_root, 0.0)
+
+
+# Leaves are multiplied by the reciprocals of the bias corrections rather than
+# divided by them: XLA rewrites x / scalar as x * (1/scalar) in some programs and
+# not in others (eager, vmapped, constant-folded), and an optimizer must give the
+# same numbers in each.
+def reciprocal(c: jax.Array) -> jax.Array:
+    """``1/c`` for a bias correction ``c``, formed once per step."""
+    return 1 / c
+
+
+class Direction(NamedTuple):
+    """The constants of :func:`adam_direction` in one real compute dtype: ``u = outer·m /
+    (sqrt(inner·s + eps_root) + eps)``. A factor None is 1 and stages nothing."""
+
+    eps: ArrayLike
+    eps_root: ArrayLike | None = None
+    inner: ArrayLike | None = None  # e.g. 1/(1-b2^t): the second moment's correction
+    outer: ArrayLike | None = None  # e.g. 1/(1-b1^t) or sqrt(1-b2^t)/(1-b1^t)
+
+
+def scalar(x: ArrayLike, dtype: DTypeLike) -> Scalar:
     """A hyperparameter in ``dtype``; cast on the host when it is not traced."""
-    if _is_traced(x):
+    if _checks.is_traced(x):
         return jnp.asarray(x).astype(dtype)
     return np.asarray(x).astype(dtype)
 
 
-def nesterov_first_moment(g: jax.Array, m_new: jax.Array, s: Scalars) -> jax.Array:
-    """``m̂ = b1·m/(1-b1^(t+1)) + (1-b1)·g/(1-b1^t)`` (optax.nadam) for the new ``m``."""
-    if s.r1 is None or s.r1_next is None:
-        return s.b1.d * m_new + s.b1.one_minus_d * g
+def nesterov_first_moment(
+    g: jax.Array,
+    m_new: jax.Array,
+    b1: DecayPair,
+    corrections: tuple[ArrayLike, ArrayLike] | None,
+) -> jax.Array:
+    """``m̂ = b1·m·r1_next + (1-b1)·g·r1`` for the new ``m``, with the reciprocal
+    corrections ``(r1, r1_next) = (1/(1-b1^t), 1/(1-b1^(t+1)))`` (optax.nadam);
+    ``corrections=None``: ``b1·m + (1-b1)·g``."""
+    if corrections is None:
+        return jnp.multiply(b1.d, m_new) + jnp.multiply(b1.one_minus_d, g)
+    r1, r1_next = corrections
     # Each term is kept finite before it is scaled: for complex values jnp
     # multiplies by the real b1 as by b1+0j, and 0·inf would be NaN.
-    m_term = no_overflow(m_new * s.r1_next, m_new)
-    g_term = no_overflow(g * s.r1, g)
-    return no_overflow(s.b1.d * m_term + s.b1.one_minus_d * g_term, m_new, g)
+    m_term = no_overflow(m_new * r1_next, m_new)
+    g_term = no_overflow(g * r1, g)
+    m_hat = jnp.multiply(b1.d, m_term) + jnp.multiply(b1.one_minus_d, g_term)
+    return no_overflow(m_hat, m_new, g)
 
 
 def no_overflow(x: jax.Array, *sources: jax.Array) -> jax.Array:
@@ -283,7 +316,7 @@ def no_overflow(x: jax.Array, *sources: jax.Array) -> jax.Array:
     # clamp leaves every finite x as it is (derivative 1), so selecting it where
     # the sources are finite replaces exactly the overflowed values, in fewer
     # staged operations than testing x for inf.
-    big = float(jnp.finfo(x.dtype).max)
+    big = float(_dtypes.finfo(x.dtype).max)
     clamped = jax.lax.clamp(jnp.asarray(-big, x.dtype), x, jnp.asarray(big, x.dtype))
     return jax.lax.select(finite, clamped, x)
 
@@ -304,49 +337,30 @@ def store(x: jax.Array, like: jax.Array) -> jax.Array:
 
 @functools.cache
 def _narrower(dtype: np.dtype, than: np.dtype) -> bool:
-    return bool(jnp.finfo(dtype).max < jnp.finfo(than).max)
+    return bool(_dtypes.finfo(dtype).max < _dtypes.finfo(than).max)
 
 
-def adam_direction(
-    m: jax.Array,
-    s: jax.Array,
-    sc: Scalars,
-    *,
-    eps_hat: bool,
-    s_is_corrected: bool = False,
-    m_is_corrected: bool = False,
-) -> jax.Array:
-    """The Adam ratio ``m̂ / denominator`` for a first moment ``m`` and a second moment ``s``.
+def adam_direction(m: jax.Array, s: jax.Array, k: Direction) -> jax.Array:
+    """The Adam ratio ``u = outer·m / (sqrt(inner·s + eps_root) + eps)`` for a first
+    moment ``m`` and a second moment ``s``, with the factors of ``k``.
 
-    ``m`` is the raw first moment, corrected here by ``sc.c1 = 1 - b1**t``, or the
-    already-corrected ``m̂`` when ``m_is_corrected``. ``sc.c2 = 1 - b2**t``; both
-    are ``None`` when bias correction is off. ``s`` is the raw second moment, or the
-    already-corrected one when ``s_is_corrected``. ``sc.eps_root=None`` adds nothing
-    inside the square root.
+    The caller passes the corrections its form applies (None where none):
 
-    * ``eps_hat=False`` (Kingma & Ba, PyTorch, optax): ``m̂ / (sqrt(ŝ + eps_root) + eps)``
-      with ``ŝ = s / c2``.
-    * ``eps_hat=True`` (Keras/TensorFlow): ``m̂·sqrt(c2) / (sqrt(s + eps_root) + eps)``:
-      eps is added before the bias correction of ``s``.
+    * Kingma & Ba, PyTorch, optax: ``inner = 1/(1-b2^t)``, ``outer = 1/(1-b1^t)``,
+      that is ``m̂ / (sqrt(ŝ + eps_root) + eps)``;
+    * Keras/TensorFlow (eps added before the bias correction of ``s``):
+      ``inner = 1``, ``outer = sqrt(1-b2^t)/(1-b1^t)``;
+    * a first moment already corrected (Nesterov forms): ``outer`` without ``1/(1-b1^t)``.
 
     The first-moment correction is applied last, as torch applies ``lr/(1-b1^t)``:
-    ``(m / denominator)·(1/c1)``. The ratio is bounded (``|m| <= max|g|`` and the
-    denominator grows with ``|g|``), so dividing it by ``c1 >= 1 - b1`` cannot
-    overflow where ``m/c1`` could for gradients near the dtype's maximum, and an
+    ``(m / denominator)·outer``. The ratio is bounded (``|m| <= max|g|`` and the
+    denominator grows with ``|g|``), so scaling it by ``1/(1-b1^t) <= 1/(1-b1)`` cannot
+    overflow where ``m/(1-b1^t)`` could for gradients near the dtype's maximum, and an
     overflowed ``v`` (inf) gives a zero step rather than ``inf/inf = NaN``.
     """
-    r1 = None if m_is_corrected else sc.r1
-    c2, r2, eps, eps_root = sc.c2, sc.r2, sc.eps, sc.eps_root
-    if c2 is None or r2 is None:
-        ratio = divide(m, _denominator(s, eps_root, eps))
-    elif eps_hat:
-        s_raw = lax.mul(s, c2) if s_is_corrected else s
-        ratio = divide(m, _denominator(s_raw, eps_root, eps))
-        return scale(jnp.sqrt(c2) if r1 is None or sc.alpha is None else sc.alpha, ratio)
-    else:
-        s_hat = s if s_is_corrected else lax.mul(s, r2)
-        ratio = divide(m, _denominator(s_hat, eps_root, eps))
-    return ratio if r1 is None else scale(r1, ratio)
+    s_ = s if k.inner is None else lax.mul(s, k.inner)
+    ratio = divide(m, _denominator(s_, k.eps_root, k.eps))
+    return ratio if k.outer is None else scale(k.outer, ratio)
 
 
 def _denominator(s: jax.Array, eps_root: ArrayLike | None, eps: ArrayLike) -> jax.Array:

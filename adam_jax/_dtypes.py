@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,9 @@ import optax
 from jax.typing import ArrayLike, DTypeLike
 
 from adam_jax import _checks
+
+# jnp.finfo (which knows bfloat16, unlike np.finfo) with the type its stubs lack.
+finfo: Callable[[DTypeLike], Any] = jnp.finfo
 
 
 def compute_dtype(dtype: DTypeLike) -> np.dtype:
@@ -26,7 +31,8 @@ def compute_dtype(dtype: DTypeLike) -> np.dtype:
 
 def real_dtype(dtype: DTypeLike) -> np.dtype:
     """float32 for complex64, float64 for complex128, the dtype itself otherwise."""
-    return np.dtype(jnp.finfo(jnp.dtype(dtype)).dtype)
+    real: np.dtype = np.dtype(finfo(jnp.dtype(dtype)).dtype)
+    return real
 
 
 def zeros_like(

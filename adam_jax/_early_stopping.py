@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.tree_util import Partial
 
-from adam_jax import _checks, _common
+from adam_jax import _checks
 
 
 class StopReason(enum.IntEnum):
@@ -24,6 +25,7 @@ class StopReason(enum.IntEnum):
     NONFINITE = 4
 
 
+@_checks.state_class
 class EarlyStoppingState(NamedTuple):
     """State of :func:`early_stopping`.
 
@@ -83,7 +85,7 @@ def early_stopping(
     patience: Any = 10,
     min_delta: Any = 0.0,
     *,
-    mode: str = "min",
+    mode: Literal["min", "max"] = "min",
     relative: bool = False,
     baseline: Any = None,
     start_step: Any = 0,
@@ -299,7 +301,7 @@ def _update(
         improved = finite & (v > best + delta)
         hit_target = False if n.target is None else v >= n.target
         diverged = False if n.divergence is None else v < n.divergence
-    wait = jnp.where(improved, 0, _common.increment(state.wait))
+    wait = jnp.where(improved, 0, optax.safe_increment(state.wait))
     nonfinite = ~finite if config.check_finite else False
     out_of_patience = False if n.patience is None else ~improved & (wait >= n.patience)
 
@@ -326,5 +328,6 @@ def _update(
     )
     counted = ~state.should_stop & (state.step >= n.start_step)
     new = _tree_where(counted, new, state)
-    step = jnp.where(state.should_stop, state.step, _common.increment(state.step))
-    return new._replace(step=step)
+    step = jnp.where(state.should_stop, state.step, optax.safe_increment(state.step))
+    result: EarlyStoppingState = new._replace(step=step)
+    return result

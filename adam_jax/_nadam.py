@@ -13,10 +13,11 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common, _dtypes, _quantize
-from adam_jax._common import Decay
+from adam_jax import _alias, _cautious, _checks, _common, _dtypes, _quantize
+from adam_jax._common import Decay, DecayPair
 
 
+@_checks.state_class
 class NAdamState(NamedTuple):
     """State of :func:`scale_by_nadam`.
 
@@ -52,16 +53,18 @@ class NAdamConfig:
     mu_product_dtype: np.dtype | None = None
 
 
-class Step(NamedTuple):
+class NAdamScalars(NamedTuple):
     """The scalars one NAdam update shares between leaves of one real compute dtype."""
 
-    sc: _common.Scalars  # b1, b2, eps and the second-moment correction 1 - b2**t
+    b1: DecayPair
+    b2: DecayPair
+    direction: _common.Direction  # eps and the second moment's correction 1/(1-b2^t)
     g_coef: jax.Array  # (1 - mu_t) / (1 - prod_{i<=t} mu_i)
     m_coef: jax.Array  # mu_{t+1} / (1 - prod_{i<=t+1} mu_i)
 
 
 def momentum_schedule(
-    b1: Decay, momentum_decay: jax.Array, t: jax.Array
+    b1: DecayPair, momentum_decay: jax.Array, t: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """``(mu_t, 1 - mu_t)`` with ``mu_t = b1·(1 - 0.5·0.96^(t·momentum_decay))``.
 
@@ -69,7 +72,8 @@ def momentum_schedule(
     terms, formed from ``1 - b1`` as the bias corrections are.
     """
     half_decay = 0.5 * jnp.power(jnp.asarray(0.96, t.dtype), t * momentum_decay)
-    return b1.d * (1 - half_decay), b1.one_minus_d + b1.d * half_decay
+    mu = jnp.multiply(b1.d, 1 - half_decay)
+    return mu, jnp.add(b1.one_minus_d, jnp.multiply(b1.d, half_decay))
 
 
 def schedule_coefficients(
@@ -88,31 +92,32 @@ def schedule_coefficients(
     return one_minus_mu / (1 - product), mu_next / (1 - product * mu_next), stored
 
 
-def step_scalars(
+def nadam_scalars(
     hp: NAdamHyperparams, count: jax.Array, g_coef: jax.Array, m_coef: jax.Array, dtype: np.dtype
-) -> Step:
+) -> NAdamScalars:
     """The per-step scalars for leaves of real compute ``dtype``."""
-    sc = _common.scalars(dtype, count, hp.b1, hp.b2, hp.eps)
-    return Step(sc, g_coef.astype(dtype), m_coef.astype(dtype))
+    mo = _common.moments(dtype, hp.b1, hp.b2, hp.eps)
+    r2 = _common.reciprocal(_common.correction(mo.b2, count))
+    direction = _common.Direction(mo.eps, inner=r2)  # u = m̂ / (sqrt(v/(1-b2^t)) + eps)
+    return NAdamScalars(mo.b1, mo.b2, direction, g_coef.astype(dtype), m_coef.astype(dtype))
 
 
 def nadam_leaf(
-    g: jax.Array, m: jax.Array, v: jax.Array, s: Step
+    s: NAdamScalars, g: jax.Array, m: jax.Array, v: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One leaf's NAdam step: ``(direction, new m, new v)`` in the storage dtypes."""
     cdt, rdt = _dtypes.dtypes_of(g)
-    g_ = g.astype(cdt)
-    m_new = _common.ema(g_, m.astype(cdt), s.sc.b1)  # m = b1·m + (1-b1)·g
-    v_new = _common.ema(
-        _common.abs_sq(g_), v.astype(rdt), s.sc.b2, nonnegative=True
-    )  # v = b2·v + (1-b2)·|g|²
+    g_ = _dtypes.cast(g, cdt)
+    m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
+    g_sq = _common.abs_sq(g_)
+    v_new = _common.ema(g_sq, _dtypes.cast(v, rdt), s.b2, nonnegative=True)  # b2·v + (1-b2)·|g|²
     # m̂ = m_coef·m + g_coef·g; each term is kept finite before the sum, as in Adam's
     # Nesterov form.
     m_term = _common.no_overflow(m_new * s.m_coef, m_new)
     g_term = _common.no_overflow(g_ * s.g_coef, g_)
     m_hat = _common.no_overflow(m_term + g_term, m_new, g_)
-    u = _common.adam_direction(m_hat, v_new, s.sc, eps_hat=False, m_is_corrected=True)
-    return u.astype(g.dtype), _common.store(m_new, m), v_new.astype(v.dtype)
+    u = _common.adam_direction(m_hat, v_new, s.direction)
+    return _dtypes.cast(u, g.dtype), _common.store(m_new, m), _dtypes.cast(v_new, v.dtype)
 
 
 def product_dtype(params: optax.Params) -> np.dtype:
@@ -170,11 +175,10 @@ def _update(
     count = _common.increment(state.count)
     dtype = np.dtype(jnp.result_type(product_dtype(updates), state.mu_product.dtype))
     g_coef, m_coef, product = schedule_coefficients(hp, count, state.mu_product, dtype)
-    steps = _common.by_dtype(updates, lambda dt: step_scalars(hp, count, g_coef, m_coef, dt))
+    scalars = _common.by_dtype(updates, lambda dt: nadam_scalars(hp, count, g_coef, m_coef, dt))
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-        g = jnp.asarray(g)
-        return nadam_leaf(g, m, v, steps[_dtypes.dtypes_of(g)[1]])
+        return nadam_leaf(scalars[_dtypes.dtypes_of(g)[1]], g, m, v)
 
     u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
     return u, NAdamState(count=count, m=m, v=v, mu_product=product)
@@ -296,7 +300,7 @@ def nadam(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     mu_product_dtype: DTypeLike | None = None,
@@ -373,7 +377,7 @@ def nadamw(
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: _alias.Mask = None,
     maximize: bool = False,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     mu_product_dtype: DTypeLike | None = None,

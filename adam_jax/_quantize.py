@@ -206,7 +206,7 @@ def quantize_blockwise(x: jax.Array, signed: bool) -> QuantizedArray:
     magnitude = jnp.abs(blocks)
     # A block holding NaN or inf gets a NaN scale, so all its values read back as NaN
     # (torchao's NaN absmax does the same); XLA:CPU's max reduction may drop a NaN.
-    finite = magnitude <= jnp.finfo(jnp.float32).max
+    finite = magnitude <= _dtypes.finfo(jnp.float32).max
     absmax = jnp.max(jnp.where(finite, magnitude, jnp.float32(jnp.inf)), axis=1)
     scales = jnp.where(
         absmax == jnp.inf, jnp.float32(jnp.nan), jnp.maximum(absmax, jnp.float32(1e-12))

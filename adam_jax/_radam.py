@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple, TypeAlias, get_args
 
 import chex
 import jax
@@ -12,12 +12,14 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _checks, _common, _dtypes, _quantize
-from adam_jax._common import Decay
+from adam_jax import _alias, _cautious, _checks, _common, _dtypes, _quantize
+from adam_jax._common import Decay, DecayPair
 
-FORMS = ("torch", "optax")
+Form: TypeAlias = Literal["torch", "optax"]
+FORMS: tuple[Form, ...] = get_args(Form)
 
 
+@_checks.state_class
 class RAdamState(NamedTuple):
     """State of :func:`scale_by_radam`.
 
@@ -45,59 +47,65 @@ class RAdamHyperparams(NamedTuple):
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class RAdamConfig:
-    form: str
+    form: Form
     mu_dtype: np.dtype | None
     nu_dtype: np.dtype | None
 
 
-class Step(NamedTuple):
+class RAdamScalars(NamedTuple):
     """The scalars one RAdam update shares between leaves of one real compute dtype."""
 
-    sc: _common.Scalars  # b1, b2, eps, eps_root and the bias corrections
+    b1: DecayPair
+    b2: DecayPair
+    direction: _common.Direction  # the adaptive step's eps, eps_root and corrections
+    r1: jax.Array  # 1/(1-b1^t)
     rectified: jax.Array  # bool: rho_t above the threshold
     r: jax.Array  # the rectification factor r_t (1 where not rectified)
 
 
-def step_scalars(
-    hp: RAdamHyperparams, count: jax.Array, dtype: np.dtype, *, inclusive: bool
-) -> Step:
+def radam_scalars(
+    hp: RAdamHyperparams, config: RAdamConfig, count: jax.Array, dtype: np.dtype
+) -> RAdamScalars:
     r"""The per-step scalars for leaves of real compute ``dtype``.
 
     :math:`\rho_\infty = 2/(1-\beta_2) - 1`,
     :math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)` and
     :math:`r_t = \sqrt{(\rho_t-4)(\rho_t-2)\rho_\infty / ((\rho_\infty-4)(\rho_\infty-2)\rho_t)}`.
     """
-    sc = _common.scalars(dtype, count, hp.b1, hp.b2, hp.eps, hp.eps_root)
-    b2 = sc.b2
-    c2: jax.Array = sc.c2  # type: ignore[assignment]  # always bias-corrected
+    mo = _common.moments(dtype, hp.b1, hp.b2, hp.eps, hp.eps_root)
+    c1, c2 = _common.correction(mo.b1, count), _common.correction(mo.b2, count)
+    r1 = _common.reciprocal(c1)
+    if config.form == "optax":  # u = r_t·m̂ / (sqrt(v̂ + eps_root) + eps)
+        direction = _common.Direction(mo.eps, mo.eps_root, _common.reciprocal(c2), r1)
+    else:  # u = r_t·m̂·sqrt(1-b2^t) / (sqrt(v + eps_root) + eps)
+        direction = _common.Direction(mo.eps, mo.eps_root, None, jnp.sqrt(c2) / c1)
+    b2 = mo.b2
     t = count.astype(dtype)
     rho_inf = 2 / b2.one_minus_d - 1
     rho = rho_inf - 2 * t * b2.d**t / c2
     thr = jnp.asarray(hp.threshold).astype(dtype)
-    rectified = rho >= thr if inclusive else rho > thr
+    rectified = jnp.greater_equal(rho, thr) if config.form == "optax" else jnp.greater(rho, thr)
     # Off the rectified branch r is unused; a safe rho keeps it (and its derivative) finite.
     rho_safe = jnp.where(rectified, rho, rho_inf)
     r = jnp.sqrt(
         (rho_safe - 4) * (rho_safe - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_safe)
     )
-    return Step(sc, rectified, jnp.where(rectified, r, 1))
+    return RAdamScalars(mo.b1, mo.b2, direction, r1, rectified, jnp.where(rectified, r, 1))
 
 
 def radam_leaf(
-    g: jax.Array, m: jax.Array, v: jax.Array, s: Step, *, eps_hat: bool
+    s: RAdamScalars, g: jax.Array, m: jax.Array, v: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One leaf's RAdam step: ``(direction, new m, new v)`` in the storage dtypes."""
     cdt, rdt = _dtypes.dtypes_of(g)
-    g_ = g.astype(cdt)
-    m_new = _common.ema(g_, m.astype(cdt), s.sc.b1)  # m = b1·m + (1-b1)·g
-    v_new = _common.ema(
-        _common.abs_sq(g_), v.astype(rdt), s.sc.b2, nonnegative=True
-    )  # v = b2·v + (1-b2)·|g|²
-    r1: jax.Array = s.sc.r1  # type: ignore[assignment]  # always bias-corrected
-    m_hat = _common.no_overflow(m_new * r1, m_new)  # m / (1 - b1^t)
-    adaptive = _common.adam_direction(m_new, v_new, s.sc, eps_hat=eps_hat)
+    g_ = _dtypes.cast(g, cdt)
+    m_new = _common.ema(g_, _dtypes.cast(m, cdt), s.b1)  # m = b1·m + (1-b1)·g
+    g_sq = _common.abs_sq(g_)
+    v_new = _common.ema(g_sq, _dtypes.cast(v, rdt), s.b2, nonnegative=True)  # b2·v + (1-b2)·|g|²
+    m_hat = _common.no_overflow(m_new * s.r1, m_new)  # m / (1 - b1^t)
+    adaptive = _common.adam_direction(m_new, v_new, s.direction)
     u = jnp.where(s.rectified, adaptive * s.r, m_hat)
-    return u.astype(g.dtype), _common.store(m_new, m), v_new.astype(v.dtype)
+    return _dtypes.cast(u, g.dtype), _common.store(m_new, m), _dtypes.cast(v_new, v.dtype)
 
 
 def radam_hyperparams(
@@ -137,12 +145,10 @@ def _update(
     _checks.traced_interval("eps_root", hp.eps_root, 0.0)
     _checks.traced_interval("threshold", hp.threshold, 0.0)
     count = _common.increment(state.count)
-    optax_form = config.form == "optax"
-    steps = _common.by_dtype(updates, lambda dt: step_scalars(hp, count, dt, inclusive=optax_form))
+    scalars = _common.by_dtype(updates, lambda dt: radam_scalars(hp, config, count, dt))
 
     def leaf(g: jax.Array, m: jax.Array, v: jax.Array) -> tuple[jax.Array, ...]:
-        g = jnp.asarray(g)
-        return radam_leaf(g, m, v, steps[_dtypes.dtypes_of(g)[1]], eps_hat=not optax_form)
+        return radam_leaf(scalars[_dtypes.dtypes_of(g)[1]], g, m, v)
 
     u, m, v = _common.map_leaves(leaf, 3, updates, state.m, state.v)
     return u, RAdamState(count=count, m=m, v=v)
@@ -155,7 +161,7 @@ def scale_by_radam(
     eps_root: ArrayLike = 0.0,
     *,
     threshold: ArrayLike = 5.0,
-    form: str = "torch",
+    form: Form = "torch",
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     state_bits: int | None = None,
@@ -243,9 +249,9 @@ def radam(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
     threshold: ArrayLike = 5.0,
-    form: str = "torch",
+    form: Form = "torch",
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     state_bits: int | None = None,
@@ -320,9 +326,9 @@ def radamw(
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: _alias.Mask = None,
     maximize: bool = False,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
     threshold: ArrayLike = 5.0,
-    form: str = "torch",
+    form: Form = "torch",
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
     state_bits: int | None = None,

@@ -14,9 +14,10 @@ import optax
 from jax.typing import ArrayLike
 
 from adam_jax import _alias, _checks, _common, _dtypes
-from adam_jax._common import Decay
+from adam_jax._common import Decay, DecayPair
 
 
+@_checks.state_class
 class ScheduleFreeState(NamedTuple):
     """State of :func:`schedule_free_adamw`.
 
@@ -132,7 +133,7 @@ def _update(
     y_coef = lr_k * (b1.d * (1 - c) - 1)  # lr_k·(b1·(1-c) - 1)
     count = _common.increment(state.count)
 
-    def step_scalars(dt: np.dtype) -> tuple[Decay, ArrayLike, jax.Array]:
+    def step_scalars(dt: np.dtype) -> tuple[DecayPair, ArrayLike, jax.Array]:
         b2 = _common.decay_pair(hp.b2, dt)
         return b2, _common.scalar(hp.eps, dt), 1 / _common.correction(b2, count)
 
@@ -157,7 +158,7 @@ def _update(
         )
 
     u, z, v = _common.map_leaves(leaf, 3, updates, params, state.z, state.v)
-    return u, ScheduleFreeState(count, z, v, weight_sum, lr_max, b1.d.astype(sdt))
+    return u, ScheduleFreeState(count, z, v, weight_sum, lr_max, _dtypes.cast(b1.d, sdt))
 
 
 def _check_b1(b1: ArrayLike) -> None:
@@ -292,7 +293,8 @@ def _find_state(state: Any) -> ScheduleFreeState:
             f"holding exactly one), found {len(found)} ScheduleFreeState in a "
             f"{type(state).__name__}"
         )
-    return found[0]
+    result: ScheduleFreeState = found[0]
+    return result
 
 
 def schedule_free_eval_params(state: optax.OptState, params: optax.Params) -> optax.Params:

@@ -26,13 +26,15 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+_spec: Callable[..., PartitionSpec] = PartitionSpec  # untyped in jax's stubs
 
 __all__ = ["bytes_per_device", "zero1_spec", "zero1_state_shardings"]
 
@@ -65,9 +67,9 @@ def zero1_spec(shape: Sequence[int], axis_size: int, axis: str) -> PartitionSpec
     shape = tuple(int(d) for d in shape)
     candidates = [i for i, d in enumerate(shape) if d > 0 and d % axis_size == 0]
     if not candidates or math.prod(shape) == 0:
-        return PartitionSpec()
+        return _spec()
     dim = max(candidates, key=lambda i: (shape[i], -i))
-    return PartitionSpec(*(axis if i == dim else None for i in range(len(shape))))
+    return _spec(*(axis if i == dim else None for i in range(len(shape))))
 
 
 def zero1_state_shardings(

@@ -15,9 +15,10 @@ from jax.tree_util import Partial
 from jax.typing import ArrayLike, DTypeLike
 
 from adam_jax import _alias, _cautious, _checks, _common, _dtypes
-from adam_jax._common import Decay
+from adam_jax._common import Decay, DecayPair
 
 
+@_checks.state_class
 class StableAdamWState(NamedTuple):
     """State of :func:`scale_by_stable_adamw`.
 
@@ -49,19 +50,19 @@ class StableAdamWConfig:
 
 
 class Step(NamedTuple):
-    b1: Decay  # the debiased (b̂, 1 - b̂)
-    b2: Decay
+    b1: DecayPair  # the debiased (b̂, 1 - b̂)
+    b2: DecayPair
     eps: ArrayLike
     eps_sq: ArrayLike
 
 
-def debiased(decay: Decay, count: jax.Array, dtype: np.dtype) -> Decay:
+def debiased(decay: Decay, count: jax.Array, dtype: np.dtype) -> DecayPair:
     """``b̂ = (b^t - b)/(b^t - 1) = b(1 - b^(t-1))/(1 - b^t)`` and ``1 - b̂ = (1 - b)/(1 - b^t)``,
     from the accurate bias corrections (so ``b̂ = 0`` at ``t = 1``)."""
     pair = _common.decay_pair(decay, dtype)
     c = _common.correction(pair, count)
     c_prev = _common.correction(pair, count - 1)
-    return Decay(pair.d * c_prev / c, pair.one_minus_d / c)
+    return _common.traced_pair(pair.d * c_prev / c, pair.one_minus_d / c)
 
 
 def _step(hp: StableAdamWHyperparams, count: jax.Array, dtype: np.dtype) -> Step:
@@ -214,7 +215,7 @@ def stable_adamw(
     weight_decay: ArrayLike = 1e-2,
     *,
     maximize: bool = False,
-    cautious: bool | str = False,
+    cautious: _cautious.Cautious = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:

@@ -46,6 +46,23 @@ class Case(NamedTuple):
     moments: dict
 
 
+class AdamaxDecoupled(torch.optim.Adamax):
+    """``torch.optim.Adamax`` with decoupled weight decay applied as torch applies it for
+    Adam, NAdam and RAdam (``torch/optim/adam.py``: ``param.mul_(1 - lr * weight_decay)``
+    before the step); torch's Adamax itself has no such option."""
+
+    def __init__(self, params, decoupled_decay: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.decoupled_decay = decoupled_decay
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.mul_(1 - group["lr"] * self.decoupled_decay)
+        return super().step(closure)
+
+
 CASES = {
     "Adam": Case(torch.optim.Adam, {}, adam_jax.adam(LR), ADAM_MOMENTS),
     "Adam-eps1e-3": Case(
@@ -58,6 +75,12 @@ CASES = {
         torch.optim.Adam,
         {"amsgrad": True, "eps": 1e-3, "weight_decay": 0.1},
         adam_jax.amsgrad(LR, eps=1e-3, weight_decay=0.1),
+        AMSGRAD_MOMENTS,
+    ),
+    "Adam-amsgrad-decoupled_weight_decay": Case(
+        torch.optim.Adam,
+        {"amsgrad": True, "weight_decay": 0.05, "decoupled_weight_decay": True},
+        adam_jax.amsgrad(LR, weight_decay=0.05, decoupled_weight_decay=True),
         AMSGRAD_MOMENTS,
     ),
     "Adam-weight_decay": Case(
@@ -110,6 +133,12 @@ CASES = {
         torch.optim.Adamax,
         {"weight_decay": 0.1},
         adam_jax.adamax(LR, weight_decay=0.1, eps_in_max=True),
+        ADAMAX_MOMENTS,
+    ),
+    "Adamax-decoupled_weight_decay": Case(
+        AdamaxDecoupled,
+        {"decoupled_decay": 0.05},
+        adam_jax.adamax(LR, weight_decay=0.05, decoupled_weight_decay=True, eps_in_max=True),
         ADAMAX_MOMENTS,
     ),
     "Adamax-maximize": Case(

@@ -440,3 +440,25 @@ def test_gradient_with_respect_to_b1_at_zero_matches_optax(name):
     want = jax.grad(lambda b: final_loss(b, ref))(0.0)
     assert np.isfinite(float(got))
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+def test_adamax_decoupled_weight_decay_is_adamaxw():
+    """``adamax(decoupled_weight_decay=True)`` and ``adamaxw`` are one definition (the
+    AdamW layout around ``scale_by_adamax``): the same numbers, bit for bit; the
+    coupled form differs."""
+    params = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array(0.3)}
+    runs = {
+        "decoupled": adam_jax.adamax(0.1, weight_decay=0.3, decoupled_weight_decay=True),
+        "adamaxw": adam_jax.adamaxw(0.1, weight_decay=0.3),
+        "coupled": adam_jax.adamax(0.1, weight_decay=0.3),
+    }
+    out = {}
+    for name, opt in runs.items():
+        p, state = params, opt.init(params)
+        for _ in range(5):
+            grads = jax.tree.map(lambda x: x**3 - 0.5, p)
+            updates, state = opt.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        out[name] = p
+    chex.assert_trees_all_equal(out["decoupled"], out["adamaxw"])
+    assert not np.allclose(out["coupled"]["w"], out["adamaxw"]["w"])
