@@ -107,7 +107,7 @@ def traced_interval(
     ``checkify.debug_check``: it reports the argument and its value when the caller
     is wrapped in ``jax.experimental.checkify.checkify``, and stages nothing that
     runs otherwise. Concrete values were checked when the optimizer was built."""
-    if not is_traced(value) or _explicit_mesh_in_context():
+    if not is_traced(value) or explicit_mesh_in_context():
         return
     upper = value < high if high_open else value <= high
     bracket = ")" if high_open else "]"
@@ -119,7 +119,7 @@ def traced_interval(
     )
 
 
-def _explicit_mesh_in_context() -> bool:
+def explicit_mesh_in_context() -> bool:
     """Whether a mesh with Explicit axes is in context.
 
     There, JAX cannot batch a ``checkify`` check over a sharded batch axis (its

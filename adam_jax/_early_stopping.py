@@ -13,6 +13,7 @@ import optax
 from jax.tree_util import Partial
 
 from adam_jax import _checks
+from adam_jax._tree import tree_where, without_weak_types
 
 
 class StopReason(enum.IntEnum):
@@ -69,16 +70,6 @@ class EarlyStopping(NamedTuple):
 
     init: Callable[..., EarlyStoppingState]
     update: Callable[..., EarlyStoppingState]
-
-
-def _without_weak_types(tree: Any) -> Any:
-    """``tree`` as arrays of their own dtypes, so a loop carry keeps one type."""
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x)), tree)
-
-
-def _tree_where(cond: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where ``cond`` else ``old``, leaf by leaf, in ``old``'s dtypes."""
-    return jax.tree.map(lambda n, o: jnp.where(cond, n, o).astype(jnp.result_type(o)), new, old)
 
 
 def early_stopping(
@@ -252,7 +243,7 @@ def _init(config: _Config, n: _Numbers, params: Any = None) -> EarlyStoppingStat
         step=jnp.zeros([], jnp.int32),
         best_value=best,
         best_step=jnp.full([], -1, jnp.int32),
-        best_params=_without_weak_types(params) if config.restore_best else None,
+        best_params=without_weak_types(params) if config.restore_best else None,
         wait=jnp.zeros([], jnp.int32),
         should_stop=jnp.zeros([], bool),
         reason=jnp.full([], StopReason.NONE, jnp.int32),
@@ -320,14 +311,14 @@ def _update(
         best_value=jnp.where(improved, v, best),
         best_step=jnp.where(improved, state.step, state.best_step),
         best_params=(
-            _tree_where(improved, params, state.best_params) if config.restore_best else None
+            tree_where(improved, params, state.best_params) if config.restore_best else None
         ),
         wait=wait,
         should_stop=reason != StopReason.NONE,
         reason=reason,
     )
     counted = ~state.should_stop & (state.step >= n.start_step)
-    new = _tree_where(counted, new, state)
+    new = tree_where(counted, new, state)
     step = jnp.where(state.should_stop, state.step, optax.safe_increment(state.step))
     result: EarlyStoppingState = new._replace(step=step)
     return result

@@ -26,7 +26,7 @@ from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState
 from adam_jax._history import History
 from adam_jax._loop import LoopState
 from adam_jax._result import FitResult
-from adam_jax._tree import Key, Split, is_data, is_traced, without_weak_types
+from adam_jax._tree import Key, Split, is_data, without_weak_types
 
 __all__ = ["FitResult", "History", "fit"]
 
@@ -64,7 +64,7 @@ def _reporter(static: _Static) -> _reporting.Reporter | None:
 
 def _init(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
           initial_step: jax.Array, *, static: _Static) -> LoopState:  # fmt: skip
-    anchored = _checks._explicit_mesh_in_context()
+    anchored = _checks.explicit_mesh_in_context()
     loop = _loop_of(hyper, static)
     return loop.init(params, data, opt_state, es_state, initial_step, anchored=anchored)
 
@@ -335,7 +335,7 @@ def fit(
         options = _checkpoint.CheckpointOptions.of(
             checkpoint_dir, checkpoint_every, checkpoint_keep, "steps"
         )
-        if is_traced(args):
+        if _checks.is_traced(args):
             raise ValueError(
                 "checkpoint_dir needs concrete inputs: call fit with checkpoints outside "
                 "jit and vmap (it saves from the host between compiled segments)"

@@ -28,7 +28,7 @@ from adam_jax._batched import Config, Lanes, MakeProblem
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
 from adam_jax._result import BatchedWork, FitResult
-from adam_jax._tree import Split, is_traced
+from adam_jax._tree import Split
 
 DEFAULT_HISTORY = History.every(1, max_len=1_000)
 ENTRY = "fit_batched"
@@ -241,7 +241,7 @@ def fit_batched(
         options = _checkpoint.CheckpointOptions.of(
             checkpoint_dir, checkpoint_every, checkpoint_keep, "iterations"
         )
-        if not isinstance(inputs, Iterator) and is_traced((inputs, data)):
+        if not isinstance(inputs, Iterator) and _checks.is_traced((inputs, data)):
             raise ValueError(
                 "checkpoint_dir needs concrete inputs: call fit_batched with checkpoints outside "
                 "jit and vmap (it saves from the host between compiled segments)"

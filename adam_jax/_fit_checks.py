@@ -12,13 +12,9 @@ from adam_jax import _checks
 
 
 def check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        raise TypeError(
-            f"{name} must be a Python int (it fixes the length of the loop and of its "
-            f"buffers), got {name}={value!r}"
-        )
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {name}={value}")
+    _checks.check_positive_int(
+        name, value, reason=" (it fixes the length of the loop and of its buffers)"
+    )
 
 
 def check_early_stopping(early_stopping: Any) -> None:

@@ -6,7 +6,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from adam_jax import _checks
 
 DEFAULT_MAX_LEN = 100_000
 
@@ -81,10 +82,7 @@ class History(NamedTuple):
 
 
 def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        raise TypeError(f"History: {name} must be a positive int, got {name}={value!r}")
-    if value <= 0:
-        raise ValueError(f"History: {name} must be a positive int, got {name}={value}")
+    _checks.check_positive_int(f"History's {name}", value)
 
 
 def as_history(history: History | None) -> History:

@@ -18,10 +18,6 @@ def is_data(leaf: object) -> bool:
     return isinstance(leaf, int | float | complex | np.number | np.ndarray | jax.Array)
 
 
-def is_traced(tree: object) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
-
-
 class Key:
     """A static leaf as part of a cache key: by value when hashable, else by identity
     (so an unhashable one compiles again for each new object, as ``jax.jit`` would)."""

@@ -422,13 +422,14 @@ def test_result_is_a_named_pytree():
         "last_params",
         "steps",
         "next_step",
+        "work",
     )
     result = adam_jax.fit(lambda p: p**2, jnp.asarray(1.0), optax.sgd(0.1), num_steps=4)
     assert len(jax.tree.leaves(result)) > 6
     assert result.losses.shape == (4,)
     # One params field: best_params is the same value under its older name.
     assert result.best_params is result.params
-    assert int(result.next_step) == 4
+    assert int(result.next_step) == 4 and result.work is None
 
 
 def test_docstring_example():
