@@ -181,7 +181,7 @@ ENTRIES = {
         runs=("b64_patience_last5_data",),
         random_kills=5,
         kill_window=(0.5, 3.0),
-        save_kills=6,
+        save_kills=5,
     ),
 }
 
