@@ -1,8 +1,8 @@
 """The process the fault tests kill: a few short fits, with or without checkpoints.
 
 Usage: ``python tests/_fault_worker.py MODE WORKDIR [--die-on-save=SECONDS]``, MODE one of
-``plain``, ``checkpoint`` (fits, for tests/test_fault_tolerance.py), ``batched-plain``
-and ``batched-checkpoint`` (fit_batched runs, for tests/test_fault_tolerance_batched.py).
+``plain``, ``checkpoint`` (fits), ``batched-plain`` and ``batched-checkpoint``
+(fit_batched runs), for tests/test_fault_tolerance.py.
 
 Every run's result goes to ``WORKDIR/{mode}_{name}.npz``. In a checkpoint mode a
 watcher thread prints ``saving`` when a checkpoint write starts (orbax's temporary
@@ -83,7 +83,7 @@ def _batched_data_problem(p):
 
 def batched_configs() -> dict[str, dict]:
     """A fit_batched run whose tail shrinks twice (16 lanes, then 4, then 1); float32 and
-    other options are covered in process by tests/test_fault_tolerance_batched.py."""
+    other options are covered in process by tests/test_fault_tolerance.py."""
     rng = np.random.default_rng(0)
     n = 40
     x = rng.normal(size=(n, 16, 2))

@@ -16,7 +16,7 @@ evaluates all. Two ways to interrupt, both handled by the library:
 
 The checkpoints are found by the library itself (the test reads no directory names).
 The slow subprocess fault tests (SIGKILL at random moments) are in
-``test_fault_tolerance*.py``.
+``test_fault_tolerance.py``.
 """
 
 from __future__ import annotations
