@@ -352,6 +352,14 @@ def _first_lanes(
     return _first_lanes_from(inits, lay, inputs, data, base, config.slots)
 
 
+def result_rows(
+    lanes: Lanes, inputs: object, data: object, rule: Rule, config: Config
+) -> FitResult:
+    """The :class:`FitResult` rows of the lanes' problems as they stand (their shapes
+    are what a batched run's results hold, a row a problem)."""
+    return _results(config, rule, _lane_layout(inputs, data, rule, config), lanes.state)
+
+
 def _start(lanes: Lanes, queue: jax.Array, n: int, lay: _Layout) -> _Carry:
     """A carry with room for every problem this call may finish."""
     width = lanes.ids.shape[0]

@@ -188,7 +188,7 @@ def check_problem(directory: Path, record: dict[str, Any], entry: str = "fit") -
     if others or (steps.exists() and any(steps.iterdir())):
         raise ValueError(
             f"checkpoint_dir={str(directory)!r} is not empty and holds no {PROBLEM_FILE}, so it "
-            "is not a fit checkpoint directory; nothing was written. Pass a new or empty one."
+            f"is not a {entry} checkpoint directory; nothing was written. Pass a new or empty one."
         )
     return True
 

@@ -428,10 +428,9 @@ class _Run:
         self.segment = functools.partial(_batched.segment_jit, config=self.config)
         zero = jnp.zeros([], jnp.int32)
         first = functools.partial(_batched.first_lanes_jit, config=self.config)
-        self.lanes_t, queue_t = jax.eval_shape(first, inputs, data, zero, rule)
-        segment = functools.partial(self.segment, filling=True, final=True)
-        out = jax.eval_shape(segment, self.lanes_t, queue_t, inputs, data, zero, zero, rule)[2]
-        self.results_t = out.results
+        self.lanes_t = jax.eval_shape(first, inputs, data, zero, rule)[0]
+        rows = functools.partial(_batched.result_rows, config=self.config)
+        self.results_t = jax.eval_shape(rows, self.lanes_t, inputs, data, rule)
         self.bar = _reporting.ProblemBar(None if streamed else source.n) if progress else None
         self.tick = 64  # iterations between two bar updates, adapted to take ~0.2 s
 

@@ -433,7 +433,7 @@ def test_a_record_cut_short_does_not_block_the_directory(entry, tmp_path):
 
 def test_foreign_directory_is_refused(entry, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a fit checkpoint directory"):
+    with pytest.raises(ValueError, match=f"not a {entry.name} checkpoint directory"):
         entry.run(checkpoint_dir=tmp_path, checkpoint_every=entry.every)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
