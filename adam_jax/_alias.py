@@ -226,3 +226,18 @@ def decoupled(
     """
     scaler = _cautious.maybe(scaler, cautious)
     return _alias(scaler, learning_rate, weight_decay, mask, maximize, decoupled=True)
+
+
+def with_weight_decay(
+    scaler: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    maximize: bool,
+    *,
+    decoupled_weight_decay: bool,
+    cautious: _cautious.Cautious = False,
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`decoupled` (unmasked) or :func:`coupled`, as torch's ``decoupled_weight_decay``."""
+    if decoupled_weight_decay:
+        return decoupled(scaler, learning_rate, weight_decay, None, maximize, cautious=cautious)
+    return coupled(scaler, learning_rate, weight_decay, maximize, cautious=cautious)

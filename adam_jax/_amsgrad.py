@@ -274,8 +274,7 @@ def amsgrad(
         nu_dtype=nu_dtype,
         state_bits=state_bits,
     )
-    if decoupled_weight_decay:
-        return _alias.decoupled(
-            scaler, learning_rate, weight_decay, None, maximize, cautious=cautious
-        )
-    return _alias.coupled(scaler, learning_rate, weight_decay, maximize, cautious=cautious)
+    return _alias.with_weight_decay(
+        scaler, learning_rate, weight_decay, maximize,
+        decoupled_weight_decay=decoupled_weight_decay, cautious=cautious,
+    )  # fmt: skip
