@@ -11,7 +11,6 @@ so the tail computes almost only the steps its problems need.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeAlias, cast
 
@@ -23,8 +22,9 @@ from adam_jax import _loop
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
 from adam_jax._loop import LoopState
+from adam_jax._packing import Layout, first, layout, pack, unpack
 from adam_jax._result import FitResult
-from adam_jax._tree import Split, is_data
+from adam_jax._tree import Split, is_data, take
 
 LossFn: TypeAlias = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
 Problem: TypeAlias = tuple[LossFn, optax.Params, optax.GradientTransformation]
@@ -80,7 +80,7 @@ class Lanes(NamedTuple):
     ids: jax.Array  # the problem each lane holds, -1 when idle
     inputs: object
     data: object
-    state: tuple[jax.Array, ...]  # the loop states, packed (see _Layout)
+    state: tuple[jax.Array, ...]  # the loop states, packed (see Layout)
 
 
 class Output(NamedTuple):
@@ -98,64 +98,6 @@ class _Carry(NamedTuple):
     ids: jax.Array  # the problem of each row, -1 for an unused row
     written: jax.Array  # rows written
     computed: jax.Array  # lane-steps computed
-
-
-def _take(tree: object, index: jax.Array) -> object:
-    return None if tree is None else jax.tree.map(lambda x: x[index], tree)
-
-
-def _first(mask: jax.Array, k: int) -> jax.Array:
-    """The first ``k`` indices where ``mask`` holds, in order; ``len(mask)`` past the last."""
-    counts = jnp.cumsum(mask, dtype=jnp.int32)
-    below = counts[None, :] <= jnp.arange(k, dtype=jnp.int32)[:, None]
-    return jnp.sum(below, axis=1, dtype=jnp.int32)
-
-
-class _Layout(NamedTuple):
-    """Where each leaf of a pytree (leading axis: lanes) lives once packed: one matrix
-    per dtype, a row per lane. A row moves with one gather per dtype, not per leaf;
-    XLA compiles each gather and scatter on its own, so their number sets the compile time."""
-
-    treedef: jax.tree_util.PyTreeDef
-    groups: int
-    slots: tuple[tuple[int, int, tuple[int, ...]], ...]  # (group, start, shape) per leaf
-
-
-def _layout(tree: object) -> _Layout:
-    leaves, treedef = jax.tree.flatten(tree)
-    keys: list[tuple[object, bool]] = []
-    ends: list[int] = []
-    slots = []
-    for x in leaves:
-        t = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
-        key = (t.dtype, t.weak_type)
-        if key not in keys:
-            keys.append(key)
-            ends.append(0)
-        g = keys.index(key)
-        slots.append((g, ends[g], tuple(x.shape[1:])))
-        ends[g] += math.prod(x.shape[1:])
-    return _Layout(treedef, len(keys), tuple(slots))
-
-
-def _pack(lay: _Layout, tree: object) -> tuple[jax.Array, ...]:
-    leaves = jax.tree.leaves(tree)
-    width = leaves[0].shape[0]
-    groups: list[list[jax.Array]] = [[] for _ in range(lay.groups)]
-    for x, (g, _, shape) in zip(leaves, lay.slots, strict=True):
-        groups[g].append(x.reshape(width, math.prod(shape)))
-    return tuple(jax.lax.concatenate(p, 1) if len(p) > 1 else p[0] for p in groups)
-
-
-def _unpack(lay: _Layout, packed: tuple[jax.Array, ...]) -> object:
-    width = packed[0].shape[0]
-    leaves = [
-        jax.lax.slice_in_dim(packed[g], start, start + math.prod(shape), axis=1).reshape(
-            (width, *shape)
-        )
-        for g, start, shape in lay.slots
-    ]
-    return lay.treedef.unflatten(leaves)
 
 
 def _loop_of(config: Config, rule: Rule, problem: Problem | None = None) -> _loop.Loop:
@@ -216,8 +158,8 @@ def _done(config: Config, rule: Rule, state: LoopState) -> jax.Array:
     return jax.vmap(_loop_of(config, rule).done)(state)
 
 
-def _results(config: Config, rule: Rule, lay: _Layout, rows: tuple[jax.Array, ...]) -> FitResult:
-    return jax.vmap(_loop_of(config, rule).postprocess)(cast(LoopState, _unpack(lay, rows)))
+def _results(config: Config, rule: Rule, lay: Layout, rows: tuple[jax.Array, ...]) -> FitResult:
+    return jax.vmap(_loop_of(config, rule).postprocess)(cast(LoopState, unpack(lay, rows)))
 
 
 def _machine(
@@ -226,7 +168,7 @@ def _machine(
     inputs: object,
     data: object,
     base: jax.Array,
-    lay: _Layout,
+    lay: Layout,
     inits: tuple[jax.Array, ...] | None,
 ) -> tuple[Callable[..., _Carry], Callable[..., jax.Array]]:
     """The loop pieces of a batched run over the queued ``inputs``: ``body(carry, filling)``
@@ -240,7 +182,7 @@ def _machine(
     def hand_over(c: _Carry, finished: jax.Array, k: int) -> _Carry:
         """Write up to ``k`` finished lanes to the next rows; they become idle."""
         width = finished.shape[0]
-        lane = _first(finished, k)
+        lane = first(finished, k)
         valid = lane < width
         at = jnp.minimum(lane, width - 1)
         # The loop states are kept; FitResults are made once, after the loop.
@@ -272,7 +214,7 @@ def _machine(
     def refill(c: _Carry) -> _Carry:
         """Load up to ``hand_size`` queued problems into idle lanes."""
         width = c.lanes.ids.shape[0]
-        lane = _first(c.lanes.ids < 0, hand_size(width))
+        lane = first(c.lanes.ids < 0, hand_size(width))
         queued = c.queue + jnp.arange(lane.shape[0], dtype=jnp.int32)
         load = (lane < width) & (queued < n)
         source = jnp.minimum(queued, n - 1)
@@ -285,17 +227,17 @@ def _machine(
         state = zip(c.lanes.state, (p[source] for p in inits), strict=True)
         lanes = Lanes(
             ids=put(c.lanes.ids, base + queued),
-            inputs=jax.tree.map(put, c.lanes.inputs, _take(inputs, source)),
-            data=None if data is None else jax.tree.map(put, c.lanes.data, _take(data, source)),
+            inputs=jax.tree.map(put, c.lanes.inputs, take(inputs, source)),
+            data=None if data is None else jax.tree.map(put, c.lanes.data, take(data, source)),
             state=tuple(put(x, v) for x, v in state),
         )
         return c._replace(lanes=lanes, queue=c.queue + jnp.sum(load, dtype=jnp.int32))
 
     def body(c: _Carry, filling: bool) -> _Carry:
         running = c.lanes.ids >= 0
-        state = step(rule, c.lanes.inputs, c.lanes.data, _unpack(lay, c.lanes.state))
+        state = step(rule, c.lanes.inputs, c.lanes.data, unpack(lay, c.lanes.state))
         c = c._replace(
-            lanes=c.lanes._replace(state=_pack(lay, state)), computed=c.computed + running.shape[0]
+            lanes=c.lanes._replace(state=pack(lay, state)), computed=c.computed + running.shape[0]
         )
         finished = running & _done(config, rule, state)
         c = jax.lax.cond(jnp.any(finished), hand_over_finished, lambda c, _: c, c, finished)
@@ -314,22 +256,22 @@ def _machine(
 
 def _inits(
     inputs: object, data: object, rule: Rule, config: Config
-) -> tuple[tuple[jax.Array, ...], _Layout]:
+) -> tuple[tuple[jax.Array, ...], Layout]:
     """Every queued problem's first loop state, packed, and the packing's layout."""
     init, _ = _lane_fns(config)
     states = init(rule, inputs, data)
-    lay = _layout(states)
-    return _pack(lay, states), lay
+    lay = layout(states)
+    return pack(lay, states), lay
 
 
-def _lane_layout(inputs: object, data: object, rule: Rule, config: Config) -> _Layout:
+def _lanelayout(inputs: object, data: object, rule: Rule, config: Config) -> Layout:
     """The packed layout of the lanes' states (from their shapes alone)."""
-    return _layout(jax.eval_shape(_lane_fns(config)[0], rule, inputs, data))
+    return layout(jax.eval_shape(_lane_fns(config)[0], rule, inputs, data))
 
 
 def _first_lanes_from(
     inits: tuple[jax.Array, ...],
-    lay: _Layout,
+    lay: Layout,
     inputs: object,
     data: object,
     base: jax.Array,
@@ -357,10 +299,10 @@ def result_rows(
 ) -> FitResult:
     """The :class:`FitResult` rows of the lanes' problems as they stand (their shapes
     are what a batched run's results hold, a row a problem)."""
-    return _results(config, rule, _lane_layout(inputs, data, rule, config), lanes.state)
+    return _results(config, rule, _lanelayout(inputs, data, rule, config), lanes.state)
 
 
-def _start(lanes: Lanes, queue: jax.Array, n: int, lay: _Layout) -> _Carry:
+def _start(lanes: Lanes, queue: jax.Array, n: int, lay: Layout) -> _Carry:
     """A carry with room for every problem this call may finish."""
     width = lanes.ids.shape[0]
     rows = n + 2 * width
@@ -379,10 +321,10 @@ def _start(lanes: Lanes, queue: jax.Array, n: int, lay: _Layout) -> _Carry:
 def _compact(lanes: Lanes, keep: int) -> Lanes:
     """The first ``keep`` busy lanes, in lane order (the running ones move to the front)."""
     busy = lanes.ids >= 0
-    order = _first(busy, keep)
+    order = first(busy, keep)
     order = jnp.where(order < busy.shape[0], order, jnp.argmin(busy))  # an idle lane
-    lay = _layout(lanes)
-    return _unpack(lay, tuple(p[order] for p in _pack(lay, lanes)))  # type: ignore[return-value]
+    lay = layout(lanes)
+    return unpack(lay, tuple(p[order] for p in pack(lay, lanes)))  # type: ignore[return-value]
 
 
 def segment(
@@ -413,7 +355,7 @@ def segment(
     inits, lay = (
         _inits(inputs, data, rule, config)
         if filling
-        else (None, _lane_layout(inputs, data, rule, config))
+        else (None, _lanelayout(inputs, data, rule, config))
     )
     body, more = _machine(config, rule, inputs, data, base, lay, inits)
     keep = next_width(width, config.slots) if final else width
