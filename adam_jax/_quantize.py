@@ -47,6 +47,7 @@ MIN_SIZE = 4096
 # Fields of the family states that hold moments, and whether each is signed.
 MOMENTS = {"m": True, "v": False, "u": False, "v_max": False}
 
+_INF_BITS = 0x7F800000
 _MANTISSA_BITS = 7  # top mantissa bits of |y| that pick a bucket
 _SHIFT = 23 - _MANTISSA_BITS
 _LOW_EXPONENT = 102  # |y| < 2**-25 shares bucket 0 (no threshold lies there)
@@ -141,24 +142,43 @@ def _buckets(signed: bool) -> tuple[np.ndarray, np.ndarray]:
     return base, thr
 
 
+# Copies of the map in the dequantization table. XLA:CPU does not fuse one gather into
+# several consumers: it writes the gathered moments out in float32 (4 B a param, in a
+# buffer the page faults of which cost as much as the step). A step that reads the
+# moments in three passes (block maxima, codes, param update) gathers them from three
+# copies, which XLA does not merge, so each gather fuses into its pass.
+_COPIES = 3
+
+
 @functools.cache
 def _device_tables(signed: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The bucket tables and the map as JAX arrays, made once: a program that quantizes
-    many leaves then holds one copy of each constant, not one per leaf."""
+    """The bucket tables and the map (``_COPIES`` times over) as JAX arrays, made once: a
+    program that quantizes many leaves then holds one copy of each constant, not one
+    per leaf."""
     base, thr = _buckets(signed)
+    bits = thr.view(np.int32)
+    # The thresholds as ordered integer keys; no threshold (inf): above every key.
+    keys = np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+    keys = np.where(np.isinf(thr), np.iinfo(np.int32).max, keys).astype(np.int32)
+    qmap = np.tile(dynamic_map(signed), _COPIES)
     with jax.ensure_compile_time_eval():  # concrete arrays even when first made under jit
-        return jnp.asarray(base), jnp.asarray(thr), jnp.asarray(dynamic_map(signed))
+        return jnp.asarray(base), jnp.asarray(keys), jnp.asarray(qmap)
 
 
 def codes(y: jax.Array, signed: bool) -> jax.Array:
     """uint8 codes of ``y`` (values in [-1, 1]) on the signed or unsigned map."""
     base, thr, _ = _device_tables(signed)
-    bits = lax.bitcast_convert_type(jnp.abs(y), jnp.int32)
-    bucket = jnp.clip(lax.shift_right_arithmetic(bits, jnp.int32(_SHIFT)) - _LO, 0, _NB)
-    bucket = bucket + jnp.where(y < 0, jnp.int32(_NB + 1), jnp.int32(0))
+    # Everything from y's bits, read once: XLA would compute a y used thrice (a division)
+    # in a pass of its own. ``key`` orders like y (y >= T iff key(y) >= key(T)).
+    bits = lax.bitcast_convert_type(y, jnp.int32)
+    magnitude = bits & jnp.int32(0x7FFFFFFF)
+    negative = bits < 0
+    key = jnp.where(negative, -magnitude, magnitude)
+    bucket = jnp.clip(lax.shift_right_arithmetic(magnitude, jnp.int32(_SHIFT)) - _LO, 0, _NB)
+    bucket = bucket + jnp.where(negative, jnp.int32(_NB + 1), jnp.int32(0))
     base_ = base.at[bucket].get(mode="promise_in_bounds")
     thr_ = thr.at[bucket].get(mode="promise_in_bounds")
-    return (base_ + (y >= thr_).astype(jnp.int32)).astype(jnp.uint8)
+    return (base_ + (key >= thr_).astype(jnp.int32)).astype(jnp.uint8)
 
 
 @jax.tree_util.register_dataclass
@@ -177,10 +197,16 @@ class QuantizedArray:
         return tuple(self.codes.shape)
 
     def dequantize(self) -> jax.Array:
-        qmap = _device_tables(self.signed)[2]
-        values = qmap.at[self.codes.astype(jnp.int32)].get(mode="promise_in_bounds")
-        blocks = values.reshape(-1, BLOCK) * self.scales[:, None]
-        return blocks.reshape(self.codes.shape)
+        return _dequantize(self, 0)
+
+
+def _dequantize(q: QuantizedArray, copy: int) -> jax.Array:
+    """``q``'s float32 values, gathered from copy ``copy`` of the map."""
+    qmap = _device_tables(q.signed)[2]
+    index = q.codes.astype(jnp.int32) + jnp.int32(BLOCK * copy)
+    values = qmap.at[index].get(mode="promise_in_bounds")
+    blocks = values.reshape(-1, BLOCK) * q.scales[:, None]
+    return blocks.reshape(q.codes.shape)
 
 
 def quantize_blockwise(x: jax.Array, signed: bool) -> QuantizedArray:
@@ -203,16 +229,29 @@ def quantize_blockwise(x: jax.Array, signed: bool) -> QuantizedArray:
         raise ValueError(
             f"quantize_blockwise needs a size that is a multiple of 256, got {x.shape}"
         )
+    return _quantize(x, x, signed)
+
+
+def _quantize(x: jax.Array, same_x: jax.Array, signed: bool) -> QuantizedArray:
+    """:func:`quantize_blockwise` of ``x``, whose codes are computed from ``same_x``, equal
+    to ``x`` but computed apart (see ``_COPIES``)."""
     blocks = x.astype(jnp.float32).reshape(-1, BLOCK)
-    magnitude = jnp.abs(blocks)
-    # A block holding NaN or inf gets a NaN scale, so all its values read back as NaN
-    # (torchao's NaN absmax does the same); XLA:CPU's max reduction may drop a NaN.
-    finite = magnitude <= _dtypes.finfo(jnp.float32).max
-    absmax = jnp.max(jnp.where(finite, magnitude, jnp.float32(jnp.inf)), axis=1)
+    # The block maxima of |x| as integers (the bits of a non-negative float order like
+    # it): NaN's bits lie above inf's, so a block holding NaN or inf has a maximum >= inf's
+    # and gets a NaN scale, and all its values read back as NaN (torchao's NaN absmax
+    # does the same). The maximum of the block's eight 32-element slices, then of its 32
+    # lanes: XLA:CPU fuses the moments' computation into that, where a reduction over
+    # 256 reads them from a buffer written first (and 10x slower).
+    magnitude = lax.bitcast_convert_type(blocks, jnp.int32) & jnp.int32(0x7FFFFFFF)
+    slices = magnitude.reshape(-1, 8, BLOCK // 8)
+    lanes = functools.reduce(jnp.maximum, [slices[:, k, :] for k in range(8)])
+    top = jnp.max(lanes, axis=1)
+    absmax = lax.bitcast_convert_type(top, jnp.float32)
     scales = jnp.where(
-        absmax == jnp.inf, jnp.float32(jnp.nan), jnp.maximum(absmax, jnp.float32(1e-12))
+        top >= _INF_BITS, jnp.float32(jnp.nan), jnp.maximum(absmax, jnp.float32(1e-12))
     )
-    y = blocks / scales[:, None]
+    same = same_x.astype(jnp.float32).reshape(-1, BLOCK)
+    y = same / _spread(scales[:, None], same)
     return QuantizedArray(codes(y, signed).reshape(x.shape), scales, signed)
 
 
@@ -225,9 +264,10 @@ def _is_q(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
 
 
-def _quantize_fields(state: Any, template: Any) -> Any:
+def _quantize_fields(state: Any, template: Any, same: Any = None) -> Any:
     """Quantize the moment fields of ``state`` where ``template`` says so
-    (``template=None``: every eligible leaf)."""
+    (``template=None``: every eligible leaf); the codes from ``same``, equal to ``state``
+    but computed apart, if given (see ``_COPIES``)."""
     fields = {}
     for name, signed in MOMENTS.items():
         if name not in getattr(state, "_fields", ()):
@@ -239,17 +279,18 @@ def _quantize_fields(state: Any, template: Any) -> Any:
             )
         else:
             fields[name] = jax.tree.map(
-                lambda old, x: quantize_blockwise(x, old.signed) if _is_q(old) else x,
+                lambda old, x, y: _quantize(x, y, old.signed) if _is_q(old) else x,
                 getattr(template, name),
                 new,
+                getattr(same if same is not None else state, name),
                 is_leaf=_is_q,
             )
     return state._replace(**fields)
 
 
-def dequantize_state(state: Any) -> Any:
+def dequantize_state(state: Any, copy: int = 0) -> Any:
     """The state with every :class:`QuantizedArray` replaced by its float32 values."""
-    return jax.tree.map(lambda x: x.dequantize() if _is_q(x) else x, state, is_leaf=_is_q)
+    return jax.tree.map(lambda x: _dequantize(x, copy) if _is_q(x) else x, state, is_leaf=_is_q)
 
 
 def _init(inner_init: Any, params: optax.Params) -> Any:
@@ -364,7 +405,10 @@ def torchao_step(
             updates,
             params,
         )
-    m_hat, den, inner = _torch_adam_terms(adam_hp, grads, dequantize_state(state[at]))
+    # The moments for the scales, for the codes, and for the param step (see _COPIES).
+    _, _, inner = _torch_adam_terms(adam_hp, grads, dequantize_state(state[at], 0))
+    _, _, same = _torch_adam_terms(adam_hp, grads, dequantize_state(state[at], 1))
+    m_hat, den, _ = _torch_adam_terms(adam_hp, grads, dequantize_state(state[at], 2))
 
     def leaf(g: jax.Array, p: jax.Array, a: jax.Array, d: jax.Array) -> jax.Array:
         cdt = a.dtype
@@ -380,7 +424,7 @@ def torchao_step(
 
     u = jax.tree.map(leaf, updates, params, m_hat, den)
     new_state = list(state)
-    new_state[at] = _quantize_fields(inner, state[at])
+    new_state[at] = _quantize_fields(inner, state[at], same)
     return u, tuple(new_state)
 
 
