@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _cautious, _checks, _common, _dtypes, _quantize
+from adam_jax import _alias, _cautious, _checks, _common, _dtypes, _torchao
 from adam_jax._common import AdamHyperparams, DecayPair
 
 
@@ -229,7 +229,7 @@ def scale_by_adam(
         _checks.canonical_dtype("nu_dtype", nu_dtype),
     )
     scaler = _alias.transformation(_init, _update, config, hp)
-    return _quantize.with_state_bits(scaler, state_bits, config, adam_hp=hp)
+    return _torchao.with_state_bits(scaler, state_bits, config, hp)
 
 
 def adam(

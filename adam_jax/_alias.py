@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from jax.tree_util import Partial
 
-from adam_jax import _cautious, _checks, _quantize
+from adam_jax import _cautious, _checks, _torchao
 
 Mask: TypeAlias = optax.Params | Callable[[optax.Params], optax.Params] | None
 
@@ -159,11 +159,11 @@ def _update(
         _check_mask(config, params)
     # torchao's Adam8bit/AdamW8bit as one whole step: numbers for the learning rate and
     # the decay, no mask, no maximize (its only configurations).
-    adam_hp = _quantize.torchao_adam(scaler)
+    adam_hp = _torchao.adam_hyperparams(scaler)
     lr, wd = hp
     torchao = adam_hp is not None and not config.maximize and config.mask is None
     if torchao and params is not None and lr is not None and wd is not None:
-        return _quantize.torchao_step(adam_hp, config.decoupled, lr, wd, updates, state, params)
+        return _torchao.step(adam_hp, config.decoupled, lr, wd, updates, state, params)
     result: tuple[optax.Updates, optax.OptState] = optax.chain(*parts.values()).update(
         updates, state, params, **extra_args
     )
