@@ -140,7 +140,7 @@ def _lane_fns(config: Config) -> tuple[Callable[..., Any], Callable[..., Any]]:
     @jax.jit
     def init(rule: Rule, inputs: object, data: object) -> LoopState:
         problem = _problem(config, inputs)
-        state = _loop_of(config, rule, problem).init(problem[1], data)
+        state = _loop_of(config, rule, problem).init(problem[1], data, anchored=False)
         # In the types a step returns (a while loop's carry promotes weak types so):
         # the lanes' packed layout holds for the states loaded later.
         stepped = jax.eval_shape(step, rule, inputs, data, state)
@@ -152,6 +152,14 @@ def _lane_fns(config: Config) -> tuple[Callable[..., Any], Callable[..., Any]]:
         return cast(LoopState, jax.tree.map(settle, state, stepped))
 
     return jax.vmap(init, in_axes=(None, 0, 0)), jax.vmap(step, in_axes=(None, 0, 0, 0))
+
+
+def _whole(config: Config, rule: Rule, inputs: object, data: object) -> FitResult:
+    """One problem's run, from its first state to its result (every lane the same steps)."""
+    problem = _problem(config, inputs)
+    loop = _loop_of(config, rule, problem)
+    state = loop.init(problem[1], data, anchored=False)
+    return loop.postprocess(_loop.run(loop, state, data, None))
 
 
 def _done(config: Config, rule: Rule, state: LoopState) -> jax.Array:
@@ -255,43 +263,34 @@ def _machine(
 
 
 def _inits(
-    inputs: object, data: object, rule: Rule, config: Config
-) -> tuple[tuple[jax.Array, ...], Layout]:
-    """Every queued problem's first loop state, packed, and the packing's layout."""
+    inputs: object, data: object, rule: Rule, config: Config, shapes_only: bool = False
+) -> tuple[tuple[jax.Array, ...] | None, Layout]:
+    """Every queued problem's first loop state, packed (None with ``shapes_only``), and
+    the packing's layout."""
     init, _ = _lane_fns(config)
+    if shapes_only:
+        return None, layout(jax.eval_shape(init, rule, inputs, data))
     states = init(rule, inputs, data)
     lay = layout(states)
     return pack(lay, states), lay
 
 
-def _lanelayout(inputs: object, data: object, rule: Rule, config: Config) -> Layout:
-    """The packed layout of the lanes' states (from their shapes alone)."""
-    return layout(jax.eval_shape(_lane_fns(config)[0], rule, inputs, data))
-
-
-def _first_lanes_from(
-    inits: tuple[jax.Array, ...],
-    lay: Layout,
+def _first_lanes(
     inputs: object,
     data: object,
     base: jax.Array,
-    slots: int,
-) -> tuple[Lanes, jax.Array]:
-    n = jax.tree.leaves(inputs)[0].shape[0]
-    width = min(slots, n)
-    first = lambda x: x[:width]
-    state = tuple(map(first, inits))
-    lane_inputs, lane_data = jax.tree.map(first, (inputs, data))
-    lanes = Lanes(base + jnp.arange(width, dtype=jnp.int32), lane_inputs, lane_data, state)
-    return lanes, jnp.zeros([], jnp.int32) + width
-
-
-def _first_lanes(
-    inputs: object, data: object, base: jax.Array, rule: Rule, config: Config
+    rule: Rule,
+    config: Config,
+    inits: tuple[jax.Array, ...] | None = None,
 ) -> tuple[Lanes, jax.Array]:
     """Lanes holding the first queued problems, and the queue position after them."""
-    inits, lay = _inits(inputs, data, rule, config)
-    return _first_lanes_from(inits, lay, inputs, data, base, config.slots)
+    states = _inits(inputs, data, rule, config)[0] if inits is None else inits
+    width = min(config.slots, jax.tree.leaves(inputs)[0].shape[0])
+    first = lambda x: x[:width]
+    lane_inputs, lane_data = jax.tree.map(first, (inputs, data))
+    ids = base + jnp.arange(width, dtype=jnp.int32)
+    lanes = Lanes(ids, lane_inputs, lane_data, tuple(map(first, states or ())))
+    return lanes, jnp.zeros([], jnp.int32) + width
 
 
 def result_rows(
@@ -299,23 +298,15 @@ def result_rows(
 ) -> FitResult:
     """The :class:`FitResult` rows of the lanes' problems as they stand (their shapes
     are what a batched run's results hold, a row a problem)."""
-    return _results(config, rule, _lanelayout(inputs, data, rule, config), lanes.state)
+    return _results(config, rule, _inits(inputs, data, rule, config, True)[1], lanes.state)
 
 
-def _start(lanes: Lanes, queue: jax.Array, n: int, lay: Layout) -> _Carry:
+def _start(lanes: Lanes, queue: jax.Array, n: int) -> _Carry:
     """A carry with room for every problem this call may finish."""
-    width = lanes.ids.shape[0]
-    rows = n + 2 * width
-    packed = lanes.state
-    c = _Carry(
-        lanes,
-        queue,
-        tuple(jnp.zeros((rows, p.shape[1]), p.dtype) for p in packed),
-        jnp.full((rows,), -1, jnp.int32),
-        jnp.zeros([], jnp.int32),
-        jnp.zeros([], jnp.int32),
-    )
-    return c
+    rows = n + 2 * lanes.ids.shape[0]
+    zero = jnp.zeros([], jnp.int32)
+    empty = tuple(jnp.zeros((rows, p.shape[1]), p.dtype) for p in lanes.state)
+    return _Carry(lanes, queue, empty, jnp.full((rows,), -1, jnp.int32), zero, zero)
 
 
 def _compact(lanes: Lanes, keep: int) -> Lanes:
@@ -352,11 +343,7 @@ def segment(
     """
     n = jax.tree.leaves(inputs)[0].shape[0]
     width = lanes.ids.shape[0]
-    inits, lay = (
-        _inits(inputs, data, rule, config)
-        if filling
-        else (None, _lanelayout(inputs, data, rule, config))
-    )
+    inits, lay = _inits(inputs, data, rule, config, shapes_only=not filling)
     body, more = _machine(config, rule, inputs, data, base, lay, inits)
     keep = next_width(width, config.slots) if final else width
 
@@ -367,7 +354,7 @@ def segment(
     def one(ci: tuple[_Carry, jax.Array]) -> tuple[_Carry, jax.Array]:
         return body(ci[0], filling), ci[1] + 1
 
-    c = _start(lanes, queue, n, lay)
+    c = _start(lanes, queue, n)
     c, taken = jax.lax.while_loop(go_on, one, (c, jnp.zeros([], jnp.int32)))
     out = Output(_results(config, rule, lay, c.rows), c.ids, c.computed)
     return c.lanes, c.queue, out, taken, ~more(c, keep, filling)
@@ -381,11 +368,19 @@ def run_all(
     The first loop refills lanes while the queue lasts; it and each later one run
     until at most ``next_width`` lanes are busy, and the next keeps only those lanes
     (the last runs until every problem is done).
+
+    Without early stopping and with a lane for every problem, no lane frees up before
+    the end: the problems run as ``jax.vmap`` of ``fit``'s loop, without the lanes'
+    bookkeeping.
     """
     n = jax.tree.leaves(inputs)[0].shape[0]
+    if rule.value is None and config.slots >= n:
+        return jax.vmap(functools.partial(_whole, config, rule))(inputs, data), jnp.int32(
+            n * config.num_steps
+        )
     zero = jnp.zeros([], jnp.int32)
     inits, lay = _inits(inputs, data, rule, config)
-    c = _start(*_first_lanes_from(inits, lay, inputs, data, zero, config.slots), n, lay)
+    c = _start(*_first_lanes(inputs, data, zero, rule, config, inits), n)
     body, more = _machine(config, rule, inputs, data, zero, lay, inits)
     filling = True
     while True:

@@ -89,37 +89,36 @@ def _describe(obj: Any, name: str, out: dict[str, Any], seen: set[int], depth: i
         out[name] = repr(a.tolist()) if a.size <= 16 else f"{a.dtype}{a.shape}:{digest(a)}"
     elif isinstance(obj, type | np.dtype):
         out[name] = getattr(obj, "__qualname__", str(obj))
-    elif id(obj) in seen:
-        return
-    elif isinstance(obj, functools.partial):  # adam_jax's init/update: jax.tree_util.Partial
+    elif id(obj) not in seen:
         seen.add(id(obj))
-        _describe(obj.func, f"{name}.func", out, seen, depth + 1)
-        _describe(obj.args, f"{name}.args", out, seen, depth + 1)
-        _describe(dict(obj.keywords), f"{name}.keywords", out, seen, depth + 1)
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # static configs
-        seen.add(id(obj))
-        for field in dataclasses.fields(obj):
-            _describe(getattr(obj, field.name), f"{name}.{field.name}", out, seen, depth + 1)
-    elif isinstance(obj, types.FunctionType):
-        seen.add(id(obj))
+        for key, value in _parts(obj, name, out):
+            _describe(value, f"{name}.{key}", out, seen, depth + 1)
+
+
+def _parts(obj: Any, name: str, out: dict[str, Any]) -> list[tuple[object, Any]]:
+    """The named parts of a container, a function's closure or a static config."""
+    if isinstance(obj, functools.partial):  # adam_jax's init/update: jax.tree_util.Partial
+        return [("func", obj.func), ("args", obj.args), ("keywords", dict(obj.keywords))]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # static configs
+        return [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    if isinstance(obj, types.FunctionType):
         out[name] = f"{obj.__module__}.{obj.__qualname__}"
-        for var, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=True):
-            try:
-                value = cell.cell_contents
-            except ValueError:
-                continue
-            _describe(value, f"{name}.{var}", out, seen, depth + 1)
-    elif isinstance(obj, tuple | list):
-        seen.add(id(obj))
-        fields = getattr(obj, "_fields", None) or range(len(obj))
-        for field, value in zip(fields, obj, strict=True):
-            _describe(value, f"{name}.{field}", out, seen, depth + 1)
-    elif isinstance(obj, dict):
-        seen.add(id(obj))
-        for key in sorted(obj, key=str):
-            _describe(obj[key], f"{name}.{key}", out, seen, depth + 1)
-    else:
-        out[name] = type(obj).__qualname__
+        cells = zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=True)
+        return [(var, cell.cell_contents) for var, cell in cells if _filled(cell)]
+    if isinstance(obj, tuple | list):
+        return list(zip(getattr(obj, "_fields", None) or range(len(obj)), obj, strict=True))
+    if isinstance(obj, dict):
+        return [(key, obj[key]) for key in sorted(obj, key=str)]
+    out[name] = type(obj).__qualname__
+    return []
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        _ = cell.cell_contents
+    except ValueError:  # a closure variable not yet assigned
+        return False
+    return True
 
 
 def problem_record(

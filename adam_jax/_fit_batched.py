@@ -135,7 +135,12 @@ def fit_batched(
     Each problem's result equals what ``jax.vmap(fit)`` gives it on the same
     inputs: the same steps, stop reason and best step, and the same values up
     to the rounding of batched kernels (bitwise where XLA computes a lane the
-    same way; float32 results were bitwise equal in the tests).
+    same way; float32 results were bitwise equal in the tests). Without early
+    stopping, and with a lane for every problem (the default then), no lane
+    frees up before the end, so the problems run as ``jax.vmap`` of ``fit``'s
+    own loop: bitwise ``jax.vmap(fit)``'s results, at its cost and compile
+    time (a run that hands control back to the host, for a progress bar or
+    checkpoints, still goes through the lanes).
 
     The compiled program is cached on ``make_problem`` (pass the same function,
     not a new lambda, to reuse it), the other options, the inputs' shapes and
