@@ -18,7 +18,7 @@ side by side in one process, their repetitions interleaved (medians):
 * ``lanes``: ``fit_batched`` with that many lanes on 4x as many problems (at most
   1,024) that all take the same number of steps: lanes refill once every ``steps``
   iterations; the cost is per lane-step computed;
-* ``lanes_staggered``: ``fit_batched`` on notebook 06's whole sweep with its real stop
+* ``lanes_staggered``: ``fit_batched`` on notebook 06's sweep with its real stop
   (MSE <= 0.5, cap 2,000), each problem stopping on its own, so lanes are handed over
   and refilled on most iterations; the cost is per lane-step computed.
 
@@ -40,7 +40,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from bench_fit import machine, sweep_inputs, sweep_mse, sweep_problem
 
@@ -98,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
     parser.add_argument(
-        "--out", default=str(Path(__file__).parent / "results" / "lane_step.json")
+        "--problems", type=int, default=1024, help="runs of the sweep in lanes_staggered"
     )
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lane_step.json"))
     args = parser.parse_args(argv)
-    sweep = sweep_inputs()
+    sweep = take(sweep_inputs(), args.problems)
     steps = args.steps
     runs: dict[str, tuple] = {}  # name -> (callable, problem-steps computed)
     for width in args.widths:
@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             f = with_fit(steps, history)
             runs[f"{width}/{name}"] = (lambda f=f, x=inputs: f(x), width * steps)
 
-        def lanes(width=width, n=min(4 * width, 1024)):
+        n = min(4 * width, args.problems)
+
+        def lanes(width=width, n=n):
             return adam_jax.fit_batched(
                 sweep_problem, take(sweep, n), num_steps=steps, slots=width,
                 early_stopping=NEVER, history=adam_jax.History.none(),
@@ -145,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, (_, computed) in runs.items():
         median = statistics.median(times[name])
-        rows[name] = {"median_s": median, "computed": computed, "us_per_step": 1e6 * median / computed}
+        rows[name] = {
+            "median_s": median,
+            "computed": computed,
+            "us_per_step": 1e6 * median / computed,
+        }
     print(f"{'lanes/layer':28s} {'median s':>9s} {'steps':>10s} {'us/step':>8s} {'layer us':>9s}")
     previous = None
     for name, row in rows.items():

@@ -123,6 +123,21 @@ def test_bench_fit_compares_the_three_ways(tmp_path, capsys):
     assert "(a) 12 problems" in capsys.readouterr().out
 
 
+def test_bench_lane_step_reports_every_layer(tmp_path, capsys):
+    import bench_lane_step
+
+    out = tmp_path / "lane_step.json"
+    args = ["--widths", "4", "--steps", "3", "--repeats", "1", "--problems", "16"]
+    assert bench_lane_step.main([*args, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    layers = ("grad", "+adam", "+stop_rule", "fit", "fit+history", "lanes", "lanes_staggered")
+    assert list(rows) == [f"4/{layer}" for layer in layers]
+    assert all(row["median_s"] > 0 and row["us_per_step"] > 0 for row in rows.values())
+    assert rows["4/grad"]["computed"] == 4 * 3  # lanes x steps
+    assert rows["4/lanes"]["computed"] >= 16 * 3  # every problem's steps, idle lanes too
+    assert "4/lanes_staggered" in capsys.readouterr().out
+
+
 def test_bench_scaling_quick(tmp_path, capsys):
     import bench_scaling
 
