@@ -375,9 +375,8 @@ def run_all(
     """
     n = jax.tree.leaves(inputs)[0].shape[0]
     if rule.value is None and config.slots >= n:
-        return jax.vmap(functools.partial(_whole, config, rule))(inputs, data), jnp.int32(
-            n * config.num_steps
-        )
+        computed = jnp.full([], n, jnp.int32) * config.num_steps  # int32, as the lanes count
+        return jax.vmap(functools.partial(_whole, config, rule))(inputs, data), computed
     zero = jnp.zeros([], jnp.int32)
     inits, lay = _inits(inputs, data, rule, config)
     c = _start(*_first_lanes(inputs, data, zero, rule, config, inits), n)
