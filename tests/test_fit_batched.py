@@ -138,6 +138,24 @@ def test_equals_vmapped_fit_with_data_batches():
     assert_same(result, vmapped_fit(make_batch_problem, inputs, data, **kwargs), rtol=1e-12)
 
 
+def test_without_early_stopping_is_vmapped_fit_bit_for_bit():
+    """A lane per problem and no early stopping: no lane frees up, so the problems run as
+    vmap of fit's loop, bitwise jit(vmap(fit)) in float32; fewer lanes refill instead."""
+    inputs = regressions(dtype=jnp.float32)
+    kwargs = dict(num_steps=150, history=adam_jax.History.every(1, max_len=1_000))
+    reference = vmapped_fit(make_problem, inputs, **kwargs)
+    result = adam_jax.fit_batched(make_problem, inputs, **kwargs)
+    assert result.work == (N * 150, N * 150)
+    got, want = jax.tree.leaves(result._replace(work=None)), jax.tree.leaves(reference)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    refilled = adam_jax.fit_batched(make_problem, inputs, slots=N // 3, **kwargs)
+    assert refilled.work.needed == result.work.needed  # three waves of lanes
+    assert refilled.work.computed >= result.work.computed
+    assert_same(refilled, reference, rtol=1e-6)
+
+
 def test_computes_only_the_steps_needed():
     inputs = regressions()
     es = adam_jax.early_stopping(None, target=0.2)
