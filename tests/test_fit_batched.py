@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _devices import run_on_8_cpu_devices
+from references import linear_regression
 
 import adam_jax
 
@@ -138,22 +139,35 @@ def test_equals_vmapped_fit_with_data_batches():
     assert_same(result, vmapped_fit(make_batch_problem, inputs, data, **kwargs), rtol=1e-12)
 
 
+def make_regression_problem(p):
+    """Adam from scratch on a linear regression (200 x 4, MSE as the metric)."""
+    x, y, lr = p
+    loss = lambda w: linear_regression.loss(w, x, y)
+    return loss, jnp.zeros((1, x.shape[1]), x.dtype), adam_jax.adam(lr)
+
+
 def test_without_early_stopping_is_vmapped_fit_bit_for_bit():
     """A lane per problem and no early stopping: no lane frees up, so the problems run as
-    vmap of fit's loop, bitwise jit(vmap(fit)) in float32; fewer lanes refill instead."""
-    inputs = regressions(dtype=jnp.float32)
-    kwargs = dict(num_steps=150, history=adam_jax.History.every(1, max_len=1_000))
-    reference = vmapped_fit(make_problem, inputs, **kwargs)
-    result = adam_jax.fit_batched(make_problem, inputs, **kwargs)
+    vmap of fit's loop, bitwise jit(vmap(fit)) in float32 (on this problem the lanes'
+    loop rounds otherwise); fewer lanes refill instead, and agree up to float32 rounding."""
+    xs, ys = zip(*(linear_regression.data(n=200, seed=k) for k in range(N)), strict=True)
+    lrs = np.geomspace(3e-3, 0.3, N)
+    inputs = tuple(
+        jnp.asarray(np.stack(a) if a is not lrs else a, jnp.float32) for a in (xs, ys, lrs)
+    )
+    kwargs = dict(num_steps=150, has_aux=True, history=adam_jax.History.none())
+    reference = vmapped_fit(make_regression_problem, inputs, **kwargs)
+    result = adam_jax.fit_batched(make_regression_problem, inputs, **kwargs)
     assert result.work == (N * 150, N * 150)
     got, want = jax.tree.leaves(result._replace(work=None)), jax.tree.leaves(reference)
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-    refilled = adam_jax.fit_batched(make_problem, inputs, slots=N // 3, **kwargs)
+    refilled = adam_jax.fit_batched(make_regression_problem, inputs, slots=N // 3, **kwargs)
     assert refilled.work.needed == result.work.needed  # three waves of lanes
     assert refilled.work.computed >= result.work.computed
-    assert_same(refilled, reference, rtol=1e-6)
+    np.testing.assert_array_equal(refilled.num_steps, reference.num_steps)
+    chex.assert_trees_all_close(refilled.params, reference.params, rtol=1e-4, atol=0)
 
 
 def test_computes_only_the_steps_needed():
