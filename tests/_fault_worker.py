@@ -190,30 +190,34 @@ def serve(fd: int) -> None:
 
     conn = socket.socket(fileno=fd)
     running: set[int] = set()
-    while True:
-        if select.select([conn], [], [], 0.005)[0]:
-            msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
-            if not msg:
-                break
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                conn.close()
-                _run_forked(json.loads(msg), *fds)
-            for f in fds:
-                os.close(f)
-            running.add(pid)
-            conn.send(f"pid {pid}".encode())
-        while running:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            running.discard(pid)
-            conn.send(f"exit {pid} {os.waitstatus_to_exitcode(status)}".encode())
-    for pid in running:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+    try:
+        while True:
+            if select.select([conn], [], [], 0.005)[0]:
+                msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
+                if not msg:
+                    break
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    conn.close()
+                    _run_forked(json.loads(msg), *fds)
+                for f in fds:
+                    os.close(f)
+                running.add(pid)
+                conn.send(f"pid {pid}".encode())
+            while running:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                running.discard(pid)
+                conn.send(f"exit {pid} {os.waitstatus_to_exitcode(status)}".encode())
+    except BrokenPipeError:
+        pass  # the requester is gone
+    finally:
+        for pid in running:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 if __name__ == "__main__":

@@ -44,13 +44,17 @@ class Workers:
     """The fork server (``_fault_worker.py serve``): it starts workers on request and
     reports how each one ended."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], log: Path):
         self._conn, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._server = subprocess.Popen(
-            [sys.executable, "-u", str(WORKER), "serve", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            env=env,
-        )
+        self._log = log
+        with log.open("w") as out:  # the server's own output: a traceback if it fails
+            self._server = subprocess.Popen(
+                [sys.executable, "-u", str(WORKER), "serve", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         theirs.close()
         self._ended: dict[int, int] = {}
         self._started: list[int] = []
@@ -63,7 +67,8 @@ class Workers:
         except (TimeoutError, BlockingIOError):
             return
         if not msg:
-            pytest.fail(f"the worker server ended (exit code {self._server.wait()})")
+            code = self._server.wait()
+            pytest.fail(f"the worker server ended (exit code {code}):\n{self._log.read_text()}")
         kind, pid, *code = msg.split()
         if kind == "pid":
             self._started.append(int(pid))

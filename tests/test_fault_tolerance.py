@@ -221,7 +221,7 @@ def _keep_up_to(directory: Path, step: int) -> None:
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory):
     """The server that forks the worker processes (tests/_faults.py)."""
-    server = Workers(worker_env(tmp_path_factory))
+    server = Workers(worker_env(tmp_path_factory), tmp_path_factory.mktemp("server") / "log")
     yield server
     server.close()
 
