@@ -192,7 +192,8 @@ def serve(fd: int) -> None:
     running: set[int] = set()
     try:
         while True:
-            if select.select([conn], [], [], 0.005)[0]:
+            # Requests wake it at once; while workers run, it also looks for their ends.
+            if select.select([conn], [], [], 0.005 if running else None)[0]:
                 msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
                 if not msg:
                     break
