@@ -295,15 +295,20 @@ def drive(
     return state
 
 
-def _manager(ocp: types.ModuleType, options: CheckpointOptions) -> Any:
-    """Synchronous saves: the next segment starts once the last one is on disk."""
+def _manager(ocp: types.ModuleType, options: CheckpointOptions, *, cleanup: bool = True) -> Any:
+    """Synchronous saves: the next segment starts once the last one is on disk.
+
+    With ``cleanup``, the manager deletes the temporary folders of unfinished saves in a
+    background thread that its ``close`` does not wait for (the first save does): only the
+    manager that saves cleans up, or two threads would delete the same folder.
+    """
     return ocp.CheckpointManager(
         options.directory / STEPS_DIR,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=options.keep,
             enable_async_checkpointing=False,
             create=True,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=cleanup,
             enable_background_delete=True,
         ),
     )
@@ -332,7 +337,7 @@ def restore_newest(
     listed them is closed, so that the run saves those steps again in new folders.
     """
     found, unreadable = None, []
-    with _manager(ocp, options) as mgr:
+    with _manager(ocp, options, cleanup=False) as mgr:
         for step in sorted(mgr.all_steps(), reverse=True):
             try:
                 meta = mgr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))

@@ -2,7 +2,9 @@
 
 Usage: ``python tests/_fault_worker.py MODE WORKDIR [--die-on-save=SECONDS]``, MODE one of
 ``plain``, ``checkpoint`` (fits), ``batched-plain`` and ``batched-checkpoint``
-(fit_batched runs), for tests/test_fault_tolerance.py.
+(fit_batched runs), for tests/test_fault_tolerance.py. The tests start these processes
+through ``python tests/_fault_worker.py serve``, which imports JAX, adam_jax and orbax
+once and forks a worker for each request (see ``tests/_faults.py``).
 
 Every run's result goes to ``WORKDIR/{mode}_{name}.npz``. In a checkpoint mode a
 watcher thread prints ``saving`` when a checkpoint write starts (orbax's temporary
@@ -12,11 +14,15 @@ that many seconds after the first one it sees: a kill in the middle of a save.
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import signal
+import socket
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -120,10 +126,10 @@ def _watch(directory: Path, die_after: float | None) -> None:
         time.sleep(0.001)
 
 
-def main() -> None:
-    mode, workdir = sys.argv[1], Path(sys.argv[2])
+def main(argv: list[str]) -> None:
+    mode, workdir = argv[0], Path(argv[1])
     die_after = None
-    for arg in sys.argv[3:]:
+    for arg in argv[2:]:
         if arg.startswith("--die-on-save="):
             die_after = float(arg.split("=", 1)[1])
     # Before the watcher starts: its "saving" (of a write a killed run left) could
@@ -149,5 +155,74 @@ def main() -> None:
         print(f"done {name}", flush=True)
 
 
+def _run_forked(argv: list[str], out: int, err: int) -> None:
+    """In a forked child: stdout and stderr to the requester's pipes, then ``main``;
+    exits as a Python process would (1 after an uncaught exception, its traceback on
+    stderr)."""
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    os.close(out)
+    os.close(err)
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def serve(fd: int) -> None:
+    """Fork a worker for each request read from the socket ``fd``.
+
+    A request is the worker's arguments (JSON) with two file descriptors, its stdout and
+    stderr; the answer is ``pid N``, and ``exit N CODE`` when it ends (CODE as
+    ``subprocess`` gives it: -9 for SIGKILL). The server itself has run no JAX
+    computation, so each child starts as a new process would, without the imports: JAX
+    creates its threads on the first computation, in the child. When the requester
+    closes the socket, the server kills what still runs and ends.
+    """
+    import orbax.checkpoint  # noqa: F401  (what a checkpointed run imports first)
+
+    conn = socket.socket(fileno=fd)
+    running: set[int] = set()
+    try:
+        while True:
+            # Requests wake it at once; while workers run, it also looks for their ends.
+            if select.select([conn], [], [], 0.005 if running else None)[0]:
+                msg, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
+                if not msg:
+                    break
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    conn.close()
+                    _run_forked(json.loads(msg), *fds)
+                for f in fds:
+                    os.close(f)
+                running.add(pid)
+                conn.send(f"pid {pid}".encode())
+            while running:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                running.discard(pid)
+                conn.send(f"exit {pid} {os.waitstatus_to_exitcode(status)}".encode())
+    except BrokenPipeError:
+        pass  # the requester is gone
+    finally:
+        for pid in running:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1] == "serve":
+        serve(int(sys.argv[2]))
+    else:
+        main(sys.argv[1:])

@@ -55,8 +55,8 @@ def rng():
 # for last, one worker busy while the other idles): the long ones overlap each other and the
 # short ones fill in at the end.
 HEAVY_FIRST = [
-    "test_fault_tolerance.py",  # ~300 s (fit and fit_batched)
     "test_notebooks.py",  # ~210 s
+    "test_fault_tolerance.py",  # ~130 s (fit and fit_batched; ~50 s of it the killed workers)
     "test_fit_batched.py",  # ~120 s
     "test_sharding.py",  # ~90 s
     "test_multiprocess.py",  # ~60 s

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _faults import (
+    Workers,
     assert_bitwise_equal,
     finish,
     kill,
@@ -218,19 +219,22 @@ def _keep_up_to(directory: Path, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return worker_env(tmp_path_factory)
+def workers(tmp_path_factory: pytest.TempPathFactory):
+    """The server that forks the worker processes (tests/_faults.py)."""
+    server = Workers(worker_env(tmp_path_factory), tmp_path_factory.mktemp("server") / "log")
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module")
-def reference(env, tmp_path_factory) -> Callable[[Entry], Path]:
+def reference(workers, tmp_path_factory) -> Callable[[Entry], Path]:
     """Each entry's uninterrupted results, from one worker without checkpoints."""
     made: dict[str, Path] = {}
 
     def get(entry: Entry) -> Path:
         if entry.name not in made:
             workdir = tmp_path_factory.mktemp(entry.plain)
-            rc, err = finish(start(env, entry.plain, workdir))
+            rc, err = finish(start(workers, entry.plain, workdir))
             assert rc == 0, err
             made[entry.name] = workdir
         return made[entry.name]
@@ -238,8 +242,8 @@ def reference(env, tmp_path_factory) -> Callable[[Entry], Path]:
     return get
 
 
-def _run_to_end_as_reference(entry, env, reference, workdir):
-    run_to_end(env, entry.checkpointed, workdir)
+def _run_to_end_as_reference(entry, workers, reference, workdir):
+    run_to_end(workers, entry.checkpointed, workdir)
     _assert_as_reference(entry, reference, workdir)
 
 
@@ -247,7 +251,7 @@ def _assert_as_reference(entry, reference, workdir):
     assert_bitwise_equal(reference(entry), entry.plain, workdir, entry.checkpointed, entry.runs)
 
 
-def test_sigkill_at_random_moments(entry, env, reference, tmp_path):
+def test_sigkill_at_random_moments(entry, workers, reference, tmp_path):
     """Kills at random times after start-up, each run restarted until it ends: same bits.
     A run that ends before its kill is checked, and the next one starts anew."""
     rng = np.random.default_rng(0)
@@ -255,7 +259,7 @@ def test_sigkill_at_random_moments(entry, env, reference, tmp_path):
     workdir = tmp_path / "chain0"
     workdir.mkdir()
     while kills < entry.random_kills:
-        proc = start(env, entry.checkpointed, workdir)
+        proc = start(workers, entry.checkpointed, workdir)
         if not wait_for(proc, "ready"):
             pytest.fail(finish(proc)[1])
         time.sleep(rng.uniform(*entry.kill_window))
@@ -267,10 +271,10 @@ def test_sigkill_at_random_moments(entry, env, reference, tmp_path):
         chain += 1
         workdir = tmp_path / f"chain{chain}"
         workdir.mkdir()
-    _run_to_end_as_reference(entry, env, reference, workdir)
+    _run_to_end_as_reference(entry, workers, reference, workdir)
 
 
-def test_sigkill_during_saves(entry, env, reference, tmp_path):
+def test_sigkill_during_saves(entry, workers, reference, tmp_path):
     """Kills while a checkpoint is being written, of one run restarted after each: every
     other one by the worker itself a few milliseconds into the write, the others by this
     process on reading ``saving``."""
@@ -280,21 +284,22 @@ def test_sigkill_during_saves(entry, env, reference, tmp_path):
         attempt += 1
         assert attempt <= 2 * entry.save_kills, f"only {kills} of {attempt - 1} workers died"
         if attempt % 2:
-            proc = start(env, entry.checkpointed, tmp_path, f"--die-on-save={rng.uniform(0, 0.02)}")
+            die = f"--die-on-save={rng.uniform(0, 0.02)}"
+            proc = start(workers, entry.checkpointed, tmp_path, die)
             rc, err = finish(proc)
             assert rc in (-signal.SIGKILL, 0), err
             kills += rc == -signal.SIGKILL
         else:
-            proc = start(env, entry.checkpointed, tmp_path)
+            proc = start(workers, entry.checkpointed, tmp_path)
             if wait_for(proc, "saving", count=int(rng.integers(1, 4))):
                 kills += kill(proc)
             else:
                 assert finish(proc)[0] == 0
-    _run_to_end_as_reference(entry, env, reference, tmp_path)
+    _run_to_end_as_reference(entry, workers, reference, tmp_path)
 
 
-def test_sigint_saves_and_says_how_to_resume(entry, env, reference, tmp_path):
-    proc = start(env, entry.checkpointed, tmp_path)
+def test_sigint_saves_and_says_how_to_resume(entry, workers, reference, tmp_path):
+    proc = start(workers, entry.checkpointed, tmp_path)
     assert wait_for(proc, "saving", count=2)
     proc.send_signal(signal.SIGINT)
     rc, err = finish(proc)
@@ -302,11 +307,11 @@ def test_sigint_saves_and_says_how_to_resume(entry, env, reference, tmp_path):
     saved = f"KeyboardInterrupt: {entry.name} interrupted: checkpoint saved {entry.saved_at}"
     assert re.search(saved, err), err
     assert f"run the same {entry.name} call with the same checkpoint_dir to resume" in err
-    _run_to_end_as_reference(entry, env, reference, tmp_path)
+    _run_to_end_as_reference(entry, workers, reference, tmp_path)
     # The same calls again return the saved final results.
     for name in entry.runs:
         (tmp_path / f"{entry.checkpointed}_{name}.npz").unlink()
-    _run_to_end_as_reference(entry, env, reference, tmp_path)
+    _run_to_end_as_reference(entry, workers, reference, tmp_path)
 
 
 # In process.
