@@ -263,16 +263,18 @@ def _machine(
 
 
 def _inits(
-    inputs: object, data: object, rule: Rule, config: Config, shapes_only: bool = False
-) -> tuple[tuple[jax.Array, ...] | None, Layout]:
-    """Every queued problem's first loop state, packed (None with ``shapes_only``), and
-    the packing's layout."""
+    inputs: object, data: object, rule: Rule, config: Config
+) -> tuple[tuple[jax.Array, ...], Layout]:
+    """Every queued problem's first loop state, packed, and the packing's layout."""
     init, _ = _lane_fns(config)
-    if shapes_only:
-        return None, layout(jax.eval_shape(init, rule, inputs, data))
     states = init(rule, inputs, data)
     lay = layout(states)
     return pack(lay, states), lay
+
+
+def _lanelayout(inputs: object, data: object, rule: Rule, config: Config) -> Layout:
+    """The packed layout of the lanes' states (from their shapes alone)."""
+    return layout(jax.eval_shape(_lane_fns(config)[0], rule, inputs, data))
 
 
 def _first_lanes(
@@ -289,7 +291,7 @@ def _first_lanes(
     first = lambda x: x[:width]
     lane_inputs, lane_data = jax.tree.map(first, (inputs, data))
     ids = base + jnp.arange(width, dtype=jnp.int32)
-    lanes = Lanes(ids, lane_inputs, lane_data, tuple(map(first, states or ())))
+    lanes = Lanes(ids, lane_inputs, lane_data, tuple(map(first, states)))
     return lanes, jnp.zeros([], jnp.int32) + width
 
 
@@ -298,7 +300,7 @@ def result_rows(
 ) -> FitResult:
     """The :class:`FitResult` rows of the lanes' problems as they stand (their shapes
     are what a batched run's results hold, a row a problem)."""
-    return _results(config, rule, _inits(inputs, data, rule, config, True)[1], lanes.state)
+    return _results(config, rule, _lanelayout(inputs, data, rule, config), lanes.state)
 
 
 def _start(lanes: Lanes, queue: jax.Array, n: int) -> _Carry:
@@ -343,7 +345,11 @@ def segment(
     """
     n = jax.tree.leaves(inputs)[0].shape[0]
     width = lanes.ids.shape[0]
-    inits, lay = _inits(inputs, data, rule, config, shapes_only=not filling)
+    inits, lay = (
+        _inits(inputs, data, rule, config)
+        if filling
+        else (None, _lanelayout(inputs, data, rule, config))
+    )
     body, more = _machine(config, rule, inputs, data, base, lay, inits)
     keep = next_width(width, config.slots) if final else width
 

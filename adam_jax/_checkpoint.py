@@ -90,27 +90,32 @@ def _describe(obj: Any, name: str, out: dict[str, Any], seen: set[int], depth: i
     elif isinstance(obj, type | np.dtype):
         out[name] = getattr(obj, "__qualname__", str(obj))
     elif id(obj) not in seen:
+        parts = _parts(obj)
+        if parts is None:
+            out[name] = type(obj).__qualname__
+            return
         seen.add(id(obj))
-        for key, value in _parts(obj, name, out):
+        if isinstance(obj, types.FunctionType):
+            out[name] = f"{obj.__module__}.{obj.__qualname__}"
+        for key, value in parts:
             _describe(value, f"{name}.{key}", out, seen, depth + 1)
 
 
-def _parts(obj: Any, name: str, out: dict[str, Any]) -> list[tuple[object, Any]]:
-    """The named parts of a container, a function's closure or a static config."""
+def _parts(obj: Any) -> list[tuple[object, Any]] | None:
+    """The named parts of a container, a function's closure or a static config; None
+    for anything else."""
     if isinstance(obj, functools.partial):  # adam_jax's init/update: jax.tree_util.Partial
         return [("func", obj.func), ("args", obj.args), ("keywords", dict(obj.keywords))]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # static configs
         return [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
     if isinstance(obj, types.FunctionType):
-        out[name] = f"{obj.__module__}.{obj.__qualname__}"
         cells = zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=True)
         return [(var, cell.cell_contents) for var, cell in cells if _filled(cell)]
     if isinstance(obj, tuple | list):
         return list(zip(getattr(obj, "_fields", None) or range(len(obj)), obj, strict=True))
     if isinstance(obj, dict):
         return [(key, obj[key]) for key in sorted(obj, key=str)]
-    out[name] = type(obj).__qualname__
-    return []
+    return None
 
 
 def _filled(cell: Any) -> bool:
