@@ -18,7 +18,9 @@ Results go to ``benchmarks/results/eight_bit.json`` (``eight_bit-quick.json`` wi
 * Parity: ``adamw(state_bits=8)`` against the compiled ``AdamW8bit`` for 100 steps:
   the first step whose codes or scales differ, and the largest param difference.
 * Quality: an MLP on scikit-learn's digits (~20k params) and a wide MLP (1.1M params),
-  trained with float32 and 8-bit states from the same init on the same batches.
+  trained with float32 and 8-bit states from the same init on the same batches, for
+  ``--orders`` batch orders: the paired final-loss ratios 8-bit / float32, their mean
+  and standard error, and float32's own spread over the orders (the noise floor).
 """
 
 from __future__ import annotations
@@ -166,7 +168,13 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return (x / 16.0).astype(np.float32), y.astype(np.int32)
 
 
-def quality(widths: list[int], epochs: int, lr: float) -> dict[str, Any]:
+def quality(widths: list[int], epochs: int, lr: float, orders: int) -> dict[str, Any]:
+    """Train the MLP with float32 and with 8-bit states, from the same init on the same
+    batches, for each of ``orders`` batch orders (the shuffle's seed).
+
+    The final loss of a run depends on the batch order as much as on the states: the
+    spread of float32's own final losses over the orders is the noise floor against
+    which the paired ratios 8-bit / float32 are read."""
     x_np, y_np = _digits()
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     key = jax.random.key(0)
@@ -185,31 +193,40 @@ def quality(widths: list[int], epochs: int, lr: float) -> dict[str, Any]:
                 h = jax.nn.relu(h)
         return optax.softmax_cross_entropy_with_integer_labels(h, yb).mean()
 
-    batches = np.random.default_rng(0).permutation(np.tile(np.arange(len(x)), epochs))
-    batches = batches[: len(batches) // 128 * 128].reshape(-1, 128)
-    out: dict[str, Any] = {"params": int(sum(v.size for v in params.values()))}
-    for name, bits in (("float32", 32), ("8-bit", 8)):
+    def trainer(bits: int) -> Any:
         opt = adam_jax.adamw(lr, weight_decay=1e-4, state_bits=bits)
 
         @jax.jit
-        def train(p: Any, opt: Any = opt) -> Any:
+        def train(p: Any, batches: Any) -> Any:
             def body(carry: Any, idx: Any) -> Any:
                 p, s = carry
                 loss, g = jax.value_and_grad(loss_fn)(p, x[idx], y[idx])
                 u, s = opt.update(g, s, p)
                 return (optax.apply_updates(p, u), s), loss
 
-            (p, s), losses = jax.lax.scan(body, (p, opt.init(p)), batches)
-            return p, s, losses
+            (p, s), _ = jax.lax.scan(body, (p, opt.init(p)), batches)
+            return p, s
 
-        p, s, losses = train(params)
-        losses = np.asarray(losses)
-        out[name] = {
-            "final_loss": float(loss_fn(p, x, y)),
-            "last_batches_mean_loss": float(losses[-20:].mean()),
-            "state_bytes": _nbytes(s),
-        }
-    out["final_loss 8-bit / float32"] = out["8-bit"]["final_loss"] / out["float32"]["final_loss"]
+        return train
+
+    trainers = {"float32": trainer(32), "8-bit": trainer(8)}
+    out: dict[str, Any] = {"params": int(sum(v.size for v in params.values())), "epochs": epochs}
+    runs: dict[str, list[float]] = {name: [] for name in trainers}
+    for order in range(orders):
+        batches = np.random.default_rng(order).permutation(np.tile(np.arange(len(x)), epochs))
+        batches = batches[: len(batches) // 128 * 128].reshape(-1, 128)
+        for name, train in trainers.items():
+            p, s = train(params, jnp.asarray(batches))
+            runs[name].append(float(loss_fn(p, x, y)))
+            out[f"{name} state_bytes"] = _nbytes(s)
+    f32, q8 = np.array(runs["float32"]), np.array(runs["8-bit"])
+    ratios = q8 / f32
+    out["final_loss per order"] = runs
+    out["8-bit / float32 per order"] = ratios.tolist()
+    out["8-bit / float32 mean"] = float(ratios.mean())
+    out["8-bit / float32 standard error"] = float(ratios.std(ddof=1) / np.sqrt(orders))
+    out["8-bit / float32 of the mean final losses"] = float(q8.mean() / f32.mean())
+    out["float32 spread over orders (max / min)"] = float(f32.max() / f32.min())
     return out
 
 
@@ -218,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--orders", type=int, default=None, help="batch orders for quality")
     args = ap.parse_args(argv)
     reps = args.reps or (5 if args.quick else 11)
     torchao = not args.quick
@@ -228,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     report["speed_one_leaf"] = speed({"p": (2**log2,)}, reps, torchao)
     if torchao:
         report["parity_vs_compiled_torchao"] = parity(100)
-    report["quality_digits_mlp"] = quality([256], 10 if args.quick else 30, 3e-3)
-    report["quality_wide_mlp"] = quality([1024, 1024], 2 if args.quick else 10, 1e-3)
+    orders = args.orders or (2 if args.quick else 8)
+    report["quality_digits_mlp"] = quality([256], 10 if args.quick else 30, 3e-3, orders)
+    report["quality_wide_mlp"] = quality([1024, 1024], 2 if args.quick else 10, 1e-3, orders)
     report["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["loadavg_end"] = loadavg()
     path = args.json or HERE / "results" / (
