@@ -46,8 +46,11 @@ MIN_SIZE = 4096
 MOMENTS = {"m": True, "v": False, "u": False, "v_max": False}
 
 _INF_BITS = 0x7F800000
-_ONE_BITS = 0x3F800000
-I32 = jnp.int32
+_MANTISSA_BITS = 7  # top mantissa bits of |y| that pick a bucket
+_SHIFT = 23 - _MANTISSA_BITS
+_LOW_EXPONENT = 102  # |y| < 2**-25 shares bucket 0 (no threshold lies there)
+_LO = _LOW_EXPONENT << _MANTISSA_BITS
+_NB = (127 << _MANTISSA_BITS) - _LO + 1  # buckets up to |y| = 1; bucket _NB: |y| > 1 or NaN
 
 
 def _linspace(n: int) -> np.ndarray:
@@ -111,217 +114,69 @@ def thresholds(signed: bool) -> np.ndarray:
     return out
 
 
-# Both maps are computed in the step without a table lookup (XLA:CPU does not vectorize a
-# loop that gathers): by arithmetic on a code's decade, which 8-way selects pick
-# constants for, then an exact correction of a few ulps per code, read from bit masks.
-# The tables below are those constants, made once on the host from the map itself.
+@functools.cache
+def _buckets(signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per bucket of ``|y|`` (positive ``y`` first, then negative): the number of
+    thresholds below the bucket, and the one threshold inside it (inf if none)."""
+    t = thresholds(signed).astype(np.float64)
+    b = np.arange(_NB)
+    lo = np.where(b == 0, 0, (b + _LO) << _SHIFT).astype(np.int32).view(np.float32)
+    hi = ((b + _LO + 1) << _SHIFT).astype(np.int32).view(np.float32).astype(np.float64)
+    lo = lo.astype(np.float64)
+    # y >= 0 in [lo, hi); y < 0 in (-hi, -lo].
+    pos_base = np.searchsorted(t, lo, side="right")
+    pos_inside = np.searchsorted(t, hi, side="left") - pos_base
+    neg_base = np.searchsorted(t, -hi, side="right")
+    neg_inside = np.searchsorted(t, -lo, side="right") - neg_base
+    if max(pos_inside.max(), neg_inside.max()) > 1:
+        raise AssertionError("a bucket holds two thresholds")
+    t_ext = np.append(t, np.inf)
+    pos_thr = np.where(pos_inside > 0, t_ext[pos_base], np.inf)
+    neg_thr = np.where(neg_inside > 0, t_ext[neg_base], np.inf)
+    # Bucket _NB (|y| > 1 or NaN, only in a block whose scale is not finite): code 0, as torchao.
+    base = np.concatenate([pos_base, [0], neg_base, [0]]).astype(np.int32)
+    thr = np.concatenate([pos_thr, [np.inf], neg_thr, [np.inf]]).astype(np.float32)
+    base.flags.writeable = thr.flags.writeable = False
+    return base, thr
 
 
-def _split(x: np.float64, bits: int = 12) -> tuple[np.float32, np.float32]:
-    """float32 ``hi + lo == x`` (for x a float32), ``hi`` with ``bits`` significant bits:
-    ``hi·k`` and ``lo·k`` are exact for integers and halves ``k < 2**9``."""
-    mantissa, exponent = np.frexp(x)
-    hi = np.ldexp(np.round(np.ldexp(mantissa, bits)), exponent - bits)
-    return np.float32(hi), np.float32(x - hi)
-
-
-def _decades(signed: bool) -> list[tuple[np.float64, np.float64, int]]:
-    """Per decade ``i = 0..6``: its scale ``10**(i-6)`` and linspace step, in float32 as the
-    map uses them, and its number of entries."""
-    out = []
-    for i in range(7):
-        n = 2**i + 1 if signed else 2 ** (i + 1) + 1
-        step = (np.float32(1.0) - np.float32(0.1)) / np.float32(n - 1)
-        out.append((np.float64(np.float32(10.0 ** (i - 6))), np.float64(step), n - 1))
-    return out
-
-
-def _line(a: np.float64, b: np.float64) -> list[np.float32]:
-    """float32 constants of ``a + b·k``, evaluated as :func:`_line_host` does."""
-    return [np.float32(a), *_split(np.float64(np.float32(b)))]
-
-
-def _line_host(lines: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """``(a + b_hi·k) + b_lo·k`` in float32. Both products are exact, so a fused
-    multiply-add computes the same: XLA may use one or not."""
-    a, hi, lo = lines[..., 0], lines[..., 1], lines[..., 2]
-    return (a + hi * k) + lo * k
-
-
-def _masks(delta: np.ndarray) -> tuple[int, np.ndarray]:
-    """A per-code correction in [lo, lo + 2**P) as ``lo`` and P bit planes of 8 words each:
-    bit ``c % 32`` of word ``c // 32`` of plane ``p`` is bit ``p`` of ``delta[c] - lo``."""
-    lo = int(delta.min())
-    d = (delta - lo).astype(np.int64)
-    planes = np.zeros((max(int(d.max()).bit_length(), 1), 256), np.uint64)
-    for p in range(planes.shape[0]):
-        planes[p] = ((d >> p) & 1) << (np.arange(256) % 32)
-    words = planes.reshape(-1, 8, 32).sum(axis=2).astype(np.uint32).view(np.int32)
-    return lo, words
-
-
-def _positions(codes: np.ndarray, signed: bool, of_thresholds: bool) -> np.ndarray:
-    """The integer whose bit length picks a code's decade (below): for entries, ``2|c - 127| + 1``
-    (signed) or ``c + 1``; for the threshold below code ``c``, ``|c - 127.5| + 0.5`` or
-    ``c + 1``. The entry's index within the decade is that integer less its leading bit
-    (halved, for signed entries)."""
-    if not signed:
-        return codes + 1
-    if of_thresholds:
-        return np.where(codes >= 128, codes - 127, 128 - codes)
-    return 2 * np.abs(codes - 127) + 1
-
-
-def _exponent_and_rest(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    e = np.frexp(q.astype(np.float64))[1] - 1
-    return e, (q - 2.0**e).astype(np.float32)
+# Copies of the map in the dequantization table. XLA:CPU does not fuse one gather into
+# several consumers: it writes the gathered moments out in float32 (4 B a param, in a
+# buffer the page faults of which cost as much as the step). A step that reads the
+# moments in three passes (block maxima, codes, param update) gathers them from three
+# copies, which XLA does not merge, so each gather fuses into its pass.
+_COPIES = 3
 
 
 @functools.cache
-def _code_tables(signed: bool) -> dict[str, Any]:
-    """For coding ``y``: per decade of ``|y|`` (below 1e-7, then ``i = 0..6``, from its
-    lower bound ``0.1·10**(i-6)``) the line ``a0(|y|)`` whose integer part is the position
-    (:func:`_positions`) just below the one of ``|y|``'s code, or that position; per bit
-    length ``e + 1`` of a position the line of the thresholds inside a decade,
-    ``10**(i-6)·(0.1 + step·k)``, and the threshold at its first entry; the correction of
-    every threshold ``|T_c|``'s bits."""
-    decades = _decades(signed)
-    lower = np.array([s * np.float64(np.float32(0.1)) for s, _, _ in decades], np.float32)
-    slope, offset = np.zeros(8, np.float32), np.zeros(8, np.float32)
-    offset[0] = 0.5  # |y| < 1e-7: position 0 (y = 0's code)
-    lines, first = np.zeros((9, 3), np.float32), np.zeros(9, np.float32)
-    for i, (scale, step, _) in enumerate(decades):
-        start = 2**i if signed else 2 ** (i + 1) - 1  # position of the decade's first entry
-        # |y| in the decade: t = (|y|/scale - 0.1)/step; entry k's cell is t in (k, k+1),
-        # its value at t = k + 1/2. floor(t - 1/2) misses the code by at most one.
-        slope[i + 1] = 1 / (scale * step)
-        offset[i + 1] = start - np.float64(np.float32(0.1)) / step - 0.5
-        lines[i if signed else i + 1] = _line(scale * np.float64(np.float32(0.1)), scale * step)
-    t = np.concatenate([[np.nan], thresholds(signed)]).astype(np.float32)  # t[c] = T_c
-    codes = np.arange(256)
-    e, k = _exponent_and_rest(_positions(codes, signed, True))
-    for c in codes[codes >= (128 if signed else 1)]:
-        if k[c] == 0:
-            first[e[c]] = t[c]
-    approx = np.where(k == 0, first[e], _line_host(lines[e], k)).astype(np.float32)
-    delta = np.abs(t).view(np.int32).astype(np.int64) - approx.view(np.int32)
-    lo, words = _masks(np.where(codes == 0, 0, delta))
-    return {
-        "lower": lower, "slope": slope, "offset": offset, "lines": lines,
-        "first": first, "lo": lo, "words": words,
-    }  # fmt: skip
-
-
-def _select(conditions: list[jax.Array], values: np.ndarray, dtype: Any) -> jax.Array:
-    """``values[j]`` for the last true ``conditions[j - 1]`` (``values[0]`` if none): the
-    conditions are nested (each implies the ones before it)."""
-    out = jnp.asarray(values[0], dtype)
-    for condition, value in zip(conditions, values[1:], strict=True):
-        out = jnp.where(condition, jnp.asarray(value, dtype), out)
-    return out
-
-
-def _exponent_and_rest_jax(q: jax.Array) -> tuple[list[jax.Array], jax.Array]:
-    """For int32 ``q >= 1``: conditions ``bit length of q > j + 1`` (j = 1..8), and
-    ``q - 2**(bit length - 1)`` as float32, both from ``float(q)``'s bits."""
-    f = q.astype(jnp.float32)
-    bits = lax.bitcast_convert_type(f, I32)
-    leading = lax.bitcast_convert_type(bits & I32(-(1 << 23)), jnp.float32)
-    exponent = lax.shift_right_logical(bits, I32(23))
-    return [exponent >= 127 + j for j in range(1, 9)], f - leading
-
-
-def _line_at(lines: np.ndarray, conditions: list[jax.Array], k: jax.Array) -> jax.Array:
-    a, hi, lo = (_select(conditions, lines[:, j], jnp.float32) for j in range(3))
-    return (a + hi * k) + lo * k
-
-
-def _corrected(x: jax.Array, c: jax.Array, lo: int, words: np.ndarray) -> jax.Array:
-    """``x``'s bits plus the correction of code ``c`` (:func:`_masks`)."""
-    word = lax.shift_right_logical(c, I32(5))
-    conditions = [word >= j for j in range(1, 8)]
-    bit = c & I32(31)
-    out = lax.bitcast_convert_type(x, I32) + I32(lo)
-    for p, plane in enumerate(words):
-        one = lax.shift_right_logical(_select(conditions, plane, I32), bit) & I32(1)
-        out = out + lax.shift_left(one, I32(p))
-    return out
-
-
-# torch.linspace(0.1, 1, n)'s point at u = j/128 (n - 1 a power of two dividing 128) is
-# fma(step, j', 0.1) or fma(-step, n-1-j', 1) with step = 0.9f/(n-1): in units of 2**-30
-# the exact integer below before its one rounding (0.1f and 0.9f/128 are multiples of
-# 2**-30), so converting that integer to float32 rounds as the fused multiply-add does.
-_ONE, _TENTH, _STEP = 1 << 30, 107374184, 7549747
-
-
-def _point(j: jax.Array) -> jax.Array:
-    """2**30 · the linspace point at ``j/128``, in float32 (exact)."""
-    near_one = jnp.int32(_ONE) - jnp.int32(_STEP) * (128 - j)
-    return jnp.where(j < 64, jnp.int32(_TENTH) + jnp.int32(_STEP) * j, near_one).astype(jnp.float32)
-
-
-def entries(codes: jax.Array, signed: bool) -> jax.Array:
-    """``dynamic_map(signed)[codes]``, computed as the map is built, without a lookup."""
-    c = codes.astype(I32)
-    # Entry k of decade i is at 2**i + k (signed, from the middle) or 2**(i+1) + k; as a
-    # float32, its exponent gives the decade and its top mantissa bits k on a 1/128 grid.
-    bits = lax.bitcast_convert_type(
-        (jnp.abs(c - 127) if signed else c + 1).astype(jnp.float32), I32
-    )
-    exponent = lax.shift_right_logical(bits, I32(23))
-    j = lax.shift_right_logical(bits & I32(0x7FFFFF), I32(16))
-    width = lax.shift_right_logical(I32(1 << 30), exponent - (127 - 23))  # 128 / 2**e
-    total = _point(j) + _point(j + width)  # 2**30 · 2 · the entry's mean, rounded as the map
-    scales = np.zeros(9, np.float32)  # per e: 10**(i-6) · 2**-31
-    for i, (scale, _, _) in enumerate(_decades(signed)):
-        scales[i if signed else i + 1] = np.float32(scale) * np.float32(2.0**-31)
-    value = _select([exponent >= 127 + e for e in range(1, 9)], scales, jnp.float32) * total
-    zero = c == 127 if signed else c == 0
-    value = jnp.where(c == 255, jnp.float32(1), jnp.where(zero, jnp.float32(0), value))
-    return jnp.where(c < 127, -value, value) if signed else value
+def _device_tables(signed: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The bucket tables and the map (``_COPIES`` times over) as JAX arrays, made once: a
+    program that quantizes many leaves then holds one copy of each constant, not one
+    per leaf."""
+    base, thr = _buckets(signed)
+    bits = thr.view(np.int32)
+    # The thresholds as ordered integer keys; no threshold (inf): above every key.
+    keys = np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+    keys = np.where(np.isinf(thr), np.iinfo(np.int32).max, keys).astype(np.int32)
+    qmap = np.tile(dynamic_map(signed), _COPIES)
+    with jax.ensure_compile_time_eval():  # concrete arrays even when first made under jit
+        return jnp.asarray(base), jnp.asarray(keys), jnp.asarray(qmap)
 
 
 def codes(y: jax.Array, signed: bool) -> jax.Array:
-    """uint8 codes of ``y`` (values in [-1, 1]; NaN codes to 0) on the signed or unsigned
-    map: ``|y|``'s decade and a line give a code ``c0`` or ``c0 + 1``; the threshold
-    ``T_{c0+1}``, computed as :func:`entries` computes entries, decides."""
-    tab = _code_tables(signed)
+    """uint8 codes of ``y`` (values in [-1, 1]) on the signed or unsigned map."""
+    base, thr, _ = _device_tables(signed)
     # Everything from y's bits, read once: XLA would compute a y used thrice (a division)
-    # in a pass of its own.
-    bits = lax.bitcast_convert_type(y, I32)
-    magnitude = bits & I32(0x7FFFFFFF)
-    size = lax.bitcast_convert_type(magnitude, jnp.float32)
-    decade = [size >= bound for bound in tab["lower"]]
-    line = size * _select(decade, tab["slope"], jnp.float32)
-    below = (line + _select(decade, tab["offset"], jnp.float32)).astype(I32)
-    if signed:
-        negative = bits < 0
-        position = below + 1
-        above = jnp.where(negative, 127 - below, 128 + below)
-    else:
-        position = below + 2
-        above = below + 1
-    conditions, k = _exponent_and_rest_jax(position)
-    inside = _line_at(tab["lines"], conditions, k)
-    approx = jnp.where(k == 0, _select(conditions, tab["first"], jnp.float32), inside)
-    threshold = _corrected(approx, above, tab["lo"], tab["words"])  # |T|'s bits
-    if signed:  # y >= T: |y| >= |T| if y >= 0, |y| <= |T| if y < 0
-        reached = jnp.where(negative, magnitude <= threshold, magnitude >= threshold)
-        invalid = magnitude > I32(_ONE_BITS)
-    else:
-        reached = magnitude >= threshold
-        invalid = (bits > I32(_ONE_BITS)) | (bits < 0)
-    code = jnp.maximum(above - 1 + reached.astype(I32), 0)
-    return jnp.where(invalid, I32(0), code).astype(jnp.uint8)
-
-
-# Computations of the moments in a step. XLA:CPU does not fuse one computation of the
-# moments into several consumers: it writes them out in float32 (4 B a param, in a buffer
-# the page faults of which cost as much as the step). A step that reads the moments in
-# three passes (block maxima, codes, param update) computes them three times, in forms
-# XLA does not merge, so each fuses into its pass.
-_COPIES = 3
+    # in a pass of its own. ``key`` orders like y (y >= T iff key(y) >= key(T)).
+    bits = lax.bitcast_convert_type(y, jnp.int32)
+    magnitude = bits & jnp.int32(0x7FFFFFFF)
+    negative = bits < 0
+    key = jnp.where(negative, -magnitude, magnitude)
+    bucket = jnp.clip(lax.shift_right_arithmetic(magnitude, jnp.int32(_SHIFT)) - _LO, 0, _NB)
+    bucket = bucket + jnp.where(negative, jnp.int32(_NB + 1), jnp.int32(0))
+    base_ = base.at[bucket].get(mode="promise_in_bounds")
+    thr_ = thr.at[bucket].get(mode="promise_in_bounds")
+    return (base_ + (key >= thr_).astype(jnp.int32)).astype(jnp.uint8)
 
 
 @jax.tree_util.register_dataclass
@@ -344,12 +199,10 @@ class QuantizedArray:
 
 
 def _dequantize(q: QuantizedArray, copy: int) -> jax.Array:
-    """``q``'s float32 values, in a computation of their own for each ``copy`` (see
-    ``_COPIES``)."""
-    c = q.codes.astype(I32)
-    if copy:  # c | 0, with a zero that XLA neither folds nor shares between copies
-        c = c | lax.shift_right_logical(c, I32(31 + copy))
-    values = entries(c, q.signed)
+    """``q``'s float32 values, gathered from copy ``copy`` of the map."""
+    qmap = _device_tables(q.signed)[2]
+    index = q.codes.astype(jnp.int32) + jnp.int32(BLOCK * copy)
+    values = qmap.at[index].get(mode="promise_in_bounds")
     blocks = values.reshape(-1, BLOCK) * q.scales[:, None]
     return blocks.reshape(q.codes.shape)
 
