@@ -68,6 +68,47 @@ def test_maps_and_quantizer_are_torchaos(signed):
     assert q.codes.dtype == jnp.uint8 and q.scales.dtype == F32
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_every_code_and_the_floats_around_every_rounding_boundary(signed):
+    qmap = adam_jax.dynamic_map(signed)
+    quantize = jax.jit(adam_jax.quantize_blockwise, static_argnums=1)
+    # The map itself (absmax 1, so scale 1): each entry codes to itself and reads back
+    # bit for bit, for all 256 codes.
+    q = quantize(jnp.asarray(qmap), signed)
+    np.testing.assert_array_equal(np.asarray(q.codes), np.arange(256))
+    np.testing.assert_array_equal(np.asarray(q.dequantize()).view(np.int32), qmap.view(np.int32))
+
+    # The 8 floats on either side of the float32 midpoint between each two neighbouring
+    # entries (torchao's rounding boundary is within an ulp or two of it), and values
+    # log-uniform over 12 decades, in blocks led by 1.0 so that x / scale is x.
+    mid = ((qmap[:-1].astype(np.float64) + qmap[1:]) / 2).astype(np.float32)
+    near = [mid]
+    for direction in (np.float32(2), np.float32(-2)):
+        x = mid
+        for _ in range(8):
+            x = np.nextafter(x, direction)
+            near.append(x)
+    rng = np.random.default_rng(3)
+    sample = np.exp(rng.uniform(np.log(1e-12), 0, 20000)).astype(np.float32)
+    if signed:
+        sample *= rng.choice(np.float32([-1, 1]), sample.size)
+    y = np.concatenate([*near, sample, np.float32([0.0, -0.0, 1.0, 1e-30])])
+    y = np.clip(y, -1.0 if signed else 0.0, 1.0).astype(np.float32)
+    y = np.concatenate([y, np.zeros(-y.size % 255, np.float32)]).reshape(-1, 255)
+    x = np.concatenate([np.ones((y.shape[0], 1), np.float32), y], axis=1).ravel()
+    codes = np.asarray(quantize(jnp.asarray(x), signed).codes)
+    # torchao's quantizer on the same values (torchao/optim/quant_utils.py,
+    # quantize_8bit_with_qmap: binary search, then up when y - q[c] >= (q[c+1] - q[c])/2).
+    tmap = torch.from_numpy(qmap.copy())
+    ref = quant_utils.quantize_8bit_with_qmap(torch.from_numpy(x), tmap)
+    np.testing.assert_array_equal(codes, ref.numpy())
+    # Every boundary is crossed within the floats tried around it.
+    around = np.stack(near).T  # per boundary k between codes k and k + 1
+    seen = quant_utils.quantize_8bit_with_qmap(torch.from_numpy(around), tmap).numpy()
+    k = np.arange(255)[:, None]
+    assert np.all((seen == k).any(axis=1) & (seen == k + 1).any(axis=1))
+
+
 def _torchao_run(monkeypatch, cls, params, grads, **kw):
     monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
     threads = torch.get_num_threads()
