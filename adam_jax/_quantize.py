@@ -308,8 +308,12 @@ def _update(
     state: Any,
     params: optax.Params | None = None,
 ) -> tuple[optax.Updates, Any]:
-    new_updates, new_state = inner_update(updates, dequantize_state(state), params)
-    return new_updates, _quantize_fields(new_state, state)
+    # The new moments for the scales, for the codes, and for the update, each computed
+    # from its own copy of the map (see _COPIES): no float32 moments are materialized.
+    _, inner = inner_update(updates, dequantize_state(state, 0), params)
+    _, same = inner_update(updates, dequantize_state(state, 1), params)
+    new_updates, _ = inner_update(updates, dequantize_state(state, 2), params)
+    return new_updates, _quantize_fields(inner, state, same)
 
 
 def _spread(c: ArrayLike, like: jax.Array) -> jax.Array:
