@@ -315,6 +315,37 @@ def test_state_bytes_and_peak_memory_of_a_donated_step():
     assert peak <= (4 + 4 + 2.1) * n + 8 * leaf[0] * leaf[1]
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: adam_jax.adamax(1e-3, state_bits=8),
+        lambda: adam_jax.nadam(1e-3, state_bits=8),
+        lambda: adam_jax.radam(1e-3, state_bits=8),
+        lambda: adam_jax.adam(optax.constant_schedule(1e-3), state_bits=8),
+    ],
+    ids=["adamax", "nadam", "radam", "adam-schedule"],
+)
+def test_other_eight_bit_steps_hold_no_float32_moments(make):
+    # Their update is the family's float32 update on dequantized moments. Computed from
+    # one dequantized copy, XLA materializes float32 moments of every leaf (8 B/param
+    # of temporaries); the step recomputes them per pass instead, and what it holds
+    # beyond its arguments is at most a copy of the old codes (2 B/param).
+    n_leaves, leaf = 2, (1024, 1024)
+    n = n_leaves * leaf[0] * leaf[1]
+    params = {f"w{i}": jax.ShapeDtypeStruct(leaf, F32) for i in range(n_leaves)}
+    opt = make()
+    state = jax.eval_shape(opt.init, params)
+
+    def step(p, s, g):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    mem = compiled.memory_analysis()
+    assert mem.output_size_in_bytes - mem.alias_size_in_bytes <= 1024  # updated in place
+    assert mem.temp_size_in_bytes <= 2.1 * n
+
+
 @pytest.mark.parametrize("bits", [16, 4, True, "8", 8.0])
 def test_bad_state_bits(bits):
     with pytest.raises(ValueError, match=r"state_bits must be 8 or 32 .*got state_bits="):
