@@ -205,6 +205,9 @@ class QuantizedArray:
         return _dequantize(self, 0)
 
 
+# Jitted so that a step over many leaves of one shape traces each once (a later leaf
+# is a cache hit): XLA inlines the calls, so the program is the same.
+@functools.partial(jax.jit, static_argnames=("copy",))
 def _dequantize(q: QuantizedArray, copy: int) -> jax.Array:
     """``q``'s float32 values, gathered from copy ``copy`` of the map."""
     qmap = _device_tables(q.signed)[2]
@@ -237,6 +240,7 @@ def quantize_blockwise(x: jax.Array, signed: bool) -> QuantizedArray:
     return _quantize(x, x, signed)
 
 
+@functools.partial(jax.jit, static_argnames=("signed",))  # see _dequantize
 def _quantize(x: jax.Array, same_x: jax.Array, signed: bool) -> QuantizedArray:
     """:func:`quantize_blockwise` of ``x``, whose codes are computed from ``same_x``, equal
     to ``x`` but computed apart (see ``_COPIES``)."""
