@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -202,7 +202,7 @@ class QuantizedArray:
         return tuple(self.codes.shape)
 
     def dequantize(self) -> jax.Array:
-        return _dequantize(self, 0)
+        return cast(jax.Array, _dequantize(self, 0))
 
 
 # Jitted so that a step over many leaves of one shape traces each once (a later leaf
@@ -237,7 +237,7 @@ def quantize_blockwise(x: jax.Array, signed: bool) -> QuantizedArray:
         raise ValueError(
             f"quantize_blockwise needs a size that is a multiple of 256, got {x.shape}"
         )
-    return _quantize(x, x, signed)
+    return cast(QuantizedArray, _quantize(x, x, signed))
 
 
 @functools.partial(jax.jit, static_argnames=("signed",))  # see _dequantize
