@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _cautious, _checks, _common, _dtypes
+from adam_jax import _alias, _cautious, _checks, _common, _dtypes, _quantize
 from adam_jax._common import Decay, DecayPair
 
 B3Schedule: TypeAlias = Literal["apple", "paper"]
@@ -165,6 +165,7 @@ def scale_by_ademamix(
     b3_schedule: B3Schedule = "apple",
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with AdEMAMix (Pagliardini, Ablin & Grangier, 2024), without a rate.
 
@@ -209,9 +210,13 @@ def scale_by_ademamix(
       b3_schedule: ``"apple"`` or ``"paper"``, the half-life interpolation.
       mu_dtype: dtype of both first moments; nu_dtype: of ``v`` (as in
         :func:`adam_jax.scale_by_adam`).
+      state_bits: None or 32 (float32 moments, the default) or 8: then ``m`` and
+        ``m_slow`` (signed map) and ``v`` (unsigned map) are stored in 8 bits, in leaves
+        of >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs);
+        ``mu_dtype`` and ``nu_dtype`` must then be left unset.
 
-    Hyperparameters are pytree leaves and may be traced; the warmup lengths and the
-    schedule are static options.
+    Hyperparameters are pytree leaves and may be traced; the warmup lengths, the
+    schedule and ``state_bits`` are static options.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`AdEMAMixState`.
@@ -246,7 +251,8 @@ def scale_by_ademamix(
         _checks.canonical_dtype("mu_dtype", mu_dtype),
         _checks.canonical_dtype("nu_dtype", nu_dtype),
     )
-    return _alias.transformation(_init, _update, config, hp)
+    scaler = _alias.transformation(_init, _update, config, hp)
+    return _quantize.with_state_bits(scaler, state_bits, config)
 
 
 def ademamix(
@@ -266,6 +272,7 @@ def ademamix(
     cautious: _cautious.Cautious = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""AdEMAMix with a learning rate and decoupled weight decay.
 
@@ -281,8 +288,8 @@ def ademamix(
 
     Args:
       learning_rate: a number, an array or an optax schedule; >= 0.
-      b1, b2, b3, alpha, eps, alpha_warmup, b3_warmup, b3_schedule, mu_dtype, nu_dtype:
-        as in :func:`scale_by_ademamix`.
+      b1, b2, b3, alpha, eps, alpha_warmup, b3_warmup, b3_schedule, mu_dtype, nu_dtype,
+        state_bits: as in :func:`scale_by_ademamix`.
       weight_decay: decoupled decay :math:`\lambda`, >= 0, multiplied by the learning rate.
       mask: which params decay, as in ``optax.add_decayed_weights``.
       maximize: ascend instead of descend.
@@ -313,5 +320,6 @@ def ademamix(
         b3_schedule=b3_schedule,
         mu_dtype=mu_dtype,
         nu_dtype=nu_dtype,
+        state_bits=state_bits,
     )
     return _alias.decoupled(scaler, learning_rate, weight_decay, mask, maximize, cautious=cautious)

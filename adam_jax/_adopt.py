@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from adam_jax import _alias, _checks, _common, _dtypes
+from adam_jax import _alias, _checks, _common, _dtypes, _quantize
 from adam_jax._common import Decay
 
 
@@ -103,7 +103,12 @@ def _update(
 
 
 def _scaler(
-    b1: ArrayLike, b2: ArrayLike, eps: ArrayLike, weight_decay: ArrayLike, config: ADOPTConfig
+    b1: ArrayLike,
+    b2: ArrayLike,
+    eps: ArrayLike,
+    weight_decay: ArrayLike,
+    config: ADOPTConfig,
+    state_bits: int | None,
 ) -> optax.GradientTransformation:
     _checks.check_decay("b1", b1)
     _checks.check_decay("b2", b2)
@@ -111,7 +116,8 @@ def _scaler(
     _checks.check_non_negative("weight_decay", weight_decay)
     _checks.check_bool("use_clipping", config.use_clipping)
     hp = ADOPTHyperparams(_common.decay_leaves(b1), _common.decay_leaves(b2), eps, weight_decay)
-    return _alias.transformation(_init, _update, config, hp)
+    scaler = _alias.transformation(_init, _update, config, hp)
+    return _quantize.with_state_bits(scaler, state_bits, config)
 
 
 def scale_by_adopt(
@@ -120,6 +126,7 @@ def scale_by_adopt(
     eps: ArrayLike = 1e-6,
     *,
     use_clipping: bool = True,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with ADOPT (Taniguchi et al., 2024), without a learning rate.
 
@@ -149,9 +156,12 @@ def scale_by_adopt(
       eps: lower bound of :math:`\sqrt{v}`, >= 0.
       use_clipping: clip the normalised gradient to :math:`\pm(n-1)^{1/4}`
         (the reference's ``clip_lambda=None`` is ``False``).
+      state_bits: None or 32 (float32 moments, the default) or 8: then
+        ``m`` (signed map) and ``v`` (unsigned map) are stored in 8 bits, in leaves of
+        >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs).
 
     Hyperparameters are pytree leaves and may be traced (checked only under
-    ``jax.experimental.checkify.checkify``); ``use_clipping`` is static.
+    ``jax.experimental.checkify.checkify``); ``use_clipping`` and ``state_bits`` are static.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is :class:`ADOPTState`.
@@ -172,7 +182,7 @@ def scale_by_adopt(
       Iwasawa & Matsuo, *ADOPT: Modified Adam Can Converge with Any β2 with the
       Optimal Rate*, NeurIPS 2024. ``adopt/adopt.py`` (iShohei220/adopt).
     """
-    return _scaler(b1, b2, eps, 0.0, ADOPTConfig(use_clipping, False))
+    return _scaler(b1, b2, eps, 0.0, ADOPTConfig(use_clipping, False), state_bits)
 
 
 def adopt(
@@ -185,6 +195,7 @@ def adopt(
     decoupled_weight_decay: bool = False,
     use_clipping: bool = True,
     maximize: bool = False,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""ADOPT with a learning rate, weight decay and ``maximize``: the authors' ``ADOPT``.
 
@@ -208,6 +219,7 @@ def adopt(
       decoupled_weight_decay: decay the params directly (AdamW-style) instead of
         adding :math:`\lambda p` to the gradient.
       maximize: ascend instead of descend, as in the reference.
+      state_bits: as in :func:`scale_by_adopt`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` (an ``optax.chain`` around
@@ -230,7 +242,8 @@ def adopt(
     """
     _checks.check_bool("decoupled_weight_decay", decoupled_weight_decay)
     if decoupled_weight_decay:  # inside the scaler, so that the first call moves nothing
-        scaler = _scaler(b1, b2, eps, weight_decay, ADOPTConfig(use_clipping, True))
+        config = ADOPTConfig(use_clipping, True)
+        scaler = _scaler(b1, b2, eps, weight_decay, config, state_bits)
         return _alias.coupled(scaler, learning_rate, 0.0, maximize)
-    scaler = _scaler(b1, b2, eps, 0.0, ADOPTConfig(use_clipping, False))
+    scaler = _scaler(b1, b2, eps, 0.0, ADOPTConfig(use_clipping, False), state_bits)
     return _alias.coupled(scaler, learning_rate, weight_decay, maximize)

@@ -43,7 +43,7 @@ from jax.typing import ArrayLike
 BLOCK = 256
 MIN_SIZE = 4096
 # Fields of the family states that hold moments, and whether each is signed.
-MOMENTS = {"m": True, "v": False, "u": False, "v_max": False}
+MOMENTS = {"m": True, "m_slow": True, "v": False, "u": False, "v_max": False}
 
 _INF_BITS = 0x7F800000
 _MANTISSA_BITS = 7  # top mantissa bits of |y| that pick a bucket

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from adam_jax import _alias, _checks, _common, _dtypes
+from adam_jax import _alias, _checks, _common, _dtypes, _quantize
 from adam_jax._common import Decay, DecayPair
 
 
@@ -179,6 +179,7 @@ def schedule_free_adamw(
     warmup_steps: ArrayLike = 0,
     r: ArrayLike = 0.0,
     weight_lr_power: ArrayLike = 2.0,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Schedule-Free AdamW (Defazio et al., 2024): no learning-rate schedule to tune.
 
@@ -230,10 +231,14 @@ def schedule_free_adamw(
       warmup_steps: :math:`W`, an integer >= 0; 0 for no warmup.
       r: power of the polynomial weighting :math:`(k+1)^r` in the average, >= 0.
       weight_lr_power: :math:`p`, >= 0; 0 weights every step alike.
+      state_bits: None or 32 (a float32 ``v``, the default) or 8: then ``v`` (unsigned
+        map) is stored in 8 bits, in leaves of >= 4096 elements, a multiple of 256, as
+        torchao's ``AdamW8bit`` (see docs). ``z`` is an iterate, not a moment: it stays
+        in the params' dtypes, as do the scalars.
 
-    Every numeric argument (``warmup_steps`` too) is a pytree leaf and may be traced
-    or vmapped over; concrete values are range-checked here, traced ones only under
-    ``jax.experimental.checkify.checkify``.
+    Every numeric argument (``warmup_steps`` too, not ``state_bits``) is a pytree leaf
+    and may be traced or vmapped over; concrete values are range-checked here, traced
+    ones only under ``jax.experimental.checkify.checkify``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is
@@ -279,9 +284,10 @@ def schedule_free_adamw(
         weight_lr_power,
     )
     config = ScheduleFreeConfig(schedule)
-    return optax.GradientTransformationExtraArgs(
+    tx = optax.GradientTransformationExtraArgs(
         jax.tree_util.Partial(_init, config, hp), jax.tree_util.Partial(_update, config, hp)
     )
+    return optax.with_extra_args_support(_quantize.with_state_bits(tx, state_bits, config))
 
 
 def _find_state(state: Any) -> ScheduleFreeState:

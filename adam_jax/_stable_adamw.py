@@ -14,7 +14,7 @@ from jax import lax
 from jax.tree_util import Partial
 from jax.typing import ArrayLike, DTypeLike
 
-from adam_jax import _alias, _cautious, _checks, _common, _dtypes
+from adam_jax import _alias, _cautious, _checks, _common, _dtypes, _quantize
 from adam_jax._common import Decay, DecayPair
 
 
@@ -122,6 +122,7 @@ def scale_by_stable_adamw(
     *,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescale updates with StableAdamW (Wortsman et al., 2023), without a learning rate.
 
@@ -153,6 +154,10 @@ def scale_by_stable_adamw(
       b2: decay of the second moment, in [0, 1).
       eps: added to :math:`\sqrt{v_t}`, and :math:`\epsilon^2` floors :math:`v_t` in the rms; >= 0.
       mu_dtype, nu_dtype: storage dtypes of ``m`` and ``v``, as in :func:`adam_jax.scale_by_adam`.
+      state_bits: None or 32 (float32 moments, the default) or 8: then
+        ``m`` (signed map) and ``v`` (unsigned map) are stored in 8 bits, in leaves of
+        >= 4096 elements, a multiple of 256, as torchao's ``AdamW8bit`` (see docs);
+        ``lr_scale`` stays as it is, and ``mu_dtype``/``nu_dtype`` must be left unset.
 
     Hyperparameters are pytree leaves and may be traced, as in :func:`adam_jax.scale_by_adam`.
 
@@ -180,7 +185,8 @@ def scale_by_stable_adamw(
         _checks.canonical_dtype("mu_dtype", mu_dtype),
         _checks.canonical_dtype("nu_dtype", nu_dtype),
     )
-    return _alias.transformation(_init, _update, config, hp)
+    scaler = _alias.transformation(_init, _update, config, hp)
+    return _quantize.with_state_bits(scaler, state_bits, config)
 
 
 def _decay_init(scaler_init: Any, params: optax.Params) -> optax.OptState:
@@ -218,6 +224,7 @@ def stable_adamw(
     cautious: _cautious.Cautious = False,
     mu_dtype: DTypeLike | None = None,
     nu_dtype: DTypeLike | None = None,
+    state_bits: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""StableAdamW: AdamW whose learning rate is clipped per tensor by the update's rms.
 
@@ -233,7 +240,7 @@ def stable_adamw(
 
     Args:
       learning_rate: a number, an array or an optax schedule ``count -> lr``; >= 0.
-      b1, b2, eps, mu_dtype, nu_dtype: as in :func:`scale_by_stable_adamw`.
+      b1, b2, eps, mu_dtype, nu_dtype, state_bits: as in :func:`scale_by_stable_adamw`.
       weight_decay: decoupled decay :math:`\lambda`, >= 0, multiplied by the clipped rate.
       maximize: ascend instead of descend.
       cautious: ``False``, ``True`` (= ``"timm"``) or ``"paper"``: mask the direction
@@ -259,7 +266,10 @@ def stable_adamw(
     """
     _checks.check_non_negative("weight_decay", weight_decay)
     scaler = _cautious.maybe(
-        scale_by_stable_adamw(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype), cautious
+        scale_by_stable_adamw(
+            b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype, state_bits=state_bits
+        ),
+        cautious,
     )
     decayed = optax.GradientTransformation(
         Partial(_decay_init, scaler.init), Partial(_decay_update, scaler, weight_decay)

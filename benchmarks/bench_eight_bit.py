@@ -4,9 +4,10 @@ Usage::
 
     python benchmarks/bench_eight_bit.py            # everything, a few minutes
     python benchmarks/bench_eight_bit.py --quick    # smaller sizes, no torchao compile
+    python benchmarks/bench_eight_bit.py --memory   # only the memory of every family
 
 Results go to ``benchmarks/results/eight_bit.json`` (``eight_bit-quick.json`` with
-``--quick``) or ``--json PATH``.
+``--quick``, ``eight_bit_memory.json`` with ``--memory``) or ``--json PATH``.
 
 * Speed: the jitted, donated step ``opt.update`` + ``optax.apply_updates`` of
   ``adam_jax.adamw`` with float32 states and with ``state_bits=8``, and
@@ -14,7 +15,9 @@ Results go to ``benchmarks/results/eight_bit.json`` (``eight_bit-quick.json`` wi
   leaves of 4,096 float32 and on one leaf of 2^24. One process, contenders interleaved
   (order rotating every round), median of ``--reps``.
 * Memory: state bytes per param, and XLA's peak for the donated one-leaf step
-  (arguments + outputs - donated aliases + temporaries); the process's max RSS.
+  (arguments + outputs - donated aliases + temporaries); the process's max RSS. For
+  every family taking ``state_bits``, with float32 and 8-bit states, the same figures
+  for the donated step of ten 1024x1024 leaves (compiled only, not run).
 * Parity: ``adamw(state_bits=8)`` against the compiled ``AdamW8bit`` for 100 steps:
   the first step whose codes or scales differ, and the largest param difference.
 * Quality: an MLP on scikit-learn's digits (~20k params) and a wide MLP (1.1M params),
@@ -118,6 +121,46 @@ def speed(shapes: dict[str, tuple[int, ...]], reps: int, with_torchao: bool) -> 
     out["8-bit / float32"] = med["8-bit"] / med["float32"]
     if with_torchao:
         out["8-bit / torchao"] = med["8-bit"] / med["torchao AdamW8bit"]
+    return out
+
+
+FAMILIES = (
+    "adamw",
+    "adam",
+    "amsgrad",
+    "adamax",
+    "nadam",
+    "radam",
+    "adopt",
+    "ademamix",
+    "stable_adamw",
+    "schedule_free_adamw",
+)
+
+
+def family_memory() -> dict[str, Any]:
+    """State bytes and XLA's peak, per param, of the donated step of each family."""
+    n_leaves, leaf = 10, (1024, 1024)
+    n = n_leaves * leaf[0] * leaf[1]
+    params = {f"w{i}": jax.ShapeDtypeStruct(leaf, jnp.float32) for i in range(n_leaves)}
+    out: dict[str, Any] = {"params": n}
+    for name in FAMILIES:
+        out[name] = {}
+        for bits in (32, 8):
+            opt = getattr(adam_jax, name)(1e-3, state_bits=bits)
+            state = jax.eval_shape(opt.init, params)
+            jitted = jax.jit(_step(opt), donate_argnums=(0, 1))
+            mem = jitted.lower(params, state, params).compile().memory_analysis()
+            peak = (
+                mem.argument_size_in_bytes
+                + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes
+                + mem.temp_size_in_bytes
+            )
+            out[name][f"{bits}-bit"] = {
+                "state_bytes_per_param": round(_nbytes(state) / n, 3),
+                "xla_peak_bytes_per_param": round(peak / n, 2),
+            }
     return out
 
 
@@ -236,7 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--orders", type=int, default=None, help="batch orders for quality")
+    ap.add_argument("--memory", action="store_true", help="only the memory of every family")
     args = ap.parse_args(argv)
+    if args.memory:
+        report = {"machine": machine_info(), "family_memory": family_memory()}
+        path = args.json or HERE / "results" / "eight_bit_memory.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=str))
+        print(json.dumps(report["family_memory"], indent=2))
+        return 0
     reps = args.reps or (5 if args.quick else 11)
     torchao = not args.quick
     log2 = 20 if args.quick else 24
@@ -244,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": machine_info(), "loadavg_start": loadavg()}
     report["speed_many_leaves"] = speed({f"p{i}": (4096,) for i in range(n_leaves)}, reps, torchao)
     report["speed_one_leaf"] = speed({"p": (2**log2,)}, reps, torchao)
+    report["family_memory"] = family_memory()
     if torchao:
         report["parity_vs_compiled_torchao"] = parity(100)
     orders = args.orders or (2 if args.quick else 8)

@@ -222,7 +222,19 @@ FAMILIES = {  # scale_by_* -> its moment fields and whether each is signed
     "scale_by_adamax": {"m": True, "u": False},
     "scale_by_nadam": {"m": True, "v": False},
     "scale_by_radam": {"m": True, "v": False},
+    "scale_by_adopt": {"m": True, "v": False},
+    "scale_by_ademamix": {"m": True, "m_slow": True, "v": False},
+    "scale_by_stable_adamw": {"m": True, "v": False},
+    "schedule_free_adamw": {"v": False},  # z is the base iterate, not a moment
 }
+
+
+def _family(family, **kw):
+    """The family's transformation giving a step of size ~1e-2, and where its state is."""
+    if family == "schedule_free_adamw":  # an alias: its update is the step itself
+        return adam_jax.schedule_free_adamw(1e-2, **kw), lambda state: state
+    make = getattr(adam_jax, family)
+    return optax.chain(make(**kw), optax.scale(-1e-2)), lambda state: state[0]
 
 
 def _params(rng):
@@ -258,13 +270,19 @@ def test_families_quantize_their_moments_and_track_float32(family):
         jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), F32), params)
         for _ in range(8)
     ]
-    make = getattr(adam_jax, family)
     fields = FAMILIES[family]
-    opt8 = optax.chain(make(state_bits=8), optax.scale(-1e-2))
-    _assert_state_dtypes(opt8.init(params)[0], fields)
+    opt8, inner = _family(family, state_bits=8)
+    _assert_state_dtypes(inner(opt8.init(params)), fields)
     p8, s8 = _run(opt8, params, grads)
-    _assert_state_dtypes(s8[0], fields)
-    p32, _ = _run(optax.chain(make(), optax.scale(-1e-2)), params, grads)
+    _assert_state_dtypes(inner(s8), fields)
+    opt32, _ = _family(family)
+    p32, s32 = _run(opt32, params, grads)
+    if family == "schedule_free_adamw":  # z stays float32, as with float32 states
+        for k, z in s8.z.items():
+            assert not isinstance(z, adam_jax.QuantizedArray)
+            assert z.dtype == F32 and z.shape == SHAPES[k]
+        for k in ("b", "odd"):
+            np.testing.assert_array_equal(s8.z[k], s32.z[k])
     # The float32 leaves are updated exactly as with float32 states, except Adam's:
     # its 8-bit path is torchao's arithmetic, whose float32 ``1 - 0.999**t`` is off by
     # ~1e-5 relative (f32(0.999) is), where the float32 path is accurate to an ulp.
@@ -352,11 +370,23 @@ def test_bad_state_bits(bits):
         adam_jax.adamw(state_bits=bits)
 
 
+@pytest.mark.parametrize(
+    "make", ["adopt", "ademamix", "stable_adamw", "scale_by_stable_adamw", "schedule_free_adamw"]
+)
+def test_bad_state_bits_on_the_newer_families(make):
+    with pytest.raises(ValueError, match=r"state_bits must be 8 or 32 .*got state_bits=16"):
+        getattr(adam_jax, make)(state_bits=16)
+
+
 def test_bad_dtypes_with_8_bit_states():
     with pytest.raises(ValueError, match="mu_dtype=bfloat16"):
         adam_jax.adam(mu_dtype=jnp.bfloat16, state_bits=8)
     with pytest.raises(ValueError, match="nu_dtype=float16"):
         adam_jax.scale_by_nadam(nu_dtype=jnp.float16, state_bits=8)
+    with pytest.raises(ValueError, match="mu_dtype=bfloat16"):
+        adam_jax.ademamix(mu_dtype=jnp.bfloat16, state_bits=8)
+    with pytest.raises(ValueError, match="nu_dtype=bfloat16"):
+        adam_jax.stable_adamw(nu_dtype=jnp.bfloat16, state_bits=8)
     with pytest.raises(TypeError, match=r"params\['w'\].*int32"):
         adam_jax.adam(state_bits=8).init({"w": jnp.zeros((64, 64), jnp.int32)})
 
