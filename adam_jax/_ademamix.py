@@ -288,8 +288,9 @@ def ademamix(
 
     Args:
       learning_rate: a number, an array or an optax schedule; >= 0.
-      b1, b2, b3, alpha, eps, alpha_warmup, b3_warmup, b3_schedule, mu_dtype, nu_dtype,
-        state_bits: as in :func:`scale_by_ademamix`.
+      b1, b2, b3, alpha, eps, alpha_warmup, b3_warmup, b3_schedule, mu_dtype, nu_dtype:
+        as in :func:`scale_by_ademamix`.
+      state_bits: as in :func:`scale_by_ademamix`.
       weight_decay: decoupled decay :math:`\lambda`, >= 0, multiplied by the learning rate.
       mask: which params decay, as in ``optax.add_decayed_weights``.
       maximize: ascend instead of descend.
