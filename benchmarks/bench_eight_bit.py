@@ -14,6 +14,7 @@ Results go to ``benchmarks/results/eight_bit.json`` (``eight_bit-quick.json`` wi
   ``torchao.optim.AdamW8bit`` (compiled with ``torch.compile``, as it ships), on 1,000
   leaves of 4,096 float32 and on one leaf of 2^24. One process, contenders interleaved
   (order rotating every round), median of ``--reps``.
+* Build: the trace + lowering and the XLA compile of each jitted step, once.
 * Memory: state bytes per param, and XLA's peak for the donated one-leaf step
   (arguments + outputs - donated aliases + temporaries); the process's max RSS. For
   every family taking ``state_bits``, with float32 and 8-bit states, the same figures
@@ -77,9 +78,15 @@ def speed(shapes: dict[str, tuple[int, ...]], reps: int, with_torchao: bool) -> 
         opt = adam_jax.adamw(1e-3, weight_decay=1e-2, state_bits=bits)
         params = jax.device_put(host_p)
         state = opt.init(params)
-        compiled = jax.jit(_step(opt), donate_argnums=(0, 1)).lower(params, state, grads).compile()
+        t0 = time.perf_counter()
+        lowered = jax.jit(_step(opt), donate_argnums=(0, 1)).lower(params, state, grads)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
         mem = compiled.memory_analysis()
         out[name] = {
+            "trace_and_lower_seconds": t1 - t0,
+            "compile_seconds": t2 - t1,
             "state_bytes_per_param": _nbytes(state) / out["params"],
             "xla_peak_bytes_per_param": (
                 mem.argument_size_in_bytes
