@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,8 @@ import optax
 from jax import lax
 from jax.tree_util import Partial
 from jax.typing import ArrayLike
+
+T = TypeVar("T")
 
 BLOCK = 256
 MIN_SIZE = 4096
@@ -312,12 +315,17 @@ def _update(
     state: Any,
     params: optax.Params | None = None,
 ) -> tuple[optax.Updates, Any]:
-    # The new moments for the scales, for the codes, and for the update, each computed
-    # from its own copy of the map (see _COPIES): no float32 moments are materialized.
-    _, inner = inner_update(updates, dequantize_state(state, 0), params)
-    _, same = inner_update(updates, dequantize_state(state, 1), params)
-    new_updates, _ = inner_update(updates, dequantize_state(state, 2), params)
+    (_, inner), (_, same), (new_updates, _) = per_pass(
+        lambda dequantized: inner_update(updates, dequantized, params), state
+    )
     return new_updates, _quantize_fields(inner, state, same)
+
+
+def per_pass(fn: Callable[[Any], T], state: Any) -> list[T]:
+    """``fn`` of the dequantized ``state`` once per pass of an 8-bit step: for the block
+    maxima, for the codes, and for the update, each from its own copy of the map (see
+    ``_COPIES``), so that no float32 moments are materialized."""
+    return [fn(dequantize_state(state, copy)) for copy in range(_COPIES)]
 
 
 def _spread(c: ArrayLike, like: jax.Array) -> jax.Array:

@@ -125,10 +125,9 @@ def step(
             updates,
             params,
         )
-    # The moments for the scales, for the codes, and for the param step (see _COPIES).
-    _, _, inner = _torch_adam_terms(adam_hp, grads, _quantize.dequantize_state(state[at], 0))
-    _, _, same = _torch_adam_terms(adam_hp, grads, _quantize.dequantize_state(state[at], 1))
-    m_hat, den, _ = _torch_adam_terms(adam_hp, grads, _quantize.dequantize_state(state[at], 2))
+    (_, _, inner), (_, _, same), (m_hat, den, _) = _quantize.per_pass(
+        lambda dequantized: _torch_adam_terms(adam_hp, grads, dequantized), state[at]
+    )
 
     def leaf(g: jax.Array, p: jax.Array, a: jax.Array, d: jax.Array) -> jax.Array:
         cdt = a.dtype
