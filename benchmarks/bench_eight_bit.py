@@ -67,6 +67,16 @@ def _nbytes(tree: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def _peak(mem: Any) -> int:
+    """XLA's peak for a compiled step: arguments + outputs - donated aliases + temporaries."""
+    return int(
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
+
+
 def speed(shapes: dict[str, tuple[int, ...]], reps: int, with_torchao: bool) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     host_p = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
@@ -88,13 +98,7 @@ def speed(shapes: dict[str, tuple[int, ...]], reps: int, with_torchao: bool) -> 
             "trace_and_lower_seconds": t1 - t0,
             "compile_seconds": t2 - t1,
             "state_bytes_per_param": _nbytes(state) / out["params"],
-            "xla_peak_bytes_per_param": (
-                mem.argument_size_in_bytes
-                + mem.output_size_in_bytes
-                - mem.alias_size_in_bytes
-                + mem.temp_size_in_bytes
-            )
-            / out["params"],
+            "xla_peak_bytes_per_param": _peak(mem) / out["params"],
             "xla_temp_bytes_per_param": mem.temp_size_in_bytes / out["params"],
         }
         box = [params, state]
@@ -158,15 +162,9 @@ def family_memory() -> dict[str, Any]:
             state = jax.eval_shape(opt.init, params)
             jitted = jax.jit(_step(opt), donate_argnums=(0, 1))
             mem = jitted.lower(params, state, params).compile().memory_analysis()
-            peak = (
-                mem.argument_size_in_bytes
-                + mem.output_size_in_bytes
-                - mem.alias_size_in_bytes
-                + mem.temp_size_in_bytes
-            )
             out[name][f"{bits}-bit"] = {
                 "state_bytes_per_param": round(_nbytes(state) / n, 3),
-                "xla_peak_bytes_per_param": round(peak / n, 2),
+                "xla_peak_bytes_per_param": round(_peak(mem) / n, 2),
             }
     return out
 
