@@ -2,102 +2,38 @@
 
 This module checks the arguments and passes the optimizer and early stopping to
 the compiled program as a :class:`adam_jax._tree.Split` (numbers traced, the rest
-what the program is cached on); the loop is :mod:`adam_jax._loop`'s, and a
-checkpointed fit advances its loop state through :func:`adam_jax._checkpoint.drive`.
+what the program is cached on); the compiled pieces are :mod:`adam_jax._fit_engine`'s,
+and a checkpointed fit advances its loop state through :func:`adam_jax._checkpoint.drive`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import cast
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _checkpoint, _checks, _fit_checks, _history, _loop, _reporting
+from adam_jax import _checkpoint, _checks, _fit_checks, _history, _reporting
 from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState
+from adam_jax._fit_engine import (
+    PRETRACED,
+    FitRun,
+    Hyper,
+    Static,
+    init_jit,
+    mesh_of_inputs,
+    postprocess_jit,
+    run_jit,
+)
 from adam_jax._history import History
-from adam_jax._loop import LoopState
 from adam_jax._result import FitResult
-from adam_jax._tree import Key, Split, is_data, without_weak_types
+from adam_jax._tree import Key, Split
 
 __all__ = ["FitResult", "History", "fit"]
-
-Hyper = Split[tuple[optax.GradientTransformation, EarlyStopping | None]]
-
-
-class _Static(NamedTuple):
-    """What a compiled fit is cached on."""
-
-    loss_fn: Key
-    max_steps: int
-    n_data: int | None
-    has_aux: bool
-    history: History
-    log_every: int | None
-    progress: bool
-
-
-def _loop_of(hyper: Hyper, static: _Static) -> _loop.Loop:
-    optimizer, early_stopping = hyper.value
-    # The loss is traced once (at init, or by the mesh check before the call)
-    # and replayed by every step: one Python call of loss_fn per compile.
-    loss_fn = _loop.TracedOnce(static.loss_fn.value, _PRETRACED.get())  # type: ignore[arg-type]
-    return _loop.Loop(
-        loss_fn, optimizer, early_stopping, static.max_steps, static.n_data, static.has_aux,
-        static.history, static.log_every,
-    )  # fmt: skip
-
-
-def _reporter(static: _Static) -> _reporting.Reporter | None:
-    if static.log_every is None and not static.progress:
-        return None
-    return _reporting.Reporter(static.log_every, static.progress)
-
-
-def _init(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
-          initial_step: jax.Array, *, static: _Static) -> LoopState:  # fmt: skip
-    anchored = _checks.explicit_mesh_in_context()
-    loop = _loop_of(hyper, static)
-    return loop.init(params, data, opt_state, es_state, initial_step, anchored=anchored)
-
-
-def _run(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
-         initial_step: jax.Array, *, static: _Static) -> FitResult:  # fmt: skip
-    """The whole fit as one program: init, the loop to its end, the result."""
-    state = _init(hyper, params, data, opt_state, es_state, initial_step, static=static)
-    loop = _loop_of(hyper, static)
-    return loop.postprocess(_loop.run(loop, state, data, _reporter(static)))
-
-
-def _advance(
-    hyper: Hyper, state: LoopState, data: object, until: jax.Array, *, static: _Static
-) -> LoopState:
-    loop = _loop_of(hyper, static)
-    return _loop.run(loop, state, data, _reporter(static), until)
-
-
-def _postprocess(hyper: Hyper, state: LoopState, *, static: _Static) -> FitResult:
-    return _loop_of(hyper, static).postprocess(state)
-
-
-_run_jit = jax.jit(_run, static_argnames=("static",))
-_init_jit = jax.jit(_init, static_argnames=("static",))
-_advance_jit = jax.jit(_advance, static_argnames=("static",))
-_postprocess_jit = jax.jit(_postprocess, static_argnames=("static",))
-
-# (loss_fn, the types of its arguments, its replay), set while fit calls the
-# compiled run after the mesh check has traced the loss (only under a trace).
-_PRETRACED: contextvars.ContextVar[tuple[Any, ...] | None] = contextvars.ContextVar(
-    "adam_jax_pretraced_loss", default=None
-)
 
 
 def fit(
@@ -324,7 +260,7 @@ def fit(
             "object that made it"
         )
     _fit_checks.check_initial_step(initial_step, num_steps)
-    static = _Static(
+    static = Static(
         Key(loss_fn), int(num_steps), _fit_checks.data_length(data), bool(has_aux), history,
         None if log_every is None else int(log_every), bool(progress),
     )  # fmt: skip
@@ -340,118 +276,16 @@ def fit(
                 "checkpoint_dir needs concrete inputs: call fit with checkpoints outside "
                 "jit and vmap (it saves from the host between compiled segments)"
             )
-        fresh = functools.partial(_init_jit, *args, static=static)
-        run = _FitRun(static, hyper, data, num_steps, int(step0), fresh)
+        fresh = functools.partial(init_jit, *args, static=static)
+        run = FitRun(static, hyper, data, num_steps, int(step0), fresh)
         record = run.record(loss_fn, params, optimizer, early_stopping, opt_state,
                             early_stopping_state, history)  # fmt: skip
         state = _checkpoint.drive(run, fresh, options, record)
-        return cast(FitResult, _postprocess_jit(hyper, state, static=static))
-    mesh, pretraced = _mesh_of_inputs(loss_fn, params, data, args)
-    token = _PRETRACED.set(pretraced)
+        return cast(FitResult, postprocess_jit(hyper, state, static=static))
+    mesh, pretraced = mesh_of_inputs(loss_fn, params, data, args)
+    token = PRETRACED.set(pretraced)
     try:
         with mesh:
-            return cast(FitResult, _run_jit(*args, static=static))
+            return cast(FitResult, run_jit(*args, static=static))
     finally:
-        _PRETRACED.reset(token)
-
-
-@dataclasses.dataclass
-class _FitRun:
-    """A checkpointed fit as a :class:`adam_jax._checkpoint.Engine`: its state is the loop's."""
-
-    static: _Static
-    hyper: Hyper
-    data: object
-    num_steps: int
-    start: int
-    fresh: Callable[[], LoopState]
-    entry = "fit"
-    unit = "steps"
-
-    def record(self, loss_fn: Any, params: Any, optimizer: Any, es: Any, opt_state: Any,
-               es_state: Any, history: History) -> dict[str, Any]:  # fmt: skip
-        options: dict[str, object] = {
-            "num_steps": self.num_steps,
-            "has_aux": self.static.has_aux,
-            "initial_step": self.start,
-            "history": list(history),
-            "opt_state": None if opt_state is None else _checkpoint.digest(opt_state),
-            "early_stopping_state": None if es_state is None else _checkpoint.digest(es_state),
-        }
-        return _checkpoint.problem_record(loss_fn, params, optimizer, es, self.data, options)
-
-    def advance(self, state: LoopState, budget: int) -> LoopState:
-        until = state.i + jnp.int32(budget)
-        out = _advance_jit(self.hyper, state, self.data, until, static=self.static)
-        return cast(LoopState, out)
-
-    def finished(self, state: LoopState) -> bool:
-        return bool(state.stop | (state.i >= state.limit))
-
-    def save(self, state: LoopState) -> tuple[LoopState, dict[str, Any]]:
-        record = {
-            "step": int(state.initial_step + state.i),
-            "next_step": int(state.initial_step + state.applied),
-            "finished": self.finished(state),
-            "loss_dtype": str(state.last_value.dtype),
-        }
-        # Values waiting for a log line are the reporting's, not the run's.
-        return state._replace(log=None), record
-
-    def template(self, record: dict[str, Any]) -> LoopState:
-        return cast(LoopState, jax.eval_shape(self.fresh)._replace(log=None))
-
-    def load(self, state: LoopState, record: dict[str, Any]) -> LoopState:
-        log = _loop_of(self.hyper, self.static).empty_log(state.last_value.dtype)
-        return state._replace(log=log)
-
-    def interrupted(self, record: dict[str, Any], directory: Path) -> str:
-        taken = record["next_step"] - self.start
-        return (
-            f"fit interrupted: checkpoint saved at step {record['next_step']} "
-            f"({taken} of {self.num_steps} steps taken) in {str(directory)!r}; "
-            "run the same fit call with the same checkpoint_dir to resume"
-        )
-
-
-def _mesh_of_inputs(
-    loss_fn: Callable[..., object], params: optax.Params, data: object, args: tuple[Any, ...]
-) -> tuple[contextlib.AbstractContextManager[Any], tuple[Any, ...] | None]:
-    """While tracing, the abstract mesh of inputs sharded over Explicit axes, if none is in context,
-    and the loss traced to find it (or None): ``(loss_fn, types of its arguments, replay)``.
-
-    Under ``jax.vmap`` over arrays sharded on an Explicit mesh axis, JAX batches
-    the loop only with that mesh in context: users would need
-    ``with jax.set_mesh(mesh):``. The mesh is in the inputs' types (the
-    optimizer's leaves, the params, the data, or what ``loss_fn`` closes over,
-    seen in its value's type), so it is entered here.
-    """
-    leaves = [x for x in jax.tree.leaves(args) if is_data(x)]
-    tracing = any(isinstance(x, jax.core.Tracer) for x in leaves)
-    if not tracing or not jax.sharding.get_abstract_mesh().empty:
-        # Called directly, JAX takes the mesh from the arrays themselves.
-        return contextlib.nullcontext(), None
-
-    def mesh_of(sharding: object) -> jax.sharding.AbstractMesh | None:
-        mesh = getattr(sharding, "mesh", None)
-        if isinstance(mesh, jax.sharding.AbstractMesh) and not mesh.empty:
-            if jax.sharding.AxisType.Explicit in mesh.axis_types:
-                return mesh
-        return None
-
-    shardings = [jax.typeof(x).sharding for x in leaves]
-    pretraced = None
-    if not any(map(mesh_of, shardings)):
-        try:
-            batch = () if data is None else (_fit_checks.batch_at(data, jnp.int32(0)),)
-            loss_args = (without_weak_types(params), *batch)
-            replay = _loop.traced_once(loss_fn, *loss_args)
-            value = jax.eval_shape(replay, *loss_args)
-            pretraced = (loss_fn, _loop.types(loss_args), replay)
-        except Exception:  # a broken loss_fn is reported by the loop, with its own message
-            value = None
-        shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(value)]
-    for sharding in shardings:
-        if (mesh := mesh_of(sharding)) is not None:
-            return jax.sharding.use_abstract_mesh(mesh), pretraced
-    return contextlib.nullcontext(), pretraced
+        PRETRACED.reset(token)

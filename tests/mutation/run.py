@@ -135,7 +135,7 @@ MUTATIONS = [
     Mutation("restore_oldest_checkpoint", "_checkpoint.py",
              "for step in sorted(mgr.all_steps(), reverse=True):",
              "for step in sorted(mgr.all_steps()):", RC),
-    Mutation("resume_one_step_early", "_fit.py",
+    Mutation("resume_one_step_early", "_fit_engine.py",
              "return state._replace(log=log)", "return state._replace(log=log, i=state.i - 1)",
              RC),
     Mutation("batched_resume_skips_a_problem", "_segments.py",
