@@ -187,10 +187,11 @@ def _machine(
     _, step = _lane_fns(config)
     n = jax.tree.leaves(inputs)[0].shape[0]
 
-    def hand_over(c: _Carry, finished: jax.Array, k: int) -> _Carry:
-        """Write up to ``k`` finished lanes to the next rows; they become idle."""
+    def hand_over(c: _Carry, finished: jax.Array) -> tuple[_Carry, jax.Array]:
+        """Write up to ``hand_size`` finished lanes to the next rows; they become idle.
+        Returns the carry and the finished lanes still to hand over."""
         width = finished.shape[0]
-        lane = first(finished, k)
+        lane = first(finished, hand_size(width))
         valid = lane < width
         at = jnp.minimum(lane, width - 1)
         # The loop states are kept; FitResults are made once, after the loop.
@@ -201,23 +202,15 @@ def _machine(
         ids = jax.lax.dynamic_update_slice_in_dim(
             c.ids, jnp.where(valid, c.lanes.ids[at], -1), c.written, 0
         )
-        handed = finished & (jnp.cumsum(finished, dtype=jnp.int32) <= k)
-        return c._replace(
+        # The handed lanes: the finished ones up to the last written (``lane`` is in order).
+        handed = finished & (jnp.arange(width) <= jnp.max(jnp.where(valid, lane, -1)))
+        c = c._replace(
             lanes=c.lanes._replace(ids=jnp.where(handed, -1, c.lanes.ids)),
             rows=rows,
             ids=ids,
             written=c.written + jnp.sum(valid, dtype=jnp.int32),
         )
-
-    def hand_over_finished(c: _Carry, finished: jax.Array) -> _Carry:
-        """A few lanes as a rule; all of them where more finish at once (problems that
-        stop together, as without early stopping, leave in one iteration)."""
-        width, k = finished.shape[0], hand_size(finished.shape[0])
-        if k == width:
-            return hand_over(c, finished, k)
-        many = jnp.sum(finished, dtype=jnp.int32) > k
-        few, every = (functools.partial(hand_over, k=j) for j in (k, width))
-        return cast(_Carry, jax.lax.cond(many, every, few, c, finished))
+        return c, finished & ~handed
 
     def refill(c: _Carry) -> _Carry:
         """Load up to ``hand_size`` queued problems into idle lanes."""
@@ -241,19 +234,31 @@ def _machine(
         )
         return c._replace(lanes=lanes, queue=c.queue + jnp.sum(load, dtype=jnp.int32))
 
+    def exchange(c: _Carry, finished: jax.Array, filling: bool) -> _Carry:
+        """Hand over every finished lane and, while the queue lasts, load every idle one
+        (idle lanes carried in from the previous call too), ``hand_size`` lanes a round:
+        writing a few lanes costs a few lanes' worth, and most iterations need one round
+        or none; problems that stop together leave in one iteration, in more rounds."""
+        refilling = filling and inits is not None
+
+        def due(cf: tuple[_Carry, jax.Array]) -> jax.Array:
+            c, finished = cf
+            more = jnp.any(finished)
+            return more | (jnp.any(c.lanes.ids < 0) & (c.queue < n)) if refilling else more
+
+        def round_(cf: tuple[_Carry, jax.Array]) -> tuple[_Carry, jax.Array]:
+            c, finished = hand_over(*cf)
+            return (refill(c) if refilling else c), finished
+
+        return jax.lax.while_loop(due, round_, (c, finished))[0]
+
     def body(c: _Carry, filling: bool) -> _Carry:
         running = c.lanes.ids >= 0
         state = step(rule, c.lanes.inputs, c.lanes.data, unpack(lay, c.lanes.state))
         c = c._replace(
             lanes=c.lanes._replace(state=pack(lay, state)), computed=c.computed + running.shape[0]
         )
-        finished = running & _done(config, rule, state)
-        c = jax.lax.cond(jnp.any(finished), hand_over_finished, lambda c, _: c, c, finished)
-        if filling and inits is not None:
-            # Idle lanes carried in from the previous call load here too.
-            due = jnp.any(c.lanes.ids < 0) & (c.queue < n)
-            c = jax.lax.cond(due, refill, lambda c: c, c)
-        return c
+        return exchange(c, running & _done(config, rule, state), filling)
 
     def more(c: _Carry, keep: int, filling: bool) -> jax.Array:
         busy = jnp.sum(c.lanes.ids >= 0, dtype=jnp.int32) > keep

@@ -1,13 +1,16 @@
 """Benchmark: time to first result of a batched sweep, as a notebook user meets it.
 
-Three ways to train N linear regressions of ``benchmarks/bench_fit.py``'s kind
+Four ways to train N linear regressions of ``benchmarks/bench_fit.py``'s kind
 (each with its own data and learning rate, stopping at MSE <= 1, cap 5,000
 steps, no loss history):
 
 * ``by_hand``: ``jax.jit(jax.vmap(...))`` of a ``lax.while_loop`` of
   ``optax.adam`` steps, written by hand (``bench_fit.anchor``);
 * ``vmap_fit``: ``jax.jit(jax.vmap(adam_jax.fit))``;
-* ``fit_batched``: ``adam_jax.fit_batched`` with its default lanes.
+* ``fit_batched``: ``adam_jax.fit_batched`` with its default lanes;
+* ``lanes_by_hand``: the smallest lanes loop written by hand
+  (``bench_fit.lanes_by_hand``, as many lanes as ``fit_batched``'s default):
+  the bar a lanes engine's first call can reach on this machine.
 
 Each way runs in a FRESH Python process (nothing compiled before): the first
 call (tracing, compilation and the run), then, in the same process, the cell
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WAYS = ("by_hand", "vmap_fit", "fit_batched")
+WAYS = ("by_hand", "vmap_fit", "fit_batched", "lanes_by_hand")
 
 
 def child(way: str, n: int) -> dict:
@@ -65,6 +68,9 @@ def child(way: str, n: int) -> dict:
     elif way == "vmap_fit":
         run = bench_fit.vmap_fit(5000, 1.0)
         call = lambda args, es: run(*args)
+    elif way == "lanes_by_hand":
+        run = bench_fit.lanes_by_hand(5000, 1.0, adam_jax.default_slots(n))
+        call = lambda args, es: run(*args)
     else:
 
         def call(args, es):
@@ -82,7 +88,7 @@ def child(way: str, n: int) -> dict:
     es = rule()
     rerun, _ = timed(new_args, es)
     run_alone, _ = timed(new_args, es)  # the same rule object: the run alone
-    steps = np.asarray(out[1] if way == "by_hand" else out.num_steps)
+    steps = np.asarray(out.num_steps if way in WAYS[1:3] else out[1])
     return {
         "import_s": imported,
         "first_call_s": first,
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
     for r in range(args.repeats):
         for n in sizes:
-            order = WAYS[r % 3 :] + WAYS[: r % 3]  # rotated, so load drifts hit all alike
+            # Rotated, so load drifts hit all alike.
+            order = WAYS[r % len(WAYS) :] + WAYS[: r % len(WAYS)]
             for way in order:
                 cmd = [sys.executable, __file__, "--child", way, str(n)]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
@@ -126,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         hand = table[str(n)]["by_hand"]
         print(f"{n} problems (medians of {args.repeats} fresh processes; x = / by hand):")
         print(
-            f"  {'':12s} {'first call':>16s} {'compile':>8s} {'run':>16s} {'rerun, new rule':>18s}"
+            f"  {'':13s} {'first call':>16s} {'compile':>8s} {'run':>16s} {'rerun, new rule':>18s}"
         )
         for way in WAYS:
             row = table[str(n)][way]
             x = {k: row[k] / hand[k] for k in keys}
             print(
-                f"  {way:12s} {row['first_call_s']:7.2f} s {x['first_call_s']:5.2f}x"
+                f"  {way:13s} {row['first_call_s']:7.2f} s {x['first_call_s']:5.2f}x"
                 f" {row['compile_estimate_s']:7.2f}s {row['run_s']:7.3f} s {x['run_s']:5.2f}x"
                 f" {row['rerun_new_values_fresh_rule_s']:8.3f} s "
                 f"{x['rerun_new_values_fresh_rule_s']:5.2f}x"

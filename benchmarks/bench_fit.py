@@ -170,6 +170,73 @@ def anchor(num_steps: int, target: float | None):
     return jax.jit(jax.vmap(one))
 
 
+def lanes_by_hand(num_steps: int, target: float, slots: int):
+    """The smallest lanes loop written by hand, the bar for ``fit_batched``'s first call.
+
+    ``slots`` problems step at once (``vmap`` of ``anchor``'s optax step); when
+    problems stop (MSE <= target, or ``num_steps``), up to ``max(4, slots // 32)``
+    of them per iteration write their params and steps by problem number, and
+    their lanes take the next queued problems. No narrowed tail, no history,
+    no early-stopping object: what a user would write for this one sweep.
+    Returns ``(params, steps, stopped)`` in input order, as ``anchor`` does.
+    """
+
+    def step(x, y, lr, w, state, i, done):
+        grad = jax.value_and_grad(lambda w: linear_regression.loss(w, x, y), has_aux=True)
+        (_, mse), g = grad(w)
+        stop = done | (mse <= target) | (i >= num_steps)
+        updates, new_state = optax.adam(lr).update(g, state, w)
+        w, state = jax.tree.map(
+            lambda old, new: jnp.where(stop, old, new),
+            (w, state),
+            (optax.apply_updates(w, updates), new_state),
+        )
+        return w, state, jnp.where(stop, i, i + 1), stop
+
+    @jax.jit
+    def run(xs, ys, lrs):
+        n, width = xs.shape[0], min(slots, xs.shape[0])
+        k = max(4, width // 32)
+        w0 = jnp.zeros((width, 1, xs.shape[2]), xs.dtype)
+        first = (xs[:width], ys[:width], lrs[:width], w0, jax.vmap(optax.adam(1.0).init)(w0))
+        lanes = (jnp.arange(width), *first, jnp.zeros(width, jnp.int32), jnp.zeros(width, bool))
+        out = (jnp.zeros((n + 1, *w0.shape[1:]), xs.dtype), jnp.zeros(n + 1, jnp.int32))
+
+        def swap(c, finished):
+            (ids, x, y, lr, w, state, i, done), (out_w, out_i), queue = c
+            lane = jnp.sum(jnp.cumsum(finished)[None, :] <= jnp.arange(k)[:, None], axis=1)
+            valid, at = lane < width, jnp.minimum(lane, width - 1)
+            row = jnp.where(valid, ids[at], n)  # row n: a row for nothing
+            out_w, out_i = out_w.at[row].set(w[at]), out_i.at[row].set(i[at])
+            queued = queue + jnp.arange(k)
+            load = valid & (queued < n)
+            to, source = jnp.where(valid, lane, width), jnp.minimum(queued, n - 1)
+
+            def put(a, v):
+                return a.at[to].set(v, mode="drop")
+
+            ids = put(ids, jnp.where(load, queued, n))
+            x, y, lr = put(x, xs[source]), put(y, ys[source]), put(lr, lrs[source])
+            w = put(w, jnp.zeros_like(w[:k]))
+            state = jax.tree.map(lambda a: put(a, jnp.zeros_like(a[:k])), state)
+            i, done = put(i, jnp.zeros(k, jnp.int32)), put(done, ~load)
+            return (ids, x, y, lr, w, state, i, done), (out_w, out_i), queue + jnp.sum(load)
+
+        def body(c):
+            (ids, x, y, lr, w, state, i, done), out, queue = c
+            w, state, i, done = jax.vmap(step)(x, y, lr, w, state, i, done)
+            c = ((ids, x, y, lr, w, state, i, done), out, queue)
+            finished = done & (ids < n)
+            return jax.lax.cond(jnp.any(finished), swap, lambda c, _: c, c, finished)
+
+        _, (out_w, out_i), _ = jax.lax.while_loop(
+            lambda c: jnp.any(c[0][0] < n), body, (lanes, out, jnp.int32(width))
+        )
+        return out_w[:n], out_i[:n], out_i[:n] < num_steps
+
+    return run
+
+
 def vmap_fit(num_steps: int, target: float | None):
     def one(x, y, lr):
         return adam_jax.fit(
