@@ -3,9 +3,10 @@
 A lane holds one problem's loop state (:class:`adam_jax._loop.LoopState`) and
 its inputs. Every iteration steps all lanes at once (``vmap`` of the loop's
 ``step``); a lane whose problem is done hands its result over and takes the
-next problem from the queue. Once the queue is empty, each time half the
-lanes are idle the running ones move to the front and the rest are dropped,
-so the tail computes almost only the steps its problems need.
+next problem from the queue. Once the queue is empty the lanes run until their
+problems are done, at the same width: a narrower tail would be a second loop
+to compile, as long to compile as the first, and with a few lanes (the default,
+:func:`adam_jax.default_slots`) the idle ones cost little.
 """
 
 from __future__ import annotations
@@ -29,23 +30,6 @@ from adam_jax._tree import Split, is_data, take
 LossFn: TypeAlias = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
 Problem: TypeAlias = tuple[LossFn, optax.Params, optax.GradientTransformation]
 MakeProblem: TypeAlias = Callable[[object], Problem]
-
-
-SHRINK = 4  # the tail keeps a quarter of the lanes once three quarters are idle
-
-
-def next_width(width: int, slots: int) -> int:
-    """The lanes the tail keeps after a stage of ``width`` lanes; 0 when that stage runs
-    until every problem is done.
-
-    The tail narrows once, from ``slots`` lanes to a quarter. Each narrower
-    stage is one more loop to compile (a compile as long as the first stage's),
-    while below a quarter of the lanes the steps saved are few: on the workload
-    of ``benchmarks/bench_fit.py`` one narrowing computes 1.04x the steps
-    needed, four narrowings (down to 1 lane) 1.02x.
-    """
-    keep = width // SHRINK
-    return keep if width > slots // SHRINK and keep else 0
 
 
 def hand_size(width: int) -> int:
@@ -130,7 +114,7 @@ def _problem(config: Config, inputs: object) -> Problem:
 def _lane_fns(config: Config) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """One lane's ``init`` and ``step``, vmapped over lanes. Each is a jitted call
     inside the run, so the problem (``make_problem``, the loss, the optimizer) is
-    traced once per run and shared by every width of the tail."""
+    traced once per config."""
 
     @jax.jit
     def step(rule: Rule, inputs: object, data: object, state: LoopState) -> LoopState:
@@ -177,10 +161,10 @@ def _machine(
     data: object,
     base: jax.Array,
     lay: Layout,
-    inits: tuple[jax.Array, ...] | None,
-) -> tuple[Callable[..., _Carry], Callable[..., jax.Array]]:
-    """The loop pieces of a batched run over the queued ``inputs``: ``body(carry, filling)``
-    (one iteration, then hand-over and refill) and ``more(carry, keep, filling)``.
+    inits: tuple[jax.Array, ...],
+) -> tuple[Callable[[_Carry], _Carry], Callable[..., jax.Array]]:
+    """The loop pieces of a batched run over the queued ``inputs``: ``body(carry)``
+    (one iteration, then hand-over and refill) and ``more(carry, final)``.
 
     ``inits`` holds the queued problems' first states, packed: a refill copies rows
     of it, so the loop holds no copy of the problem's ``init``."""
@@ -224,7 +208,6 @@ def _machine(
         def put(x: jax.Array, v: jax.Array) -> jax.Array:
             return x.at[dest].set(v, mode="drop")
 
-        assert inits is not None  # refills happen only while filling
         state = zip(c.lanes.state, (p[source] for p in inits), strict=True)
         lanes = Lanes(
             ids=put(c.lanes.ids, base + queued),
@@ -234,35 +217,35 @@ def _machine(
         )
         return c._replace(lanes=lanes, queue=c.queue + jnp.sum(load, dtype=jnp.int32))
 
-    def exchange(c: _Carry, finished: jax.Array, filling: bool) -> _Carry:
+    def exchange(c: _Carry, finished: jax.Array) -> _Carry:
         """Hand over every finished lane and, while the queue lasts, load every idle one
         (idle lanes carried in from the previous call too), ``hand_size`` lanes a round:
         writing a few lanes costs a few lanes' worth, and most iterations need one round
         or none; problems that stop together leave in one iteration, in more rounds."""
-        refilling = filling and inits is not None
 
         def due(cf: tuple[_Carry, jax.Array]) -> jax.Array:
             c, finished = cf
-            more = jnp.any(finished)
-            return more | (jnp.any(c.lanes.ids < 0) & (c.queue < n)) if refilling else more
+            going: jax.Array = jnp.any(finished) | (jnp.any(c.lanes.ids < 0) & (c.queue < n))
+            return going
 
         def round_(cf: tuple[_Carry, jax.Array]) -> tuple[_Carry, jax.Array]:
             c, finished = hand_over(*cf)
-            return (refill(c) if refilling else c), finished
+            return refill(c), finished
 
         return jax.lax.while_loop(due, round_, (c, finished))[0]
 
-    def body(c: _Carry, filling: bool) -> _Carry:
+    def body(c: _Carry) -> _Carry:
         running = c.lanes.ids >= 0
         state = step(rule, c.lanes.inputs, c.lanes.data, unpack(lay, c.lanes.state))
         c = c._replace(
             lanes=c.lanes._replace(state=pack(lay, state)), computed=c.computed + running.shape[0]
         )
-        return exchange(c, running & _done(config, rule, state), filling)
+        return exchange(c, running & _done(config, rule, state))
 
-    def more(c: _Carry, keep: int, filling: bool) -> jax.Array:
-        busy = jnp.sum(c.lanes.ids >= 0, dtype=jnp.int32) > keep
-        return (c.queue < n) | busy if filling else busy
+    def more(c: _Carry, final: bool) -> jax.Array:
+        """Problems queued, or (in the last call) lanes still running."""
+        queued: jax.Array = c.queue < n
+        return queued | jnp.any(c.lanes.ids >= 0) if final else queued
 
     return body, more
 
@@ -316,15 +299,6 @@ def _start(lanes: Lanes, queue: jax.Array, n: int) -> _Carry:
     return _Carry(lanes, queue, empty, jnp.full((rows,), -1, jnp.int32), zero, zero)
 
 
-def _compact(lanes: Lanes, keep: int) -> Lanes:
-    """The first ``keep`` busy lanes, in lane order (the running ones move to the front)."""
-    busy = lanes.ids >= 0
-    order = first(busy, keep)
-    order = jnp.where(order < busy.shape[0], order, jnp.argmin(busy))  # an idle lane
-    lay = layout(lanes)
-    return unpack(lay, tuple(p[order] for p in pack(lay, lanes)))  # type: ignore[return-value]
-
-
 def segment(
     lanes: Lanes,
     queue: jax.Array,
@@ -335,40 +309,30 @@ def segment(
     rule: Rule,
     *,
     config: Config,
-    filling: bool,
     final: bool,
 ) -> tuple[Lanes, jax.Array, Output, jax.Array, jax.Array]:
-    """At most ``budget`` iterations of one stage of :func:`run_all`, on one chunk of problems.
+    """At most ``budget`` iterations of :func:`run_all`'s loop, on one chunk of problems.
 
     A run that hands control back to the host is a chain of these: each lane takes
-    the same steps at the same widths as in one ``run_all`` call, wherever the chain
-    is cut. Returns the
-    lanes, the queue position, the problems finished, the iterations run, and
-    whether the loop has ended (the caller then goes on with the next chunk, or,
-    with ``final``, keeps ``next_width`` lanes with :func:`compact_jit`, or
-    stops when that is none).
+    the same steps as in one ``run_all`` call, wherever the chain is cut. Returns
+    the lanes, the queue position, the problems finished, the iterations run, and
+    whether the loop has ended: the chunk's queue is empty (the caller goes on
+    with the next chunk) or, with ``final``, every problem is done.
     """
     n = jax.tree.leaves(inputs)[0].shape[0]
-    width = lanes.ids.shape[0]
-    inits, lay = (
-        _inits(inputs, data, rule, config)
-        if filling
-        else (None, _lanelayout(inputs, data, rule, config))
-    )
+    inits, lay = _inits(inputs, data, rule, config)
     body, more = _machine(config, rule, inputs, data, base, lay, inits)
-    keep = next_width(width, config.slots) if final else width
 
     def go_on(ci: tuple[_Carry, jax.Array]) -> jax.Array:
-        going: jax.Array = more(ci[0], keep, filling) & (ci[1] < budget)
-        return going
+        return more(ci[0], final) & (ci[1] < budget)
 
     def one(ci: tuple[_Carry, jax.Array]) -> tuple[_Carry, jax.Array]:
-        return body(ci[0], filling), ci[1] + 1
+        return body(ci[0]), ci[1] + 1
 
     c = _start(lanes, queue, n)
     c, taken = jax.lax.while_loop(go_on, one, (c, jnp.zeros([], jnp.int32)))
     out = Output(_results(config, rule, lay, c.rows), c.ids, c.computed)
-    return c.lanes, c.queue, out, taken, ~more(c, keep, filling)
+    return c.lanes, c.queue, out, taken, ~more(c, final)
 
 
 def run_all(
@@ -376,9 +340,7 @@ def run_all(
 ) -> tuple[FitResult, jax.Array]:
     """Every problem in one compiled call; results in input order, and the lane-steps computed.
 
-    The first loop refills lanes while the queue lasts; it and each later one run
-    until at most ``next_width`` lanes are busy, and the next keeps only those lanes
-    (the last runs until every problem is done).
+    The lanes refill while the queue lasts, then run until every problem is done.
 
     Without early stopping and with a lane for every problem, no lane frees up before
     the end: the problems run as ``jax.vmap`` of ``fit``'s loop, without the lanes'
@@ -392,17 +354,7 @@ def run_all(
     inits, lay = _inits(inputs, data, rule, config)
     c = _start(*_first_lanes(inputs, data, zero, rule, config, inits), n)
     body, more = _machine(config, rule, inputs, data, zero, lay, inits)
-    filling = True
-    while True:
-        keep = next_width(c.lanes.ids.shape[0], config.slots)
-        c = jax.lax.while_loop(
-            functools.partial(more, keep=keep, filling=filling),
-            functools.partial(body, filling=filling),
-            c,
-        )
-        if not keep:
-            break
-        c, filling = c._replace(lanes=_compact(c.lanes, keep)), False
+    c = jax.lax.while_loop(functools.partial(more, final=True), body, c)
     # Row k of the result is problem k: a gather per dtype of the packed rows.
     at = jnp.where(c.ids >= 0, c.ids, n)
     rows = jnp.arange(c.ids.shape[0], dtype=jnp.int32)
@@ -412,5 +364,4 @@ def run_all(
 
 run_all_jit = jax.jit(run_all, static_argnames=("config",))
 first_lanes_jit = jax.jit(_first_lanes, static_argnames=("config",))
-segment_jit = jax.jit(segment, static_argnames=("config", "filling", "final"))
-compact_jit = jax.jit(_compact, static_argnames=("keep",))
+segment_jit = jax.jit(segment, static_argnames=("config", "final"))

@@ -66,8 +66,9 @@ def default_slots(num_problems: int, early_stopping: bool = True, num_shards: in
     per_shard = -(-num_problems // num_shards)
     if not early_stopping:
         return per_shard
-    floor = 128 if jax.default_backend() == "cpu" else 4096
-    return max(1, min(per_shard, max(floor, per_shard // 4)))
+    if jax.default_backend() == "cpu":
+        return max(1, min(per_shard, max(32, min(128, per_shard // 16))))
+    return max(1, min(per_shard, max(4096, per_shard // 4)))
 
 
 def _problem_axis(
@@ -126,11 +127,10 @@ def fit_batched(
     hyperparameters all come from traced values). The problems run in
     ``slots`` lanes: every iteration takes one step in each lane, and when a
     lane's problem stops (early stopping, or ``num_steps``) its result is
-    written and the lane takes the next problem. Once the queue is empty,
-    each time half the lanes are idle the running problems move together and
-    the idle lanes are dropped. So the work is close to the sum of the steps
-    the problems need, where ``jax.jit(jax.vmap(fit))`` runs every problem as
-    long as the slowest.
+    written and the lane takes the next problem; once the queue is empty,
+    the lanes run until their last problem stops. So the work is close to the
+    sum of the steps the problems need, where ``jax.jit(jax.vmap(fit))`` runs
+    every problem as long as the slowest.
 
     Each problem's result equals what ``jax.vmap(fit)`` gives it on the same
     inputs: the same steps, stop reason and best step, and the same values up
@@ -164,11 +164,11 @@ def fit_batched(
 
     **Long runs.** With ``checkpoint_dir``, the lanes hand control back every
     ``checkpoint_every`` iterations and the run state is saved: the lanes (their
-    problems, inputs, loop states), the queue position, the stage of the
-    narrowing tail, the results of the problems finished so far and the work
-    counts. Running the identical call again with the same directory resumes
-    from the newest complete checkpoint; the result (its ``work`` counts
-    included) is bit for bit that of the same call without checkpoints. Not saved:
+    problems, inputs, loop states), the queue position, the results of the
+    problems finished so far and the work counts. Running the identical call
+    again with the same directory resumes from the newest complete checkpoint;
+    the result (its ``work`` counts included) is bit for bit that of the same
+    call without checkpoints. Not saved:
     ``inputs``, ``data`` and ``make_problem``, which the repeated call passes
     again. A directory written by another problem is refused with an error
     naming what differs; the first Ctrl-C saves at the end of the running
@@ -184,7 +184,7 @@ def fit_batched(
         iterator of such pytrees (see above).
       num_steps: the most steps each problem takes, a positive int.
       slots: the number of lanes (per device); default :func:`default_slots`
-        (a quarter of the problems, at least 128 on CPU, with early stopping; one
+        (a sixteenth of the problems, from 32 to 128 on CPU, with early stopping; one
         lane per problem without).
       early_stopping: an :func:`adam_jax.early_stopping` object, shared by all
         problems (each has its own state).

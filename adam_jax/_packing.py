@@ -1,8 +1,8 @@
 """Lanes packed for cheap moves: one matrix per dtype, a row per lane.
 
-A batched run moves whole lanes (a refill, a hand-over, the tail's compaction):
-packed, a row moves with one gather per dtype, not one per leaf. XLA compiles each
-gather and scatter on its own, so their number sets the compile time.
+A batched run moves whole lanes (a refill, a hand-over): packed, a row moves with
+one gather per dtype, not one per leaf. XLA compiles each gather and scatter on its
+own, so their number sets the compile time.
 """
 
 from __future__ import annotations

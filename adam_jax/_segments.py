@@ -2,9 +2,9 @@
 
 Streamed chunks, :func:`adam_jax.fit_batched`'s progress bar and its checkpoints
 run the lanes in budgets of iterations (:func:`adam_jax._batched.segment`), each
-lane taking the same steps at the same widths as in one compiled
-:func:`adam_jax._batched.run_all`. :class:`Run` is that driver, an
-:class:`adam_jax._checkpoint.Engine`; :class:`Chunks` feeds it the problems.
+lane taking the same steps as in one compiled :func:`adam_jax._batched.run_all`.
+:class:`Run` is that driver, an :class:`adam_jax._checkpoint.Engine`;
+:class:`Chunks` feeds it the problems.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def with_work(result: FitResult, computed: int) -> FitResult:
 
 
 class Chunks:
-    """The chunks of problems, pulled one ahead (the last one runs the narrowing tail);
+    """The chunks of problems, pulled one ahead (the lanes run to the end in the last one);
     a resumed run pulls again those the checkpoint had consumed, and checks them."""
 
     def __init__(self, chunks: Iterator[Chunk], what: str) -> None:
@@ -98,7 +98,6 @@ class _State:
 
     lanes: Lanes
     queue: jax.Array
-    filling: bool  # the lanes still load queued problems
     iterations: int
     computed: int  # lane-steps
     finished: bool
@@ -143,7 +142,7 @@ class Run:
         zero = jnp.zeros([], jnp.int32)
         lanes, queue = _batched.first_lanes_jit(inputs, data, zero, self.rule, config=self.config)
         empty = [np.zeros((0, *x.shape[1:]), x.dtype) for x in jax.tree.leaves(self.results_t)]
-        return _State(lanes, queue, True, 0, 0, False, [empty], [np.zeros(0, np.int32)])
+        return _State(lanes, queue, 0, 0, False, [empty], [np.zeros(0, np.int32)])
 
     def advance(self, s: _State, budget: int) -> _State:
         while budget and not s.finished:
@@ -153,7 +152,7 @@ class Run:
             start = time.monotonic()
             s.lanes, s.queue, out, taken, ended = self.segment(
                 s.lanes, s.queue, inputs, data, jnp.int32(self.source.base), jnp.int32(chunk),
-                self.rule, filling=s.filling, final=final,
+                self.rule, final=final,
             )  # fmt: skip
             # Only the rows written come back to the host.
             written = np.flatnonzero(np.asarray(out.ids) >= 0)
@@ -171,8 +170,6 @@ class Run:
             if not final:  # the queue is empty: the lanes go on with the next chunk
                 self.source.advance()
                 s.queue = jnp.zeros([], jnp.int32)
-            elif keep := _batched.next_width(s.lanes.ids.shape[0], self.config.slots):
-                s.lanes, s.filling = _batched.compact_jit(s.lanes, keep=keep), False
             else:
                 s.finished = True
         return s
@@ -220,7 +217,6 @@ class Run:
             "chunks": self.source.digests,
             "queue": int(s.queue),
             "width": int(s.lanes.ids.shape[0]),
-            "filling": s.filling,
             "iterations": s.iterations,
             "computed": s.computed,
             "rows": len(ids),
@@ -246,9 +242,9 @@ class Run:
         if self.bar is not None:
             results = jax.tree.structure(self.results_t).unflatten(rows)
             self.bar.update(np.asarray(results.best_value))
+        queue = jnp.asarray(record["queue"], jnp.int32)
         return _State(
-            lanes, jnp.asarray(record["queue"], jnp.int32), record["filling"],
-            record["iterations"], record["computed"], record["finished"], [rows],
+            lanes, queue, record["iterations"], record["computed"], record["finished"], [rows],
             [np.asarray(ids)],
         )  # fmt: skip
 

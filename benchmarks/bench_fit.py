@@ -35,6 +35,7 @@ Usage::
     python benchmarks/bench_fit.py            # 1,024 problems, under a minute
     python benchmarks/bench_fit.py --quick    # 128 problems, a few seconds
     python benchmarks/bench_fit.py --only-batched   # the three-way comparison alone
+    python benchmarks/bench_fit.py --only-batched --shuffle --out FILE  # problems mixed
 
 Results go to ``benchmarks/results/fit.json``. Times are float32 on the default
 JAX device.
@@ -543,6 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         help="lane counts for fit_batched besides the default (comma-separated)",
     )
     parser.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="the problems in a random order (seed 0), not by learning rate",
+    )
+    parser.add_argument(
         "--only-batched",
         action="store_true",
         help="the three-way comparison alone (no Python loop, no progress overhead)",
@@ -560,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     n_loop = min(n, args.loop_problems or (16 if args.quick else 64))
     repeats = args.repeats or (2 if args.quick else 5)
     xs, ys, lrs = problems(n, args.lr_min, args.lr_max)
+    if args.shuffle:  # long and short problems mixed, as a sweep's grid may come
+        order = np.random.default_rng(0).permutation(n)
+        xs, ys, lrs = xs[order], ys[order], lrs[order]
 
     info = machine()
     print(
@@ -569,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     print(
-        f"{n} linear regressions, learning rates {lrs[0]:.3g}..{lrs[-1]:.3g}, float32, "
+        f"{n} linear regressions, learning rates {lrs.min():.3g}..{lrs.max():.3g}"
+        f"{' (shuffled)' if args.shuffle else ''}, float32, "
         f"stop at MSE <= 1, at most {args.num_steps} steps"
     )
     if args.only_sweep:
@@ -603,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         **info,
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
         "problems": n,
-        "learning_rates": [float(lrs[0]), float(lrs[-1])],
+        "learning_rates": [float(lrs.min()), float(lrs.max())],
+        "shuffled": args.shuffle,
         "dtype": "float32",
         "repeats": repeats,
         "batched": batched,

@@ -507,17 +507,19 @@ def uninterrupted(request):
 
 
 def test_fit_batched_resumes_from_every_phase_of_the_tail(uninterrupted, tmp_path):
-    """From a checkpoint while lanes refill, and in the tail at 4 lanes, with another interval."""
+    """From a checkpoint while lanes refill, and in the tail once the queue is empty (the
+    lanes then run out at the same width), with another interval."""
     dtype, want = uninterrupted
     got = _fit_batched(dtype, checkpoint_dir=tmp_path, checkpoint_every=60, checkpoint_keep=100)
     _same(want, got)
     progress = _progress(tmp_path)
-    widths = [progress[k]["width"] for k in sorted(progress)]
-    assert widths[0] == 16 and widths[-1] == 4, widths
+    queues = [progress[k]["queue"] for k in sorted(progress)]
+    assert queues[0] < N_PROBLEMS and queues[-1] == N_PROBLEMS, queues
+    assert {progress[k]["width"] for k in progress} == {16}
     assert progress[max(progress)]["finished"]
-    for width in (4, 16):
-        # Back to the first checkpoint at this width: the run's state there.
-        first = min(k for k in progress if progress[k]["width"] == width)
+    for tail in (False, True):
+        # Back to the first checkpoint of this phase: the run's state there.
+        first = min(k for k in progress if (progress[k]["queue"] == N_PROBLEMS) == tail)
         _keep_up_to(tmp_path, first)
         assert sorted(_progress(tmp_path)) == [k for k in sorted(progress) if k <= first]
         assert not progress[first]["finished"]
