@@ -246,7 +246,7 @@ def _init(config: _Config, n: _Numbers, params: Any = None) -> EarlyStoppingStat
         best_params=without_weak_types(params) if config.restore_best else None,
         wait=jnp.zeros([], jnp.int32),
         should_stop=jnp.zeros([], bool),
-        reason=jnp.full([], StopReason.NONE, jnp.int32),
+        reason=jnp.asarray(StopReason.NONE, jnp.int32),  # not weakly typed, as update returns it
     )
 
 
@@ -296,7 +296,7 @@ def _update(
     nonfinite = ~finite if config.check_finite else False
     out_of_patience = False if n.patience is None else ~improved & (wait >= n.patience)
 
-    reason = jnp.full([], StopReason.NONE, jnp.int32)
+    reason = jnp.asarray(StopReason.NONE, jnp.int32)
     # Assigned from the lowest priority up, so the first reason in the list wins.
     for cond, why in [
         (out_of_patience, StopReason.PATIENCE),
