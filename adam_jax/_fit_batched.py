@@ -67,7 +67,7 @@ def default_slots(num_problems: int, early_stopping: bool = True, num_shards: in
     if not early_stopping:
         return per_shard
     if jax.default_backend() == "cpu":
-        return max(1, min(per_shard, max(32, min(128, per_shard // 16))))
+        return max(1, min(per_shard, max(32, min(128, per_shard // 8))))
     return max(1, min(per_shard, max(4096, per_shard // 4)))
 
 
@@ -184,7 +184,7 @@ def fit_batched(
         iterator of such pytrees (see above).
       num_steps: the most steps each problem takes, a positive int.
       slots: the number of lanes (per device); default :func:`default_slots`
-        (a sixteenth of the problems, from 32 to 128 on CPU, with early stopping; one
+        (an eighth of the problems, from 32 to 128 on CPU, with early stopping; one
         lane per problem without).
       early_stopping: an :func:`adam_jax.early_stopping` object, shared by all
         problems (each has its own state).
