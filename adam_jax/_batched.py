@@ -23,7 +23,7 @@ from adam_jax import _loop
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
 from adam_jax._loop import LoopState
-from adam_jax._packing import Layout, first, layout, pack, unpack
+from adam_jax._packing import Layout, layout, pack, unpack
 from adam_jax._result import FitResult
 from adam_jax._tree import Split, is_data, take
 
@@ -171,51 +171,50 @@ def _machine(
     _, step = _lane_fns(config)
     n = jax.tree.leaves(inputs)[0].shape[0]
 
-    def hand_over(c: _Carry, finished: jax.Array) -> tuple[_Carry, jax.Array]:
-        """Write up to ``hand_size`` finished lanes to the next rows; they become idle.
+    def swap(c: _Carry, finished: jax.Array) -> tuple[_Carry, jax.Array]:
+        """One round of :func:`exchange`: up to ``hand_size`` lanes, the finished ones
+        first, then idle ones while problems are queued. The finished ones write their
+        loop states to the next rows; each lane takes the next queued problem, or idles.
         Returns the carry and the finished lanes still to hand over."""
         width = finished.shape[0]
-        lane = first(finished, hand_size(width))
-        valid = lane < width
+        earlier = width - jnp.arange(width, dtype=jnp.int32)  # lanes in order, by score
+        idle = (c.lanes.ids < 0) & (c.queue < n)
+        score = jnp.where(finished, width + earlier, jnp.where(idle, earlier, 0))
+        value, lane = jax.lax.top_k(score, hand_size(width))  # one sort
+        chosen, handing = value > 0, value > width
         at = jnp.minimum(lane, width - 1)
-        # The loop states are kept; FitResults are made once, after the loop.
+        # The loop states are kept; FitResults are made once, after the loop. The
+        # finished lanes come first, so the rows they write are the next ones in order.
         rows = tuple(
             jax.lax.dynamic_update_slice_in_dim(r, p[at], c.written, 0)
             for r, p in zip(c.rows, c.lanes.state, strict=True)
         )
         ids = jax.lax.dynamic_update_slice_in_dim(
-            c.ids, jnp.where(valid, c.lanes.ids[at], -1), c.written, 0
+            c.ids, jnp.where(handing, c.lanes.ids[at], -1), c.written, 0
         )
-        # The handed lanes: the finished ones up to the last written (``lane`` is in order).
-        handed = finished & (jnp.arange(width) <= jnp.max(jnp.where(valid, lane, -1)))
-        c = c._replace(
-            lanes=c.lanes._replace(ids=jnp.where(handed, -1, c.lanes.ids)),
-            rows=rows,
-            ids=ids,
-            written=c.written + jnp.sum(valid, dtype=jnp.int32),
-        )
-        return c, finished & ~handed
-
-    def refill(c: _Carry) -> _Carry:
-        """Load up to ``hand_size`` queued problems into idle lanes."""
-        width = c.lanes.ids.shape[0]
-        lane = first(c.lanes.ids < 0, hand_size(width))
         queued = c.queue + jnp.arange(lane.shape[0], dtype=jnp.int32)
-        load = (lane < width) & (queued < n)
+        load = chosen & (queued < n)
         source = jnp.minimum(queued, n - 1)
-        dest = jnp.where(load, lane, width)
+        changed, loaded = (jnp.where(m, lane, width) for m in (chosen, load))
 
         def put(x: jax.Array, v: jax.Array) -> jax.Array:
-            return x.at[dest].set(v, mode="drop")
+            return x.at[loaded].set(v, mode="drop")
 
         state = zip(c.lanes.state, (p[source] for p in inits), strict=True)
         lanes = Lanes(
-            ids=put(c.lanes.ids, base + queued),
+            ids=c.lanes.ids.at[changed].set(jnp.where(load, base + queued, -1), mode="drop"),
             inputs=jax.tree.map(put, c.lanes.inputs, take(inputs, source)),
             data=None if data is None else jax.tree.map(put, c.lanes.data, take(data, source)),
             state=tuple(put(x, v) for x, v in state),
         )
-        return c._replace(lanes=lanes, queue=c.queue + jnp.sum(load, dtype=jnp.int32))
+        c = c._replace(
+            lanes=lanes,
+            queue=c.queue + jnp.sum(load, dtype=jnp.int32),
+            rows=rows,
+            ids=ids,
+            written=c.written + jnp.sum(handing, dtype=jnp.int32),
+        )
+        return c, finished.at[changed].set(False, mode="drop")
 
     def exchange(c: _Carry, finished: jax.Array) -> _Carry:
         """Hand over every finished lane and, while the queue lasts, load every idle one
@@ -228,11 +227,7 @@ def _machine(
             going: jax.Array = jnp.any(finished) | (jnp.any(c.lanes.ids < 0) & (c.queue < n))
             return going
 
-        def round_(cf: tuple[_Carry, jax.Array]) -> tuple[_Carry, jax.Array]:
-            c, finished = hand_over(*cf)
-            return refill(c), finished
-
-        return jax.lax.while_loop(due, round_, (c, finished))[0]
+        return jax.lax.while_loop(due, lambda cf: swap(*cf), (c, finished))[0]
 
     def body(c: _Carry) -> _Carry:
         running = c.lanes.ids >= 0

@@ -36,16 +36,20 @@ def default_slots(num_problems: int, early_stopping: bool = True, num_shards: in
     Without early stopping every problem takes ``num_steps`` steps, so nothing
     is gained by refilling: each problem gets its own lane, as under
     ``jax.vmap``. With early stopping, fewer lanes than problems keep the work
-    close to what the problems need (the tail, where lanes empty and are
-    compacted, is a smaller share of the run), while more lanes share the
-    loop's fixed cost per iteration among more problems. On CPU, on the
-    regression workload of ``benchmarks/bench_fit.py`` (1,024 problems that stop
-    between 13 and 1,484 steps), 256 lanes computed 1.04x the needed steps in
-    0.13x the time of a hand-written ``jit(vmap(while_loop))``; 128 lanes
-    computed 1.02x in 0.17x (the loop's fixed cost, shared by fewer lanes);
-    512 lanes computed 1.58x in 0.26x.
-    The default is therefore a quarter of the problems, at least 128 (4,096 on
-    an accelerator, which steps thousands of small problems in the time of one).
+    close to what the problems need: once the queue is empty the lanes run on
+    until the last problem stops, and the idle lanes of that tail cost in
+    proportion to the width; more lanes share the loop's fixed cost per
+    iteration among more problems. On CPU, on the regression workload of
+    ``benchmarks/bench_fit.py`` (1,024 problems that stop between 13 and 1,484
+    steps), 32, 64, 128 and 256 lanes computed 1.00x, 1.00x, 1.01x and 1.16x
+    the needed steps, in 0.24x, 0.23x, 0.24x and 0.30x the time of a
+    hand-written ``jit(vmap(while_loop))``; with the problems in a random order
+    (``--shuffle``), 1.09x, 1.19x, 1.39x and 1.80x, in 0.30x, 0.29x, 0.35x and
+    0.49x. On notebook 06's sweep of tiny problems, 128 lanes stepped
+    cheaper per lane than 64.
+    The default is therefore an eighth of the problems, from 32 to 128 (on an
+    accelerator, which steps thousands of small problems in the time of one, a
+    quarter of the problems, at least 4,096).
 
     Args:
       num_problems: the number of problems.

@@ -11,19 +11,6 @@ import math
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-
-
-def first(mask: jax.Array, k: int) -> jax.Array:
-    """The first ``k`` indices where ``mask`` holds, in order; ``len(mask)`` past the last.
-
-    A top-k of the indices, scored from the first; XLA:CPU compiles it as one sort,
-    where a cumulative sum takes several kernels (each one more to compile).
-    """
-    width = mask.shape[0]
-    score = jnp.where(mask, width - jnp.arange(width, dtype=jnp.int32), 0)
-    value, index = jax.lax.top_k(score, k)
-    return jnp.where(value > 0, index.astype(jnp.int32), width)
 
 
 class Layout(NamedTuple):

@@ -392,8 +392,11 @@ def sweep_problem(p):
     return loss, jnp.zeros(4, jnp.float32), adam_jax.adam(p["lr"], b2=p["b2"])
 
 
-def bench_sweep(repeats: int, num_steps: int = 2_000, target: float = 0.5) -> dict:
-    """Notebook 06's sweep: by hand, jit(vmap(fit)) and fit_batched, interleaved."""
+def bench_sweep(
+    repeats: int, slot_counts: tuple = (None,), num_steps: int = 2_000, target: float = 0.5
+) -> dict:
+    """Notebook 06's sweep: by hand, jit(vmap(fit)) and fit_batched (default lanes and
+    ``slot_counts``), interleaved."""
     inputs = sweep_inputs()
     n = inputs["lr"].shape[0]
     es = adam_jax.early_stopping(None, target=target)
@@ -433,22 +436,25 @@ def bench_sweep(repeats: int, num_steps: int = 2_000, target: float = 0.5) -> di
         rows[name] = {**times, "computed": n * iters, "needed": int(steps.sum() + stopped.sum())}
         runs[name] = lambda c=compiled: jax.block_until_ready(c(inputs))
 
-    def batched():
-        return adam_jax.fit_batched(
-            sweep_problem, inputs, num_steps=num_steps, early_stopping=es,
-            history=adam_jax.History.none(),
-        )  # fmt: skip
+    for slots in slot_counts:
+        name = "fit_batched_default" if slots is None else f"fit_batched_{slots}"
 
-    t = time.perf_counter()
-    work = batched().work
-    first = time.perf_counter() - t
-    rows["fit_batched_default"] = {
-        "slots": adam_jax.default_slots(n),
-        "first_call_s": first,
-        "computed": work.computed,
-        "needed": work.needed,
-    }
-    runs["fit_batched_default"] = batched
+        def batched(slots=slots):
+            return adam_jax.fit_batched(
+                sweep_problem, inputs, num_steps=num_steps, slots=slots, early_stopping=es,
+                history=adam_jax.History.none(),
+            )  # fmt: skip
+
+        t = time.perf_counter()
+        work = batched().work
+        first = time.perf_counter() - t
+        rows[name] = {
+            "slots": slots or adam_jax.default_slots(n),
+            "first_call_s": first,
+            "computed": work.computed,
+            "needed": work.needed,
+        }
+        runs[name] = batched
     times = {k: [] for k in runs}
     names = list(runs)
     for r in range(repeats):
@@ -582,18 +588,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{' (shuffled)' if args.shuffle else ''}, float32, "
         f"stop at MSE <= 1, at most {args.num_steps} steps"
     )
+    slot_counts = [None, *sorted({min(n, int(k)) for k in args.slots.split(",") if k})]
     if args.only_sweep:
-        sweep = bench_sweep(repeats)
+        sweep = bench_sweep(repeats, tuple(slot_counts))
         print_three_ways("(c) notebook 06's sweep: 1,024 runs, MSE <= 0.5, cap 2,000:", sweep)
         return _write({**info, "repeats": repeats, "notebook_06_sweep": sweep}, args.out)
-    slot_counts = [None, *sorted({min(n, int(k)) for k in args.slots.split(",") if k})]
     early = bench_three_ways(xs, ys, lrs, args.num_steps, 1.0, slot_counts, repeats)
     print_three_ways(f"(a) {n} problems, each stopping at MSE <= 1 (cap {args.num_steps}):", early)
     same = bench_three_ways(xs, ys, lrs, args.same_steps, None, [None], repeats)
     print_three_ways(f"(b) {n} problems, {args.same_steps} steps each (no early stopping):", same)
     batched: dict = {}
     if not args.no_sweep:
-        batched["notebook_06_sweep"] = sweep = bench_sweep(repeats)
+        batched["notebook_06_sweep"] = sweep = bench_sweep(repeats, tuple(slot_counts))
         print_three_ways(
             "(c) notebook 06's sweep: 1,024 runs (learning rate x b2 x data set), MSE <= 0.5, "
             "cap 2,000:",
