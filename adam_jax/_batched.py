@@ -33,13 +33,12 @@ MakeProblem: TypeAlias = Callable[[object], Problem]
 
 
 def hand_size(width: int) -> int:
-    """The most lanes handed over (and refilled) in one iteration.
+    """The most lanes handed over (and refilled) in one round of an exchange.
 
     Writing a few lanes costs a few lanes' worth, where writing them all costs
     the whole width's, on every iteration where any problem finishes (nearly
-    all of them while the queue lasts). Where more finish at once, all of them
-    are handed over (a second branch, taken rarely); a refill past the limit
-    waits for the next iteration.
+    all of them while the queue lasts). Where more finish at once, the exchange
+    takes more rounds in the same iteration.
     """
     return min(width, max(4, width // 32))
 
@@ -182,15 +181,14 @@ def _machine(
         score = jnp.where(finished, width + earlier, jnp.where(idle, earlier, 0))
         value, lane = jax.lax.top_k(score, hand_size(width))  # one sort
         chosen, handing = value > 0, value > width
-        at = jnp.minimum(lane, width - 1)
         # The loop states are kept; FitResults are made once, after the loop. The
         # finished lanes come first, so the rows they write are the next ones in order.
         rows = tuple(
-            jax.lax.dynamic_update_slice_in_dim(r, p[at], c.written, 0)
+            jax.lax.dynamic_update_slice_in_dim(r, p[lane], c.written, 0)
             for r, p in zip(c.rows, c.lanes.state, strict=True)
         )
         ids = jax.lax.dynamic_update_slice_in_dim(
-            c.ids, jnp.where(handing, c.lanes.ids[at], -1), c.written, 0
+            c.ids, jnp.where(handing, c.lanes.ids[lane], -1), c.written, 0
         )
         queued = c.queue + jnp.arange(lane.shape[0], dtype=jnp.int32)
         load = chosen & (queued < n)
