@@ -271,6 +271,31 @@ def compile_time(jitted, *args) -> dict:
     return {"trace_lower_s": t_lower, "compile_s": time.perf_counter() - t}, compiled
 
 
+def batched_rows(rows: dict, runs: dict, slot_counts, make_problem, inputs, **options) -> None:
+    """Add a ``fit_batched`` row (first call, stop steps, work) and its timed call to
+    ``rows`` and ``runs`` for each lane count (None: the default), no loss history."""
+    n = jax.tree.leaves(inputs)[0].shape[0]
+    for slots in slot_counts:
+        name = "fit_batched_default" if slots is None else f"fit_batched_{slots}"
+
+        def run(slots=slots):
+            return adam_jax.fit_batched(
+                make_problem, inputs, slots=slots, history=adam_jax.History.none(), **options
+            )
+
+        t = time.perf_counter()
+        result = run()
+        first = time.perf_counter() - t
+        rows[name] = {
+            "slots": slots or adam_jax.default_slots(n, options.get("early_stopping") is not None),
+            "first_call_s": first,
+            "steps": np.asarray(result.num_steps, np.int64),
+            "computed": result.work.computed,
+            "needed": result.work.needed,
+        }
+        runs[name] = run
+
+
 def bench_three_ways(xs, ys, lrs, num_steps, target, slot_counts, repeats) -> dict:
     """The anchor, jit(vmap(fit)) and fit_batched at each lane count, interleaved."""
     n = len(lrs)
@@ -295,27 +320,8 @@ def bench_three_ways(xs, ys, lrs, num_steps, target, slot_counts, repeats) -> di
             "needed": int(steps.sum() + stopped.sum()),
         }
         runs[name] = lambda c=compiled: jax.block_until_ready(c(*args))
-    for slots in slot_counts:
-        name = "fit_batched_default" if slots is None else f"fit_batched_{slots}"
-
-        def run(slots=slots):
-            return adam_jax.fit_batched(
-                make_problem, args, num_steps=num_steps, slots=slots, early_stopping=es,
-                has_aux=True, history=adam_jax.History.none(),
-            )  # fmt: skip
-
-        t = time.perf_counter()
-        result = run()
-        work = result.work
-        first = time.perf_counter() - t
-        rows[name] = {
-            "slots": slots or adam_jax.default_slots(n, es is not None),
-            "first_call_s": first,
-            "steps": np.asarray(result.num_steps, np.int64),
-            "computed": work.computed,
-            "needed": work.needed,
-        }
-        runs[name] = run
+    batched_rows(rows, runs, slot_counts, make_problem, args, num_steps=num_steps,
+                 early_stopping=es, has_aux=True)  # fmt: skip
     times = {k: [] for k in runs}
     names = list(runs)
     for r in range(repeats):
@@ -436,25 +442,10 @@ def bench_sweep(
         rows[name] = {**times, "computed": n * iters, "needed": int(steps.sum() + stopped.sum())}
         runs[name] = lambda c=compiled: jax.block_until_ready(c(inputs))
 
-    for slots in slot_counts:
-        name = "fit_batched_default" if slots is None else f"fit_batched_{slots}"
-
-        def batched(slots=slots):
-            return adam_jax.fit_batched(
-                sweep_problem, inputs, num_steps=num_steps, slots=slots, early_stopping=es,
-                history=adam_jax.History.none(),
-            )  # fmt: skip
-
-        t = time.perf_counter()
-        work = batched().work
-        first = time.perf_counter() - t
-        rows[name] = {
-            "slots": slots or adam_jax.default_slots(n),
-            "first_call_s": first,
-            "computed": work.computed,
-            "needed": work.needed,
-        }
-        runs[name] = batched
+    batched_rows(rows, runs, slot_counts, sweep_problem, inputs, num_steps=num_steps,
+                 early_stopping=es)  # fmt: skip
+    for row in rows.values():
+        row.pop("steps", None)
     times = {k: [] for k in runs}
     names = list(runs)
     for r in range(repeats):
