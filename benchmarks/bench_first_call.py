@@ -88,7 +88,7 @@ def child(way: str, n: int) -> dict:
     es = rule()
     rerun, _ = timed(new_args, es)
     run_alone, _ = timed(new_args, es)  # the same rule object: the run alone
-    steps = np.asarray(out.num_steps if way in WAYS[1:3] else out[1])
+    steps = np.asarray(out.num_steps if way in ("vmap_fit", "fit_batched") else out[1])
     return {
         "import_s": imported,
         "first_call_s": first,
