@@ -258,7 +258,7 @@ def _lanelayout(inputs: object, data: object, rule: Rule, config: Config) -> Lay
     return layout(jax.eval_shape(_lane_fns(config)[0], rule, inputs, data))
 
 
-def _first_lanes(
+def first_lanes(
     inputs: object,
     data: object,
     base: jax.Array,
@@ -345,7 +345,7 @@ def run_all(
         return jax.vmap(functools.partial(_whole, config, rule))(inputs, data), computed
     zero = jnp.zeros([], jnp.int32)
     inits, lay = _inits(inputs, data, rule, config)
-    c = _start(*_first_lanes(inputs, data, zero, rule, config, inits), n)
+    c = _start(*first_lanes(inputs, data, zero, rule, config, inits), n)
     body, more = _machine(config, rule, inputs, data, zero, lay, inits)
     c = jax.lax.while_loop(functools.partial(more, final=True), body, c)
     # Row k of the result is problem k: a gather per dtype of the packed rows.
@@ -353,8 +353,3 @@ def run_all(
     rows = jnp.arange(c.ids.shape[0], dtype=jnp.int32)
     where = jnp.zeros((n,), jnp.int32).at[at].set(rows, mode="drop")
     return _results(config, rule, lay, tuple(r[where] for r in c.rows)), c.computed
-
-
-run_all_jit = jax.jit(run_all, static_argnames=("config",))
-first_lanes_jit = jax.jit(_first_lanes, static_argnames=("config",))
-segment_jit = jax.jit(segment, static_argnames=("config", "final"))

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adam_jax import _batched, _checkpoint, _checks, _fit_checks, _history, _reporting
+from adam_jax import _batched, _checkpoint, _checks, _fit_checks, _history, _loop, _reporting
 from adam_jax._batched import Config, MakeProblem
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
@@ -100,7 +100,7 @@ def _sharded(
         results, computed = run(inputs, data, rule)
         return results, jax.lax.psum(computed, spec[0])
 
-    return jax.jit(
+    return _loop.compiled(
         jax.shard_map(
             local, mesh=mesh, in_specs=specs, out_specs=(spec, PartitionSpec()), check_vma=False
         )
@@ -135,15 +135,19 @@ def fit_batched(
     sum of the steps the problems need, where ``jax.jit(jax.vmap(fit))`` runs
     every problem as long as the slowest.
 
-    Each problem's result equals what ``jax.vmap(fit)`` gives it on the same
-    inputs: the same steps, stop reason and best step, and the same values up
-    to the rounding of batched kernels (bitwise where XLA computes a lane the
-    same way; float32 results were bitwise equal in the tests). Without early
+    Each problem's result equals what ``jax.jit(jax.vmap(fit))`` gives it on
+    the same inputs: the same steps, stop reason and best step, and the same
+    values up to float rounding. On CPU the lanes are compiled with XLA's
+    elemental emitters (``compiler_options={"xla_cpu_use_fusion_emitters":
+    False}``), in about half the time of JAX's default emitters, which round
+    a few operations differently: compiled with the same options,
+    ``jax.jit(jax.vmap(fit))`` gave the same values to 1e-12 in float64 in the
+    tests; with JAX's default options, within 64 ulps. Without early
     stopping, and with a lane for every problem (the default then), no lane
     frees up before the end, so the problems run as ``jax.vmap`` of ``fit``'s
-    own loop: bitwise ``jax.vmap(fit)``'s results, at its cost and compile
-    time (a run that hands control back to the host, for a progress bar or
-    checkpoints, still goes through the lanes).
+    own loop: bitwise the results of ``jax.jit(jax.vmap(fit))`` compiled with
+    the same options, at its cost (a run that hands control back to the host,
+    for a progress bar or checkpoints, still goes through the lanes).
 
     The compiled program is cached on ``make_problem`` (pass the same function,
     not a new lambda, to reuse it), the other options, the inputs' shapes and
@@ -279,7 +283,8 @@ def fit_batched(
                 )
             return _run_sharded(config, rule, inputs, data, n, axis, progress)
         if options is None and not progress:
-            result, computed = _batched.run_all_jit(inputs, data, rule, config=config(data, n))
+            run_all = _loop.compiled(_batched.run_all, "config")
+            result, computed = run_all(inputs, data, rule, config=config(data, n))
             return with_work(jax.block_until_ready(result), int(computed))
         run = Run(config, rule, Chunks(iter([(inputs, data)]), "inputs"), False, progress)
     with run:

@@ -3,7 +3,7 @@
 ``fit`` is one program (``run_jit``: init, the loop of :mod:`adam_jax._loop` to its
 end, the result); a checkpointed fit is :class:`FitRun`, an
 :class:`adam_jax._checkpoint.Engine` that advances the same loop state by segments
-(``init_jit``, ``advance_jit``, ``postprocess_jit``). Each is cached on a
+(``init_jit``, ``_advance``, ``postprocess_jit``). Each is cached on a
 :class:`Static` and takes the optimizer and early stopping as a
 :class:`adam_jax._tree.Split` (numbers traced, the rest what the program is cached on).
 """
@@ -86,10 +86,17 @@ def _postprocess(hyper: Hyper, state: LoopState, *, static: Static) -> FitResult
     return _loop_of(hyper, static).postprocess(state)
 
 
-run_jit = jax.jit(_run, static_argnames=("static",))
-init_jit = jax.jit(_init, static_argnames=("static",))
-advance_jit = jax.jit(_advance, static_argnames=("static",))
-postprocess_jit = jax.jit(_postprocess, static_argnames=("static",))
+def run_jit(*args: Any, static: Static) -> FitResult:
+    return cast(FitResult, _loop.compiled(_run, "static")(*args, static=static))
+
+
+def init_jit(*args: Any, static: Static) -> LoopState:
+    return cast(LoopState, _loop.compiled(_init, "static")(*args, static=static))
+
+
+def postprocess_jit(*args: Any, static: Static) -> FitResult:
+    return cast(FitResult, _loop.compiled(_postprocess, "static")(*args, static=static))
+
 
 # (loss_fn, the types of its arguments, its replay), set while fit calls the
 # compiled run after the mesh check has traced the loss (only under a trace).
@@ -125,7 +132,8 @@ class FitRun:
 
     def advance(self, state: LoopState, budget: int) -> LoopState:
         until = state.i + jnp.int32(budget)
-        out = advance_jit(self.hyper, state, self.data, until, static=self.static)
+        advance = _loop.compiled(_advance, "static")
+        out = advance(self.hyper, state, self.data, until, static=self.static)
         return cast(LoopState, out)
 
     def finished(self, state: LoopState) -> bool:

@@ -11,6 +11,7 @@ is fit's driver: one ``lax.while_loop``, or two nested ones when reporting.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -26,6 +27,26 @@ from adam_jax._result import FitResult
 from adam_jax._tree import tree_where, without_weak_types
 
 LOG_LEN = 128  # log-line values held between two host calls
+
+# XLA:CPU compiles the training loops about twice as fast with its elemental emitters as
+# with its newer fusion emitters (JAX's default), and runs them as fast; the two round a
+# few operations differently (a few ulps). See benchmarks/bench_first_call.py.
+CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
+@functools.cache
+def _jitted(fn: Callable[..., Any], static: tuple[str, ...], options: bool) -> Callable[..., Any]:
+    return jax.jit(
+        fn, static_argnames=static, compiler_options=CPU_COMPILER_OPTIONS if options else None
+    )
+
+
+def compiled(fn: Callable[..., Any], *static: str) -> Callable[..., Any]:
+    """``jax.jit(fn)``, with :data:`CPU_COMPILER_OPTIONS` on CPU when it is called from
+    the host: staged into another program (a user's ``jit``), the outer program's options
+    are the ones that count, and JAX refuses options on a nested ``jit``."""
+    host = not isinstance(jnp.asarray(0), jax.core.Tracer)
+    return _jitted(fn, static, host and jax.default_backend() == "cpu")
 
 
 class LogState(NamedTuple):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adam_jax import _batched, _checkpoint, _reporting
+from adam_jax import _batched, _checkpoint, _loop, _reporting
 from adam_jax._batched import Config, Lanes, MakeProblem
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._result import BatchedWork, FitResult
@@ -121,9 +121,11 @@ class Run:
         self.rule, self.source, self.streamed = rule, source, streamed
         inputs, data = source.current
         self.config: Config = config(data, source.n)
-        self.segment = functools.partial(_batched.segment_jit, config=self.config)
+        self.segment = functools.partial(
+            _loop.compiled(_batched.segment, "config", "final"), config=self.config
+        )
         zero = jnp.zeros([], jnp.int32)
-        first = functools.partial(_batched.first_lanes_jit, config=self.config)
+        first = functools.partial(_batched.first_lanes, config=self.config)
         self.lanes_t = jax.eval_shape(first, inputs, data, zero, rule)[0]
         rows = functools.partial(_batched.result_rows, config=self.config)
         self.results_t = jax.eval_shape(rows, self.lanes_t, inputs, data, rule)
@@ -140,7 +142,8 @@ class Run:
     def fresh(self) -> _State:
         inputs, data = self.source.current
         zero = jnp.zeros([], jnp.int32)
-        lanes, queue = _batched.first_lanes_jit(inputs, data, zero, self.rule, config=self.config)
+        first = _loop.compiled(_batched.first_lanes, "config")
+        lanes, queue = first(inputs, data, zero, self.rule, config=self.config)
         empty = [np.zeros((0, *x.shape[1:]), x.dtype) for x in jax.tree.leaves(self.results_t)]
         return _State(lanes, queue, 0, 0, False, [empty], [np.zeros(0, np.int32)])
 

@@ -1,11 +1,14 @@
 """Benchmark: time to first result of a batched sweep, as a notebook user meets it.
 
-Four ways to train N linear regressions of ``benchmarks/bench_fit.py``'s kind
+Five ways to train N linear regressions of ``benchmarks/bench_fit.py``'s kind
 (each with its own data and learning rate, stopping at MSE <= 1, cap 5,000
 steps, no loss history):
 
 * ``by_hand``: ``jax.jit(jax.vmap(...))`` of a ``lax.while_loop`` of
   ``optax.adam`` steps, written by hand (``bench_fit.anchor``);
+* ``by_hand_elemental``: the same, compiled with the options adam_jax's loops
+  use on CPU (``compiler_options={"xla_cpu_use_fusion_emitters": False}``,
+  XLA's elemental emitters): what a user who knows the option gets;
 * ``vmap_fit``: ``jax.jit(jax.vmap(adam_jax.fit))``;
 * ``fit_batched``: ``adam_jax.fit_batched`` with its default lanes;
 * ``lanes_by_hand``: the smallest lanes loop written by hand
@@ -39,7 +42,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WAYS = ("by_hand", "vmap_fit", "fit_batched", "lanes_by_hand")
+WAYS = ("by_hand", "by_hand_elemental", "vmap_fit", "fit_batched", "lanes_by_hand")
+ELEMENTAL = {"xla_cpu_use_fusion_emitters": False}
 
 
 def child(way: str, n: int) -> dict:
@@ -62,8 +66,8 @@ def child(way: str, n: int) -> dict:
     jax.block_until_ready((first_args, new_args))
 
     rule = lambda: adam_jax.early_stopping(None, target=1.0)  # built in the cell
-    if way == "by_hand":
-        run = bench_fit.anchor(5000, 1.0)
+    if way in ("by_hand", "by_hand_elemental"):
+        run = bench_fit.anchor(5000, 1.0, ELEMENTAL if way == "by_hand_elemental" else None)
         call = lambda args, es: run(*args)
     elif way == "vmap_fit":
         run = bench_fit.vmap_fit(5000, 1.0)
@@ -133,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         hand = table[str(n)]["by_hand"]
         print(f"{n} problems (medians of {args.repeats} fresh processes; x = / by hand):")
         print(
-            f"  {'':13s} {'first call':>16s} {'compile':>8s} {'run':>16s} {'rerun, new rule':>18s}"
+            f"  {'':17s} {'first call':>16s} {'compile':>8s} {'run':>16s} {'rerun, new rule':>18s}"
         )
         for way in WAYS:
             row = table[str(n)][way]
             x = {k: row[k] / hand[k] for k in keys}
             print(
-                f"  {way:13s} {row['first_call_s']:7.2f} s {x['first_call_s']:5.2f}x"
+                f"  {way:17s} {row['first_call_s']:7.2f} s {x['first_call_s']:5.2f}x"
                 f" {row['compile_estimate_s']:7.2f}s {row['run_s']:7.3f} s {x['run_s']:5.2f}x"
                 f" {row['rerun_new_values_fresh_rule_s']:8.3f} s "
                 f"{x['rerun_new_values_fresh_rule_s']:5.2f}x"

@@ -139,8 +139,10 @@ def bench_loop(xs, ys, lrs, num_steps, repeats):
     return steps, median, times
 
 
-def anchor(num_steps: int, target: float | None):
-    """``jit(vmap(while_loop(optax.adam step)))``; each problem stops at MSE <= target, frozen."""
+def anchor(num_steps: int, target: float | None, compiler_options: dict | None = None):
+    """``jit(vmap(while_loop(optax.adam step)))``; each problem stops at MSE <= target, frozen.
+
+    ``compiler_options`` go to ``jax.jit`` (None: JAX's defaults)."""
 
     def one(x, y, lr):
         opt = optax.adam(lr)
@@ -168,7 +170,7 @@ def anchor(num_steps: int, target: float | None):
         )
         return w, steps, stopped
 
-    return jax.jit(jax.vmap(one))
+    return jax.jit(jax.vmap(one), compiler_options=compiler_options)
 
 
 def lanes_by_hand(num_steps: int, target: float, slots: int):
