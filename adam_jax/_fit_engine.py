@@ -64,7 +64,8 @@ def _init(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any
           initial_step: jax.Array, *, static: Static) -> LoopState:  # fmt: skip
     anchored = _checks.explicit_mesh_in_context()
     loop = _loop_of(hyper, static)
-    return loop.init(params, data, opt_state, es_state, initial_step, anchored=anchored)
+    state = loop.init(params, data, opt_state, es_state, initial_step, anchored=anchored)
+    return state if anchored else _loop.batched_with(state, (hyper, data))
 
 
 def _run(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,

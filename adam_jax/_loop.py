@@ -102,6 +102,28 @@ def _batched_like(state: LoopState, anchor: jax.Array) -> LoopState:
     return cast(LoopState, jax.tree.map(tie, state))
 
 
+@custom_batching.custom_vmap
+def batched_with(state: LoopState, witness: object) -> LoopState:
+    """``state``; under vmap, every leaf batched if anything in ``state`` or ``witness`` is.
+
+    A ``while_loop`` under vmap finds which parts of its carry turn batched by batching
+    its body again until nothing changes: a carry that starts unbatched where the
+    initial params are (zeros, say) costs ``fit``'s step two more batchings.
+    """
+    return state
+
+
+@batched_with.def_vmap
+def _batched_with_vmap(
+    axis_size: int, in_batched: list[Any], state: LoopState, witness: object
+) -> tuple[LoopState, Any]:
+    def batched(x: jax.Array, b: bool) -> jax.Array:
+        return x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+
+    state = jax.tree.map(batched, state, in_batched[0])
+    return state, jax.tree.map(lambda _: True, state)
+
+
 def _depends_on(tree: object) -> jax.Array:
     """A bool that reads one element of every leaf of ``tree`` (its value is of no use)."""
     out = jnp.zeros([], bool)
