@@ -42,10 +42,10 @@ def default_slots(num_problems: int, early_stopping: bool = True, num_shards: in
     iteration among more problems. On CPU, on the regression workload of
     ``benchmarks/bench_fit.py`` (1,024 problems that stop between 13 and 1,484
     steps), 32, 64, 128 and 256 lanes computed 1.00x, 1.00x, 1.01x and 1.16x
-    the needed steps, in 0.21x, 0.22x, 0.20x and 0.28x the time of a
+    the needed steps, in 0.24x, 0.22x, 0.22x and 0.28x the time of a
     hand-written ``jit(vmap(while_loop))``; with the problems in a random order
-    (``--shuffle``), 1.09x, 1.19x, 1.39x and 1.80x, in 0.28x, 0.28x, 0.31x and
-    0.46x.
+    (``--shuffle``), 1.09x, 1.19x, 1.39x and 1.80x, in 0.27x, 0.27x, 0.29x and
+    0.47x.
     The default is therefore an eighth of the problems, from 32 to 128 (on an
     accelerator, which steps thousands of small problems in the time of one, a
     quarter of the problems, at least 4,096).
