@@ -1,8 +1,11 @@
-"""Lanes packed for cheap moves: one matrix per dtype, a row per lane.
+"""Lanes packed for cheap moves: a matrix per dtype for the small leaves, a row per lane.
 
 A batched run moves whole lanes (a refill, a hand-over): packed, a row moves with
 one gather per dtype, not one per leaf. XLA compiles each gather and scatter on its
-own, so their number sets the compile time.
+own, so their number sets the compile time. A large leaf (a history buffer, a large
+param) is a matrix of its own: the lanes are packed again after every step, and a
+matrix holding it would copy it whole each time (with ``fit_batched``'s default
+history that doubled the run time of small problems).
 """
 
 from __future__ import annotations
@@ -14,23 +17,28 @@ import jax
 
 
 class Layout(NamedTuple):
-    """Where each leaf of a pytree (leading axis: lanes) lives once packed: one matrix
-    per dtype, a row per lane. A row moves with one gather per dtype, not per leaf;
-    XLA compiles each gather and scatter on its own, so their number sets the compile time."""
+    """Where each leaf of a pytree (leading axis: lanes) lives once packed: a matrix per
+    group (see :func:`layout`), a row per lane."""
 
     treedef: jax.tree_util.PyTreeDef
     groups: int
     slots: tuple[tuple[int, int, tuple[int, ...]], ...]  # (group, start, shape) per leaf
 
 
+SMALL = 64  # elements per lane: a larger leaf is a group of its own
+
+
 def layout(tree: object) -> Layout:
+    """Small leaves grouped by dtype; a leaf of more than ``SMALL`` elements a lane (a
+    history buffer, a large param) alone, so that a step writing one entry of it does
+    not copy it whole into a new matrix on every iteration."""
     leaves, treedef = jax.tree.flatten(tree)
-    keys: list[tuple[object, bool]] = []
+    keys: list[object] = []
     ends: list[int] = []
     slots = []
-    for x in leaves:
+    for k, x in enumerate(leaves):
         t = x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
-        key = (t.dtype, t.weak_type)
+        key = (t.dtype, t.weak_type) if math.prod(x.shape[1:]) <= SMALL else k
         if key not in keys:
             keys.append(key)
             ends.append(0)
