@@ -20,7 +20,9 @@ side by side in one process, their repetitions interleaved (medians):
   iterations; the cost is per lane-step computed;
 * ``lanes_staggered``: ``fit_batched`` on notebook 06's sweep with its real stop
   (MSE <= 0.5, cap 2,000), each problem stopping on its own, so lanes are handed over
-  and refilled on most iterations; the cost is per lane-step computed.
+  and refilled on most iterations; the cost is per lane-step computed;
+* ``lanes_staggered+history``: the same with ``fit_batched``'s default history (the
+  first 1,000 values of each problem).
 
 The difference between two rows is what that layer costs. Usage::
 
@@ -46,6 +48,8 @@ from bench_fit import machine, sweep_inputs, sweep_mse, sweep_problem
 import adam_jax
 
 NEVER = adam_jax.early_stopping(None, target=-1.0)  # an MSE is never below -1
+NO_HISTORY = adam_jax.History.none()
+DEFAULT_HISTORY = adam_jax.History.every(1, max_len=1_000)  # fit_batched's
 WIDTHS = (128, 256, 1024)
 
 
@@ -124,14 +128,20 @@ def main(argv: list[str] | None = None) -> int:
                 early_stopping=NEVER, history=adam_jax.History.none(),
             )  # fmt: skip
 
-        def staggered(width=width):
+        def staggered(width=width, history=NO_HISTORY):
             return adam_jax.fit_batched(
                 sweep_problem, sweep, num_steps=2_000, slots=width,
-                early_stopping=adam_jax.early_stopping(None, target=0.5),
-                history=adam_jax.History.none(),
+                early_stopping=adam_jax.early_stopping(None, target=0.5), history=history,
             )  # fmt: skip
 
-        for name, fn in (("lanes", lanes), ("lanes_staggered", staggered)):
+        def staggered_history(width=width):
+            return staggered(width, DEFAULT_HISTORY)
+
+        for name, fn in (
+            ("lanes", lanes),
+            ("lanes_staggered", staggered),
+            ("lanes_staggered+history", staggered_history),
+        ):
             work = jax.block_until_ready(fn()).work
             runs[f"{width}/{name}"] = (fn, work.computed)
     for fn, _ in runs.values():  # compile and warm up
