@@ -6,7 +6,7 @@ own, so their number sets the compile time. A large leaf (a history buffer, a la
 param) is a matrix of its own: the lanes are packed again after every step, and a
 matrix holding it would copy it whole each time (``benchmarks/bench_lane_step.py``,
 notebook 06's sweep at 128 lanes with ``fit_batched``'s default history: 1.68 µs a
-lane-step so, 0.78 µs apart).
+lane-step so, about 0.8 µs apart).
 """
 
 from __future__ import annotations
