@@ -64,8 +64,7 @@ def _init(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any
           initial_step: jax.Array, *, static: Static) -> LoopState:  # fmt: skip
     anchored = _checks.explicit_mesh_in_context()
     loop = _loop_of(hyper, static)
-    state = loop.init(params, data, opt_state, es_state, initial_step, anchored=anchored)
-    return state if anchored else _loop.batched_with(state, (hyper, data))
+    return loop.init(params, data, opt_state, es_state, initial_step, anchored=anchored)
 
 
 def _run(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,

@@ -42,11 +42,21 @@ def _jitted(fn: Callable[..., Any], static: tuple[str, ...], options: bool) -> C
 
 
 def compiled(fn: Callable[..., Any], *static: str) -> Callable[..., Any]:
-    """``jax.jit(fn)``, with :data:`CPU_COMPILER_OPTIONS` on CPU when it is called from
-    the host: staged into another program (a user's ``jit``), the outer program's options
-    are the ones that count, and JAX refuses options on a nested ``jit``."""
-    host = not isinstance(jnp.asarray(0), jax.core.Tracer)
-    return _jitted(fn, static, host and jax.default_backend() == "cpu")
+    """``jax.jit(fn)``, with :data:`CPU_COMPILER_OPTIONS` on CPU when no transformation
+    is tracing: in a user's ``jit`` the outer program's options are the ones that count
+    (JAX refuses options on a nested ``jit``), and ``grad`` cannot linearize through a
+    ``jit`` that has them."""
+    return _jitted(fn, static, _at_top_level() and jax.default_backend() == "cpu")
+
+
+def _at_top_level() -> bool:
+    # JAX has no public test for it; without this private one, never.
+    try:
+        from jax._src import core
+
+        return bool(core.trace_ctx.is_top_level())
+    except (ImportError, AttributeError):
+        return False
 
 
 class LogState(NamedTuple):
@@ -100,28 +110,6 @@ def _batched_like(state: LoopState, anchor: jax.Array) -> LoopState:
         return jnp.where(anchor, jnp.zeros_like(x), x)
 
     return cast(LoopState, jax.tree.map(tie, state))
-
-
-@custom_batching.custom_vmap
-def batched_with(state: LoopState, witness: object) -> LoopState:
-    """``state``; under vmap, every leaf batched if anything in ``state`` or ``witness`` is.
-
-    A ``while_loop`` under vmap finds which parts of its carry turn batched by batching
-    its body again until nothing changes: a carry that starts unbatched where the
-    initial params are (zeros, say) costs ``fit``'s step two more batchings.
-    """
-    return state
-
-
-@batched_with.def_vmap
-def _batched_with_vmap(
-    axis_size: int, in_batched: list[Any], state: LoopState, witness: object
-) -> tuple[LoopState, Any]:
-    def batched(x: jax.Array, b: bool) -> jax.Array:
-        return x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
-
-    state = jax.tree.map(batched, state, in_batched[0])
-    return state, jax.tree.map(lambda _: True, state)
 
 
 def _depends_on(tree: object) -> jax.Array:

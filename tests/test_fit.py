@@ -124,6 +124,34 @@ def test_without_early_stopping_matches_an_optax_loop():
     assert int(result.best_step) == -1 and np.isnan(result.best_value)
 
 
+def test_grad_through_fit_equals_grad_through_the_same_loop():
+    """Without early stopping fit's loop has a fixed length, so jax.grad goes through it,
+    with respect to a hyperparameter and to a value the loss closes over, as through a
+    fori_loop of the same steps (compile options that JAX cannot linearize through are
+    never used under a transformation)."""
+
+    def by_hand(lr, target):
+        opt = adam_jax.adam(lr)
+
+        def body(_, carry):
+            p, state = carry
+            updates, state = opt.update(jax.grad(lambda p: (p - target) ** 2)(p), state, p)
+            return optax.apply_updates(p, updates), state
+
+        p0 = jnp.asarray(0.0)
+        return jax.lax.fori_loop(0, 5, body, (p0, opt.init(p0)))[0]
+
+    def with_fit(lr, target):
+        loss = lambda p: (p - target) ** 2
+        return adam_jax.fit(loss, jnp.asarray(0.0), adam_jax.adam(lr), num_steps=5).params
+
+    for argnum in (0, 1):
+        got = jax.grad(with_fit, argnums=argnum)(0.1, 3.0)
+        want = jax.grad(by_hand, argnums=argnum)(0.1, 3.0)
+        assert np.isfinite(want) and want != 0
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_data_is_indexed_by_step_and_cycled():
     rng = np.random.default_rng(1)
     data = {"x": jnp.asarray(rng.standard_normal((7, 5, 2))), "y": jnp.asarray(rng.random((7, 5)))}
