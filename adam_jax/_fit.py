@@ -113,12 +113,13 @@ def fit(
     and number leaves of ``optimizer`` and ``early_stopping`` (a learning rate
     held as a pytree leaf, say) are arguments of the compiled program, so fits
     that differ only in them compile once; their other leaves (functions) and
-    ``loss_fn`` are part of the cache key when hashable. Called from the host
-    on CPU, it is compiled with XLA's elemental emitters
+    ``loss_fn`` are part of the cache key when hashable. Called directly on
+    CPU (not under ``jax.jit``, ``jax.vmap`` or ``jax.grad``), it is compiled
+    with XLA's elemental emitters
     (``compiler_options={"xla_cpu_use_fusion_emitters": False}``), which
     compile the loop in about half the time of JAX's default emitters and
-    round a few operations differently, by a few ulps; inside a ``jax.jit``
-    of yours, your program's options hold. Called directly, the
+    round a few operations differently, by a few ulps; under a transformation,
+    with JAX's defaults (or the options of your ``jax.jit``). Called directly, the
     loop exits at the stop. ``jax.jit(jax.vmap(f))`` over a function ``f``
     that calls ``fit`` trains many problems at once; they may differ in data,
     initial params and optimizer hyperparameters, each stops on its own, and
