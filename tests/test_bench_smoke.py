@@ -130,8 +130,12 @@ def test_bench_lane_step_reports_every_layer(tmp_path, capsys):
     args = ["--widths", "4", "--steps", "3", "--repeats", "1", "--problems", "16"]
     assert bench_lane_step.main([*args, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    layers = ("grad", "+adam", "+stop_rule", "fit", "fit+history", "lanes", "lanes_staggered")
+    layers = ("grad", "+adam", "+stop_rule", "fit", "fit+history", "lanes", "lanes_staggered",
+              "lanes_staggered+history")  # fmt: skip
     assert list(rows) == [f"4/{layer}" for layer in layers]
+    # The history changes what a lane-step costs, not the steps computed.
+    staggered = rows["4/lanes_staggered"]["computed"]
+    assert rows["4/lanes_staggered+history"]["computed"] == staggered
     assert all(row["median_s"] > 0 and row["us_per_step"] > 0 for row in rows.values())
     assert rows["4/grad"]["computed"] == 4 * 3  # lanes x steps
     assert rows["4/lanes"]["computed"] >= 16 * 3  # every problem's steps, idle lanes too
