@@ -29,7 +29,7 @@ from adam_jax._tree import tree_where, without_weak_types
 LOG_LEN = 128  # log-line values held between two host calls
 
 # XLA:CPU compiles the training loops about twice as fast with its elemental emitters as
-# with its newer fusion emitters (JAX's default), and runs them as fast; the two round a
+# with its newer fusion emitters (JAX's default), and runs them about as fast; the two round a
 # few operations differently (a few ulps). See benchmarks/bench_first_call.py.
 CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
