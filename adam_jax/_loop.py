@@ -36,17 +36,28 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 @functools.cache
 def _jitted(fn: Callable[..., Any], static: tuple[str, ...], options: bool) -> Callable[..., Any]:
-    return jax.jit(
-        fn, static_argnames=static, compiler_options=CPU_COMPILER_OPTIONS if options else None
-    )
+    if not options:
+        return jax.jit(fn, static_argnames=static)
+    return jax.jit(fn, static_argnames=static, compiler_options=CPU_COMPILER_OPTIONS)
 
 
 def compiled(fn: Callable[..., Any], *static: str) -> Callable[..., Any]:
     """``jax.jit(fn)``, with :data:`CPU_COMPILER_OPTIONS` on CPU when no transformation
-    is tracing: in a user's ``jit`` the outer program's options are the ones that count
-    (JAX refuses options on a nested ``jit``), and ``grad`` cannot linearize through a
-    ``jit`` that has them."""
-    return _jitted(fn, static, _at_top_level() and jax.default_backend() == "cpu")
+    is tracing (in a user's ``jit`` the outer program's options are the ones that count,
+    and ``grad`` cannot linearize through a ``jit`` that has them) and this jaxlib knows
+    them."""
+    cpu = _at_top_level() and jax.default_backend() == "cpu"
+    return _jitted(fn, static, cpu and _options_known())
+
+
+@functools.cache
+def _options_known() -> bool:
+    # Checked once, on a tiny program: a jaxlib without the option refuses it.
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS)(jnp.float32(0))
+    except Exception:
+        return False
+    return True
 
 
 def _at_top_level() -> bool:
