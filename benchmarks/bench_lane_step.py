@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             f = by_hand(steps, layer)
             runs[f"{width}/{layer}"] = (lambda f=f, x=inputs: f(x), width * steps)
         for name, history in (
-            ("fit", adam_jax.History.none()),
-            ("fit+history", adam_jax.History.every(1, max_len=1_000)),
+            ("fit", NO_HISTORY),
+            ("fit+history", DEFAULT_HISTORY),
         ):
             f = with_fit(steps, history)
             runs[f"{width}/{name}"] = (lambda f=f, x=inputs: f(x), width * steps)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         def lanes(width=width, n=n):
             return adam_jax.fit_batched(
                 sweep_problem, take(sweep, n), num_steps=steps, slots=width,
-                early_stopping=NEVER, history=adam_jax.History.none(),
+                early_stopping=NEVER, history=NO_HISTORY,
             )  # fmt: skip
 
         def staggered(width=width, history=NO_HISTORY):

@@ -119,16 +119,19 @@ def test_equals_vmapped_fit_float64(case, slots):
     assert_same(result, vmapped_reference(case), rtol=1e-12)
 
 
+# AMSGrad on has_aux problems (a summed loss, the MSE as the metric), patience and a target.
+AUX_CASE = dict(
+    num_steps=600,
+    has_aux=True,
+    early_stopping=adam_jax.early_stopping(patience=10, target=0.15),
+    history=adam_jax.History.every(1, max_len=1_000),
+)
+
+
 def test_equals_vmapped_fit_float32_has_aux():
     inputs = regressions(dtype=jnp.float32)
-    kwargs = dict(
-        num_steps=600,
-        has_aux=True,
-        early_stopping=adam_jax.early_stopping(patience=10, target=0.15),
-        history=adam_jax.History.every(1, max_len=1_000),
-    )
-    result = adam_jax.fit_batched(make_aux_problem, inputs, slots=4, **kwargs)
-    assert_same(result, vmapped_fit(make_aux_problem, inputs, **kwargs), rtol=1e-6)
+    result = adam_jax.fit_batched(make_aux_problem, inputs, slots=4, **AUX_CASE)
+    assert_same(result, vmapped_fit(make_aux_problem, inputs, **AUX_CASE), rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
@@ -138,14 +141,8 @@ def test_within_ulps_of_vmapped_fit_with_default_compile(dtype):
     operations differently (an ulp or two), and the contraction of the optimization keeps
     the differences from growing: after hundreds of steps they were 2 to 10 ulps."""
     inputs = regressions(dtype=dtype)
-    kwargs = dict(
-        num_steps=600,
-        has_aux=True,
-        early_stopping=adam_jax.early_stopping(patience=10, target=0.15),
-        history=adam_jax.History.every(1, max_len=1_000),
-    )
-    result = adam_jax.fit_batched(make_aux_problem, inputs, slots=4, **kwargs)
-    reference = vmapped_fit(make_aux_problem, inputs, compiler_options=None, **kwargs)
+    result = adam_jax.fit_batched(make_aux_problem, inputs, slots=4, **AUX_CASE)
+    reference = vmapped_fit(make_aux_problem, inputs, compiler_options=None, **AUX_CASE)
     for field in ("num_steps", "stop_reason", "best_step", "steps"):
         np.testing.assert_array_equal(getattr(result, field), getattr(reference, field), field)
     rtol = 64 * float(jnp.finfo(dtype).eps)
