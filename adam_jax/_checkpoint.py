@@ -39,7 +39,7 @@ from adam_jax import _fit_checks, _reporting
 
 S = TypeVar("S")
 
-FORMAT = 2  # 2: checkpoints hold the loop state, in folders named by step
+FORMAT = 3  # 3: checkpoints hold the loop state (stopped: the rule's own flag), by step
 PROBLEM_FILE = "fit.json"
 STEPS_DIR = "steps"
 UNREADABLE_DIR = "unreadable"

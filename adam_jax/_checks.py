@@ -11,10 +11,12 @@ tree path, raised before anything is computed.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -107,7 +109,7 @@ def traced_interval(
     ``checkify.debug_check``: it reports the argument and its value when the caller
     is wrapped in ``jax.experimental.checkify.checkify``, and stages nothing that
     runs otherwise. Concrete values were checked when the optimizer was built."""
-    if not is_traced(value) or explicit_mesh_in_context():
+    if not is_traced(value) or id(value) in _CHECKED.get() or explicit_mesh_in_context():
         return
     upper = value < high if high_open else value <= high
     bracket = ")" if high_open else "]"
@@ -117,6 +119,22 @@ def traced_interval(
         f"{name} must be in [{low!r}, {hi}{bracket}, got {name}={{}}",
         value,
     )
+
+
+_CHECKED: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "adam_jax_checked", default=frozenset()
+)
+
+
+@contextlib.contextmanager
+def already_checked(ids: frozenset[int]) -> Iterator[None]:
+    """While tracing a program whose arguments ``ids`` (of the tracers) were checked
+    as concrete values, :func:`traced_interval` stages no check of them."""
+    token = _CHECKED.set(ids)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
 
 
 def explicit_mesh_in_context() -> bool:

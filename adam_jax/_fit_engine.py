@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -60,13 +61,30 @@ def _reporter(static: Static) -> _reporting.Reporter | None:
     return _reporting.Reporter(static.log_every, static.progress)
 
 
+def _checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` tracing with the hyperparameters that were concrete at the call known as checked."""
+
+    @functools.wraps(fn)
+    def traced(hyper: Hyper, *args: Any, **kwargs: Any) -> Any:
+        with _checks.already_checked(hyper.checked()):
+            return fn(hyper, *args, **kwargs)
+
+    return traced
+
+
+@_checked
 def _init(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
           initial_step: jax.Array, *, static: Static) -> LoopState:  # fmt: skip
     anchored = _checks.explicit_mesh_in_context()
     loop = _loop_of(hyper, static)
-    return loop.init(params, data, opt_state, es_state, initial_step, anchored=anchored)
+    # Numbers concrete at the call are constants of the caller's program, never batched.
+    traced = [x for x, c in zip(hyper.dynamic, hyper.concrete, strict=True) if not c]
+    return loop.init(
+        params, data, opt_state, es_state, initial_step, anchored=anchored, tie_to=traced
+    )
 
 
+@_checked
 def _run(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
          initial_step: jax.Array, *, static: Static) -> FitResult:  # fmt: skip
     """The whole fit as one program: init, the loop to its end, the result."""
@@ -75,6 +93,7 @@ def _run(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
     return loop.postprocess(_loop.run(loop, state, data, _reporter(static)))
 
 
+@_checked
 def _advance(
     hyper: Hyper, state: LoopState, data: object, until: jax.Array, *, static: Static
 ) -> LoopState:
@@ -137,7 +156,7 @@ class FitRun:
         return cast(LoopState, out)
 
     def finished(self, state: LoopState) -> bool:
-        return bool(state.stop | (state.i >= state.limit))
+        return bool(state.stopped | (state.i >= state.limit))
 
     def save(self, state: LoopState) -> tuple[LoopState, dict[str, Any]]:
         record = {

@@ -89,7 +89,6 @@ class LoopState(NamedTuple):
       params, opt_state, es_state: the current params and states.
       history: the kept values (see :class:`adam_jax.History`).
       last_value: the latest monitored value (NaN before the first step).
-      stop: early stopping has said stop.
       log: values due for log lines, or None without ``log_every``.
     """
 
@@ -102,8 +101,12 @@ class LoopState(NamedTuple):
     es_state: EarlyStoppingState | None
     history: _history.HistoryState
     last_value: jax.Array
-    stop: jax.Array
     log: LogState | None
+
+    @property
+    def stopped(self) -> jax.Array:
+        """Early stopping has said stop (in this call, or before it for a resumed state)."""
+        return jnp.zeros([], bool) if self.es_state is None else self.es_state.should_stop
 
 
 def _batched_like(state: LoopState, anchor: jax.Array) -> LoopState:
@@ -126,9 +129,10 @@ def _batched_like(state: LoopState, anchor: jax.Array) -> LoopState:
 def _depends_on(tree: object) -> jax.Array:
     """A bool that reads one element of every leaf of ``tree`` (its value is of no use)."""
     out = jnp.zeros([], bool)
-    for x in jax.tree.leaves(tree):
-        if jnp.size(x):
-            out = out | (jnp.ravel(x)[0] != jnp.ravel(x)[0])
+    for x in map(jnp.asarray, jax.tree.leaves(tree)):
+        if x.size:
+            first = jax.lax.reshape(jax.lax.slice(x, (0,) * x.ndim, (1,) * x.ndim), ())
+            out = out | (first != first)
     return out
 
 
@@ -212,13 +216,16 @@ class Loop(NamedTuple):
         initial_step: jax.typing.ArrayLike = 0,
         limit: jax.typing.ArrayLike | None = None,
         anchored: bool = True,
+        tie_to: object = None,
     ) -> LoopState:
         """One problem's first state; a given ``opt_state``/``es_state`` is checked, not cast.
 
         With ``anchored`` the state depends on everything a step reads (see
         :meth:`_anchor`, which traces the loss and the update once more). Only a
         mesh with Explicit axes needs it: elsewhere ``lax.while_loop`` finds by
-        itself which parts of a carry that starts unbatched turn batched.
+        itself which parts of a carry that starts unbatched turn batched. With
+        ``tie_to`` (the optimizer's and the rule's numbers that may be batched),
+        the state reads the inputs and these, which only saves that search.
         """
         params = without_weak_types(params)
         if opt_state is None:
@@ -246,11 +253,18 @@ class Loop(NamedTuple):
             es_state=es_state,
             history=_history.init(self.history, self.max_steps, dtype),
             last_value=jnp.full([], jnp.nan, dtype),
-            # A resumed state that has already stopped takes no step.
-            stop=jnp.zeros([], bool) if es_state is None else es_state.should_stop,
             log=self.empty_log(dtype),
         )
-        return _batched_like(state, self._anchor(state, data)) if anchored else state
+        if anchored:
+            return _batched_like(state, self._anchor(state, data))
+        if tie_to is None:
+            return state
+        # Under vmap a while_loop batches its body again until its carry's batched
+        # parts stop changing (four times for a fit whose state starts as zeros); a
+        # state that reads every input is batched from the start wherever they are.
+        anchor = _depends_on((params, data, opt_state, es_state, initial_step, tie_to))
+        tied = cast(LoopState, jax.tree.map(lambda x: jax.lax.select_n(anchor, x, x), state))
+        return tied._replace(limit=state.limit, initial_step=state.initial_step)
 
     def empty_log(self, dtype: jnp.dtype) -> LogState | None:
         """No values waiting for a log line (None without ``log_every``)."""
@@ -281,7 +295,7 @@ class Loop(NamedTuple):
 
     def done(self, s: LoopState) -> jax.Array:
         """The problem has taken its last step (stopped, or reached its ``limit``)."""
-        return s.stop | (s.i >= s.limit)
+        return s.stopped | (s.i >= s.limit)
 
     def step(self, s: LoopState, data: object = None) -> LoopState:
         """One step: value and gradient, early stopping, then the update unless it stops.
@@ -295,7 +309,7 @@ class Loop(NamedTuple):
             s.params, self._batch(data, step)
         )
         metric = out[1] if self.has_aux else out
-        es_state, stop = s.es_state, s.stop
+        es_state, stop = s.es_state, s.stopped
         if self.early_stopping is not None:
             # A step whose gradient (or, with has_aux, training loss) is not
             # finite counts as a non-finite value, which the metric alone may
@@ -305,8 +319,8 @@ class Loop(NamedTuple):
                 finite &= jnp.isfinite(out[0])
             value = jnp.where(finite, metric, jnp.nan)
             new_es = self.early_stopping.update(s.es_state, value, s.params)
-            es_state = tree_where(active, new_es, s.es_state)
-            stop = jnp.where(active, new_es.should_stop, s.stop)
+            es_state = tree_where(active, new_es, cast(EarlyStoppingState, s.es_state))
+            stop = es_state.should_stop
         updates, opt_state = self.optimizer.update(grads, s.opt_state, s.params)
         new_params = optax.apply_updates(s.params, updates)
         # The stopping step's update is not applied: params stay where the
@@ -333,7 +347,6 @@ class Loop(NamedTuple):
             es_state=es_state,
             history=_history.record(self.history, s.history, s.i, step, metric, active),
             last_value=jnp.where(active, metric, s.last_value),
-            stop=stop,
             log=log,
         )
 

@@ -56,16 +56,22 @@ class Split(Generic[T]):
         self.data_at = tuple(map(is_data, leaves))
         self.dynamic = [x for x, d in zip(leaves, self.data_at, strict=True) if d]
         self.static = tuple(Key(x) for x, d in zip(leaves, self.data_at, strict=True) if not d)
+        self.concrete = tuple(not isinstance(x, jax.core.Tracer) for x in self.dynamic)
 
     def tree_flatten(self) -> tuple[list[Any], tuple[Any, ...]]:
-        return self.dynamic, (self.treedef, self.static, self.data_at)
+        return self.dynamic, (self.treedef, self.static, self.data_at, self.concrete)
 
     @classmethod
     def tree_unflatten(cls, aux: tuple[Any, ...], dynamic: list[Any]) -> Split[T]:
         out = object.__new__(cls)
-        out.treedef, out.static, out.data_at = aux
+        out.treedef, out.static, out.data_at, out.concrete = aux
         out.dynamic = list(dynamic)
         return out
+
+    def checked(self) -> frozenset[int]:
+        """The ids of the leaves that were concrete when the split was made: range-checked
+        when the optimizer or rule was built, so not checked again where they are traced."""
+        return frozenset(id(x) for x, c in zip(self.dynamic, self.concrete, strict=True) if c)
 
     @property
     def value(self) -> T:
@@ -81,7 +87,7 @@ def without_weak_types(tree: T) -> T:
 
 def tree_where(cond: jax.Array, new: T, old: T) -> T:
     """``new`` where ``cond`` else ``old``, leaf by leaf, in ``old``'s dtypes."""
-    select = lambda n, o: jnp.where(cond, n, o).astype(jnp.result_type(o))
+    select = lambda n, o: jax.lax.select_n(cond, o, jnp.asarray(n, o.dtype))
     return cast(T, jax.tree.map(select, new, old))
 
 

@@ -11,6 +11,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 import adam_jax
 
@@ -133,3 +134,24 @@ def test_a_vmapped_patience_sweep_is_one_program_with_each_rule_s_result():
     assert len(calls) == 1  # the unbatched fit compiled once for all four rules, tracing
     # nothing new: the loss's trace at these types is JAX's, cached on the function
     assert len({int(n) for n in swept.num_steps}) > 1
+
+
+def test_only_numbers_traced_at_the_call_stage_a_range_check():
+    """Numbers concrete when ``fit`` is called were range-checked when the optimizer and
+    the rule were built, and stage no check in its program; a traced one (a vmapped
+    learning rate) stages one, which ``checkify`` reports by name."""
+    es = adam_jax.early_stopping(5, target=1e-3)
+
+    def one(lr, b1=0.9):
+        loss = lambda w: jnp.sum((w - TARGET) ** 2)
+        opt = adam_jax.adam(lr, b1=b1)
+        return adam_jax.fit(loss, jnp.zeros(3), opt, num_steps=20, early_stopping=es).params
+
+    lrs = jnp.array([0.1, 0.2])
+    assert str(jax.make_jaxpr(jax.vmap(one))(lrs)).count("check[") == 1
+    # b1 traced as well: its check too.
+    assert str(jax.make_jaxpr(jax.vmap(one))(lrs, jnp.array([0.9, 0.8]))).count("check[") == 2
+    err, _ = checkify.checkify(jax.vmap(one))(jnp.array([0.1, -0.1]))
+    assert err.get() is not None and "learning_rate must be in [0.0, inf)" in err.get()
+    err, _ = checkify.checkify(jax.vmap(one))(lrs)
+    assert err.get() is None
