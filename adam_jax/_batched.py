@@ -145,10 +145,6 @@ def _whole(config: Config, rule: Rule, inputs: object, data: object) -> FitResul
     return loop.postprocess(_loop.run(loop, state, data, None))
 
 
-def _done(config: Config, rule: Rule, state: LoopState) -> jax.Array:
-    return jax.vmap(_loop_of(config, rule).done)(state)
-
-
 def _results(config: Config, rule: Rule, lay: Layout, rows: tuple[jax.Array, ...]) -> FitResult:
     return jax.vmap(_loop_of(config, rule).postprocess)(cast(LoopState, unpack(lay, rows)))
 
@@ -233,7 +229,7 @@ def _machine(
         c = c._replace(
             lanes=c.lanes._replace(state=pack(lay, state)), computed=c.computed + running.shape[0]
         )
-        return exchange(c, running & _done(config, rule, state))
+        return exchange(c, running & state.done)
 
     def more(c: _Carry, final: bool) -> jax.Array:
         """Problems queued, or (in the last call) lanes still running."""

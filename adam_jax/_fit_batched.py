@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adam_jax import _batched, _checkpoint, _checks, _fit_checks, _history, _loop, _reporting
+from adam_jax import _batched, _checkpoint, _checks, _compile, _fit_checks, _history, _reporting
 from adam_jax._batched import Config, MakeProblem
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
@@ -100,7 +100,7 @@ def _sharded(
         results, computed = run(inputs, data, rule)
         return results, jax.lax.psum(computed, spec[0])
 
-    return _loop.compiled(
+    return _compile.compiled(
         jax.shard_map(
             local, mesh=mesh, in_specs=specs, out_specs=(spec, PartitionSpec()), check_vma=False
         )
@@ -283,7 +283,7 @@ def fit_batched(
                 )
             return _run_sharded(config, rule, inputs, data, n, axis, progress)
         if options is None and not progress:
-            run_all = _loop.compiled(_batched.run_all, "config")
+            run_all = _compile.compiled(_batched.run_all, "config")
             result, computed = run_all(inputs, data, rule, config=config(data, n))
             return with_work(jax.block_until_ready(result), int(computed))
         run = Run(config, rule, Chunks(iter([(inputs, data)]), "inputs"), False, progress)

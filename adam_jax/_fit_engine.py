@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _checkpoint, _checks, _fit_checks, _loop, _reporting
+from adam_jax import _checkpoint, _checks, _compile, _fit_checks, _loop, _reporting
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
 from adam_jax._loop import LoopState
@@ -48,7 +48,7 @@ def _loop_of(hyper: Hyper, static: Static) -> _loop.Loop:
     optimizer, early_stopping = hyper.value
     # The loss is traced once (at init, or by the mesh check before the call)
     # and replayed by every step: one Python call of loss_fn per compile.
-    loss_fn = _loop.TracedOnce(static.loss_fn.value, PRETRACED.get())  # type: ignore[arg-type]
+    loss_fn = _compile.TracedOnce(static.loss_fn.value, PRETRACED.get())  # type: ignore[arg-type]
     return _loop.Loop(
         loss_fn, optimizer, early_stopping, static.max_steps, static.n_data, static.has_aux,
         static.history, static.log_every,
@@ -78,9 +78,8 @@ def _init(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any
     anchored = _checks.explicit_mesh_in_context()
     loop = _loop_of(hyper, static)
     # Numbers concrete at the call are constants of the caller's program, never batched.
-    traced = [x for x, c in zip(hyper.dynamic, hyper.concrete, strict=True) if not c]
     return loop.init(
-        params, data, opt_state, es_state, initial_step, anchored=anchored, tie_to=traced
+        params, data, opt_state, es_state, initial_step, anchored=anchored, tie_to=hyper.traced()
     )
 
 
@@ -106,15 +105,15 @@ def _postprocess(hyper: Hyper, state: LoopState, *, static: Static) -> FitResult
 
 
 def run_jit(*args: Any, static: Static) -> FitResult:
-    return cast(FitResult, _loop.compiled(_run, "static")(*args, static=static))
+    return cast(FitResult, _compile.compiled(_run, "static")(*args, static=static))
 
 
 def init_jit(*args: Any, static: Static) -> LoopState:
-    return cast(LoopState, _loop.compiled(_init, "static")(*args, static=static))
+    return cast(LoopState, _compile.compiled(_init, "static")(*args, static=static))
 
 
 def postprocess_jit(*args: Any, static: Static) -> FitResult:
-    return cast(FitResult, _loop.compiled(_postprocess, "static")(*args, static=static))
+    return cast(FitResult, _compile.compiled(_postprocess, "static")(*args, static=static))
 
 
 # (loss_fn, the types of its arguments, its replay), set while fit calls the
@@ -151,12 +150,12 @@ class FitRun:
 
     def advance(self, state: LoopState, budget: int) -> LoopState:
         until = state.i + jnp.int32(budget)
-        advance = _loop.compiled(_advance, "static")
+        advance = _compile.compiled(_advance, "static")
         out = advance(self.hyper, state, self.data, until, static=self.static)
         return cast(LoopState, out)
 
     def finished(self, state: LoopState) -> bool:
-        return bool(state.stopped | (state.i >= state.limit))
+        return bool(state.done)
 
     def save(self, state: LoopState) -> tuple[LoopState, dict[str, Any]]:
         record = {
@@ -215,9 +214,9 @@ def mesh_of_inputs(
         try:
             batch = () if data is None else (_fit_checks.batch_at(data, jnp.int32(0)),)
             loss_args = (without_weak_types(params), *batch)
-            replay = _loop.traced_once(loss_fn, *loss_args)
+            replay = _compile.traced_once(loss_fn, *loss_args)
             value = jax.eval_shape(replay, *loss_args)
-            pretraced = (loss_fn, _loop.types(loss_args), replay)
+            pretraced = (loss_fn, _compile.types(loss_args), replay)
         except Exception:  # a broken loss_fn is reported by the loop, with its own message
             value = None
         shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(value)]

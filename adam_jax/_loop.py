@@ -1,9 +1,9 @@
 """The training loop of :func:`adam_jax.fit`, in pieces a batched driver can reuse.
 
-One problem's run is a :class:`LoopState` and four functions of a :class:`Loop`
-(the static part: loss, optimizer, early stopping, history): ``init`` builds the
-state, ``step`` takes one step (a no-op once ``done``), ``done`` says whether the
-problem has finished, ``postprocess`` turns the state into a ``FitResult``.
+One problem's run is a :class:`LoopState` (whose ``done`` says whether the problem
+has finished) and three functions of a :class:`Loop` (the static part: loss,
+optimizer, early stopping, history): ``init`` builds the state, ``step`` takes one
+step (a no-op once ``done``), ``postprocess`` turns the state into a ``FitResult``.
 ``step`` and ``done`` are pure and select rather than branch, so ``jax.vmap``
 of them runs many problems in lock step, each stopping on its own. :func:`run`
 is fit's driver: one ``lax.while_loop``, or two nested ones when reporting.
@@ -11,15 +11,13 @@ is fit's driver: one ``lax.while_loop``, or two nested ones when reporting.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import custom_batching
-from jax.extend.core import jaxpr_as_fun
 
 from adam_jax import _fit_checks, _history, _reporting
 from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState, StopReason
@@ -27,47 +25,6 @@ from adam_jax._result import FitResult
 from adam_jax._tree import tree_where, without_weak_types
 
 LOG_LEN = 128  # log-line values held between two host calls
-
-# XLA:CPU compiles the training loops about twice as fast with its elemental emitters as
-# with its newer fusion emitters (JAX's default), and runs them about as fast; the two round a
-# few operations differently (a few ulps). See benchmarks/bench_first_call.py.
-CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
-
-
-@functools.cache
-def _jitted(fn: Callable[..., Any], static: tuple[str, ...], options: bool) -> Callable[..., Any]:
-    if not options:
-        return jax.jit(fn, static_argnames=static)
-    return jax.jit(fn, static_argnames=static, compiler_options=CPU_COMPILER_OPTIONS)
-
-
-def compiled(fn: Callable[..., Any], *static: str) -> Callable[..., Any]:
-    """``jax.jit(fn)``, with :data:`CPU_COMPILER_OPTIONS` on CPU when no transformation
-    is tracing (in a user's ``jit`` the outer program's options are the ones that count,
-    and ``grad`` cannot linearize through a ``jit`` that has them) and this jaxlib knows
-    them."""
-    cpu = _at_top_level() and jax.default_backend() == "cpu"
-    return _jitted(fn, static, cpu and _options_known())
-
-
-@functools.cache
-def _options_known() -> bool:
-    # Checked once, on a tiny program: a jaxlib without the option refuses it.
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS)(jnp.float32(0))
-    except Exception:
-        return False
-    return True
-
-
-def _at_top_level() -> bool:
-    # JAX has no public test for it; without this private one, never.
-    try:
-        from jax._src import core
-
-        return bool(core.trace_ctx.is_top_level())
-    except (ImportError, AttributeError):
-        return False
 
 
 class LogState(NamedTuple):
@@ -108,6 +65,11 @@ class LoopState(NamedTuple):
         """Early stopping has said stop (in this call, or before it for a resumed state)."""
         return jnp.zeros([], bool) if self.es_state is None else self.es_state.should_stop
 
+    @property
+    def done(self) -> jax.Array:
+        """The problem has taken its last step (stopped, or reached its ``limit``)."""
+        return self.stopped | (self.i >= self.limit)
+
 
 def _batched_like(state: LoopState, anchor: jax.Array) -> LoopState:
     """``state`` with every leaf depending on ``anchor`` (a False).
@@ -134,46 +96,6 @@ def _depends_on(tree: object) -> jax.Array:
             first = jax.lax.reshape(jax.lax.slice(x, (0,) * x.ndim, (1,) * x.ndim), ())
             out = out | (first != first)
     return out
-
-
-def traced_once(fn: Callable[..., object], *args: object) -> Callable[..., object]:
-    """``fn`` traced once at the types of ``args``: a function that replays that
-    trace, for arguments of the same types, without calling ``fn`` again."""
-    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    out_tree = jax.tree.structure(shape)
-    replay = jaxpr_as_fun(closed)
-
-    def call(*a: object) -> object:
-        return jax.tree.unflatten(out_tree, replay(*jax.tree.leaves(a)))
-
-    return call
-
-
-class TracedOnce:
-    """``fn``, traced at its first call and replayed at every later one (same types).
-
-    ``pretraced``, ``(fn, types, replay)`` from an earlier :func:`traced_once`
-    of the same function in the same trace, is used when the types match.
-    """
-
-    def __init__(self, fn: Callable[..., object], pretraced: tuple[Any, ...] | None = None) -> None:
-        self.fn, self.pretraced = fn, pretraced
-        self.replay: Callable[..., object] | None = None
-
-    def __call__(self, *args: object) -> Any:
-        if self.replay is None:
-            pre = self.pretraced
-            if pre is not None and pre[0] is self.fn and pre[1] == types(args):
-                self.replay = pre[2]
-            else:
-                self.replay = traced_once(self.fn, *args)
-        return self.replay(*args)
-
-
-def types(tree: object) -> tuple[Any, ...]:
-    """The tree structure and the types of the leaves of ``tree``."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple(jax.typeof(x) for x in leaves)
 
 
 def _all_finite(tree: optax.Updates) -> jax.Array:
@@ -260,7 +182,7 @@ class Loop(NamedTuple):
         if tie_to is None:
             return state
         # Under vmap a while_loop batches its body again until its carry's batched
-        # parts stop changing (four times for a fit whose state starts as zeros); a
+        # parts stop changing (three passes for a fit whose state starts as zeros); a
         # state that reads every input is batched from the start wherever they are.
         anchor = _depends_on((params, data, opt_state, es_state, initial_step, tie_to))
         tied = cast(LoopState, jax.tree.map(lambda x: jax.lax.select_n(anchor, x, x), state))
@@ -293,17 +215,13 @@ class Loop(NamedTuple):
         out: jax.Array = (anchor | _depends_on((s, data))) & False
         return out
 
-    def done(self, s: LoopState) -> jax.Array:
-        """The problem has taken its last step (stopped, or reached its ``limit``)."""
-        return s.stopped | (s.i >= s.limit)
-
     def step(self, s: LoopState, data: object = None) -> LoopState:
         """One step: value and gradient, early stopping, then the update unless it stops.
 
         A no-op on a state that is ``done``, so a vmapped driver may keep stepping
         finished problems (or refill them) without changing their results.
         """
-        active = ~self.done(s)
+        active = ~s.done
         step = s.initial_step + s.i
         out, grads = jax.value_and_grad(self._call, has_aux=self.has_aux)(
             s.params, self._batch(data, step)
@@ -387,7 +305,7 @@ class Loop(NamedTuple):
             i=s.i,
             num_steps=s.limit,
             last_value=s.last_value,
-            running=~self.done(s),
+            running=~s.done,
             reason=reason,
             log_values=log.values,
             log_steps=log.steps,
@@ -426,7 +344,7 @@ def run(
         return loop.step(s, data)
 
     def going(s: LoopState) -> jax.Array:
-        return ~loop.done(s) if until is None else ~loop.done(s) & (s.i < until)
+        return ~s.done if until is None else ~s.done & (s.i < until)
 
     if reporter is None and loop.early_stopping is None and until is None:
         # Every problem takes exactly max_steps steps: a trip count the problems

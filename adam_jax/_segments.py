@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adam_jax import _batched, _checkpoint, _loop, _reporting
+from adam_jax import _batched, _checkpoint, _compile, _reporting
 from adam_jax._batched import Config, Lanes, MakeProblem
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._result import BatchedWork, FitResult
@@ -122,7 +122,7 @@ class Run:
         inputs, data = source.current
         self.config: Config = config(data, source.n)
         self.segment = functools.partial(
-            _loop.compiled(_batched.segment, "config", "final"), config=self.config
+            _compile.compiled(_batched.segment, "config", "final"), config=self.config
         )
         zero = jnp.zeros([], jnp.int32)
         first = functools.partial(_batched.first_lanes, config=self.config)
@@ -142,7 +142,7 @@ class Run:
     def fresh(self) -> _State:
         inputs, data = self.source.current
         zero = jnp.zeros([], jnp.int32)
-        first = _loop.compiled(_batched.first_lanes, "config")
+        first = _compile.compiled(_batched.first_lanes, "config")
         lanes, queue = first(inputs, data, zero, self.rule, config=self.config)
         empty = [np.zeros((0, *x.shape[1:]), x.dtype) for x in jax.tree.leaves(self.results_t)]
         return _State(lanes, queue, 0, 0, False, [empty], [np.zeros(0, np.int32)])

@@ -68,6 +68,11 @@ class Split(Generic[T]):
         out.dynamic = list(dynamic)
         return out
 
+    def traced(self) -> list[Any]:
+        """The leaves that were traced when the split was made (the others are constants
+        of the caller's program)."""
+        return [x for x, c in zip(self.dynamic, self.concrete, strict=True) if not c]
+
     def checked(self) -> frozenset[int]:
         """The ids of the leaves that were concrete when the split was made: range-checked
         when the optimizer or rule was built, so not checked again where they are traced."""
