@@ -89,10 +89,10 @@ def _batched_like(state: LoopState, anchor: jax.Array) -> LoopState:
 
 
 def _depends_on(tree: object) -> jax.Array:
-    """A bool that reads one element of every leaf of ``tree`` (its value is of no use)."""
+    """A bool that reads one element of every traced leaf of ``tree`` (its value is of no use)."""
     out = jnp.zeros([], bool)
-    for x in map(jnp.asarray, jax.tree.leaves(tree)):
-        if x.size:
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.core.Tracer) and x.size:
             first = jax.lax.reshape(jax.lax.slice(x, (0,) * x.ndim, (1,) * x.ndim), ())
             out = out | (first != first)
     return out
@@ -150,6 +150,7 @@ class Loop(NamedTuple):
         the state reads the inputs and these, which only saves that search.
         """
         params = without_weak_types(params)
+        given = (params, data, opt_state, es_state, initial_step, tie_to)
         if opt_state is None:
             opt_state = self.optimizer.init(params)
         else:
@@ -184,7 +185,7 @@ class Loop(NamedTuple):
         # Under vmap a while_loop batches its body again until its carry's batched
         # parts stop changing (three passes for a fit whose state starts as zeros); a
         # state that reads every input is batched from the start wherever they are.
-        anchor = _depends_on((params, data, opt_state, es_state, initial_step, tie_to))
+        anchor = _depends_on(given)
         tied = cast(LoopState, jax.tree.map(lambda x: jax.lax.select_n(anchor, x, x), state))
         return tied._replace(limit=state.limit, initial_step=state.initial_step)
 
