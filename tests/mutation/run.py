@@ -148,9 +148,9 @@ MUTATIONS = [
              "computed=c.computed + running.shape[0]",
              "computed=c.computed + jnp.sum(running, dtype=jnp.int32)",
              BATCHED),
-    Mutation("batched_tail_shrinks_late", "_batched.py",
-             "busy = jnp.sum(c.lanes.ids >= 0, dtype=jnp.int32) > keep",
-             "busy = jnp.sum(c.lanes.ids >= 0, dtype=jnp.int32) >= keep", BATCHED),
+    Mutation("batched_refill_loads_the_next_problem", "_batched.py",
+             "source = jnp.minimum(queued, n - 1)", "source = jnp.minimum(queued + 1, n - 1)",
+             BATCHED),
 ]  # fmt: skip
 
 
