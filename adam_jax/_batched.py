@@ -25,7 +25,7 @@ from adam_jax._history import History
 from adam_jax._loop import LoopState
 from adam_jax._packing import Layout, layout, pack, unpack
 from adam_jax._result import FitResult
-from adam_jax._tree import Split, is_data, take
+from adam_jax._tree import Split, is_data
 
 LossFn: TypeAlias = Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
 Problem: TypeAlias = tuple[LossFn, optax.Params, optax.GradientTransformation]
@@ -191,15 +191,14 @@ def _machine(
         source = jnp.minimum(queued, n - 1)
         changed, loaded = (jnp.where(m, lane, width) for m in (chosen, load))
 
-        def put(x: jax.Array, v: jax.Array) -> jax.Array:
-            return x.at[loaded].set(v, mode="drop")
+        def put(x: jax.Array, pool: jax.Array) -> jax.Array:
+            return x.at[loaded].set(pool[source], mode="drop")
 
-        state = zip(c.lanes.state, (p[source] for p in inits), strict=True)
         lanes = Lanes(
             ids=c.lanes.ids.at[changed].set(jnp.where(load, base + queued, -1), mode="drop"),
-            inputs=jax.tree.map(put, c.lanes.inputs, take(inputs, source)),
-            data=None if data is None else jax.tree.map(put, c.lanes.data, take(data, source)),
-            state=tuple(put(x, v) for x, v in state),
+            inputs=jax.tree.map(put, c.lanes.inputs, inputs),
+            data=jax.tree.map(put, c.lanes.data, data),
+            state=tuple(map(put, c.lanes.state, inits)),
         )
         c = c._replace(
             lanes=lanes,
@@ -249,11 +248,6 @@ def _inits(
     return pack(lay, states), lay
 
 
-def _lanelayout(inputs: object, data: object, rule: Rule, config: Config) -> Layout:
-    """The packed layout of the lanes' states (from their shapes alone)."""
-    return layout(jax.eval_shape(_lane_fns(config)[0], rule, inputs, data))
-
-
 def first_lanes(
     inputs: object,
     data: object,
@@ -272,12 +266,15 @@ def first_lanes(
     return lanes, jnp.zeros([], jnp.int32) + width
 
 
-def result_rows(
-    lanes: Lanes, inputs: object, data: object, rule: Rule, config: Config
-) -> FitResult:
-    """The :class:`FitResult` rows of the lanes' problems as they stand (their shapes
-    are what a batched run's results hold, a row a problem)."""
-    return _results(config, rule, _lanelayout(inputs, data, rule, config), lanes.state)
+def shapes(inputs: object, data: object, rule: Rule, config: Config) -> tuple[Lanes, FitResult]:
+    """The shapes and dtypes of a run's lanes, and of its results (a row a problem)."""
+
+    def both(inputs: object, data: object, rule: Rule) -> tuple[Lanes, FitResult]:
+        inits, lay = _inits(inputs, data, rule, config)
+        lanes, _ = first_lanes(inputs, data, jnp.zeros([], jnp.int32), rule, config, inits)
+        return lanes, _results(config, rule, lay, lanes.state)
+
+    return cast(tuple[Lanes, FitResult], jax.eval_shape(both, inputs, data, rule))
 
 
 def _start(lanes: Lanes, queue: jax.Array, n: int) -> _Carry:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adam_jax import _fit_checks, _reporting
+from adam_jax import _checks, _fit_checks, _reporting
 
 S = TypeVar("S")
 
@@ -56,9 +56,24 @@ def import_orbax(entry: str = "fit") -> types.ModuleType:
     return cast(types.ModuleType, ocp)
 
 
-def leaf_record(x: Any) -> dict[str, Any]:
-    a = np.asarray(x)
-    return {"shape": list(a.shape), "dtype": str(a.dtype)}
+def check_concrete(inputs: object, entry: str) -> None:
+    if _checks.is_traced(inputs):
+        raise ValueError(
+            f"checkpoint_dir needs concrete inputs: call {entry} with checkpoints outside "
+            "jit and vmap (it saves from the host between compiled segments)"
+        )
+
+
+def tree_record(name: str, tree: Any) -> dict[str, Any]:
+    """The structure of ``tree`` and the shape and dtype of each leaf, keyed by path."""
+    record: dict[str, Any] = {f"{name}.tree": str(jax.tree.structure(tree))}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(x)
+        record[f"{name}{jax.tree_util.keystr(path)}"] = {
+            "shape": list(a.shape),
+            "dtype": str(a.dtype),
+        }
+    return record
 
 
 def digest(tree: Any) -> str:
@@ -138,13 +153,8 @@ def problem_record(
     """What makes a run the same run: compared key by key when a directory is reused."""
     name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
     record: dict[str, Any] = {"loss_fn": f"{getattr(loss_fn, '__module__', '')}.{name}"}
-    record["params.tree"] = str(jax.tree.structure(params))
-    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        record[f"params{jax.tree_util.keystr(path)}"] = leaf_record(x)
-    record["params.values"] = digest(params)
-    record["data.tree"] = str(jax.tree.structure(data))
-    for path, x in jax.tree_util.tree_flatten_with_path(data)[0]:
-        record[f"data{jax.tree_util.keystr(path)}"] = leaf_record(x)
+    record |= tree_record("params", params) | {"params.values": digest(params)}
+    record |= tree_record("data", data)
     _describe(optimizer, "optimizer", record, set())
     _describe(early_stopping, "early_stopping", record, set())
     record.update({f"{prefix}.{k}": v for k, v in options.items()})
@@ -180,14 +190,9 @@ def check_problem(directory: Path, record: dict[str, Any], entry: str = "fit") -
     steps = directory / STEPS_DIR
     # A claim cut short (killed between writing and renaming its record) leaves a
     # temporary file that does not make the directory anyone else's.
-    others = (
-        [
-            p
-            for p in directory.iterdir()
-            if p.name not in (STEPS_DIR, UNREADABLE_DIR) and not p.name.startswith(TMP_PREFIX)
-        ]
-        if directory.exists()
-        else []
+    others = directory.exists() and any(
+        p.name not in (STEPS_DIR, UNREADABLE_DIR) and not p.name.startswith(TMP_PREFIX)
+        for p in directory.iterdir()
     )
     if others or (steps.exists() and any(steps.iterdir())):
         raise ValueError(

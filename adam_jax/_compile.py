@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -17,20 +17,23 @@ from jax.extend.core import jaxpr_as_fun
 CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 @functools.cache
 def _jitted(fn: Callable[..., Any], static: tuple[str, ...], options: bool) -> Callable[..., Any]:
-    if not options:
-        return jax.jit(fn, static_argnames=static)
-    return jax.jit(fn, static_argnames=static, compiler_options=CPU_COMPILER_OPTIONS)
+    return jax.jit(
+        fn, static_argnames=static, compiler_options=CPU_COMPILER_OPTIONS if options else None
+    )
 
 
-def compiled(fn: Callable[..., Any], *static: str) -> Callable[..., Any]:
+def compiled(fn: F, *static: str) -> F:
     """``jax.jit(fn)``, with :data:`CPU_COMPILER_OPTIONS` on CPU when no transformation
     is tracing (in a user's ``jit`` the outer program's options are the ones that count,
     and ``grad`` cannot linearize through a ``jit`` that has them) and this jaxlib knows
     them."""
     cpu = _at_top_level() and jax.default_backend() == "cpu"
-    return _jitted(fn, static, cpu and _options_known())
+    return cast(F, _jitted(fn, static, cpu and _options_known()))
 
 
 @functools.cache

@@ -8,7 +8,6 @@ and a checkpointed fit advances its loop state through :func:`adam_jax._checkpoi
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 
@@ -16,18 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _checkpoint, _checks, _fit_checks, _history, _reporting
+from adam_jax import _checkpoint, _checks, _compile, _fit_checks, _fit_engine, _history, _reporting
 from adam_jax._early_stopping import EarlyStopping, EarlyStoppingState
-from adam_jax._fit_engine import (
-    PRETRACED,
-    FitRun,
-    Hyper,
-    Static,
-    init_jit,
-    mesh_of_inputs,
-    postprocess_jit,
-    run_jit,
-)
+from adam_jax._fit_engine import PRETRACED, FitRun, Hyper, Static, mesh_of_inputs
 from adam_jax._history import History
 from adam_jax._result import FitResult
 from adam_jax._tree import Key, Split
@@ -276,21 +266,18 @@ def fit(
         options = _checkpoint.CheckpointOptions.of(
             checkpoint_dir, checkpoint_every, checkpoint_keep, "steps"
         )
-        if _checks.is_traced(args):
-            raise ValueError(
-                "checkpoint_dir needs concrete inputs: call fit with checkpoints outside "
-                "jit and vmap (it saves from the host between compiled segments)"
-            )
-        fresh = functools.partial(init_jit, *args, static=static)
+        _checkpoint.check_concrete(args, "fit")
+        # Compiled when called: FitRun.template traces it under eval_shape.
+        fresh = lambda: _compile.compiled(_fit_engine.init, "static")(*args, static=static)
         run = FitRun(static, hyper, data, num_steps, int(step0), fresh)
         record = run.record(loss_fn, params, optimizer, early_stopping, opt_state,
                             early_stopping_state, history)  # fmt: skip
         state = _checkpoint.drive(run, fresh, options, record)
-        return postprocess_jit(hyper, state, static=static)
+        return _compile.compiled(_fit_engine.postprocess, "static")(hyper, state, static=static)
     mesh, pretraced = mesh_of_inputs(loss_fn, params, data, args)
     token = PRETRACED.set(pretraced)
     try:
         with mesh:
-            return run_jit(*args, static=static)
+            return _compile.compiled(_fit_engine.run, "static")(*args, static=static)
     finally:
         PRETRACED.reset(token)

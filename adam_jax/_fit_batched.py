@@ -248,11 +248,7 @@ def fit_batched(
         options = _checkpoint.CheckpointOptions.of(
             checkpoint_dir, checkpoint_every, checkpoint_keep, "iterations"
         )
-        if not isinstance(inputs, Iterator) and _checks.is_traced((inputs, data)):
-            raise ValueError(
-                "checkpoint_dir needs concrete inputs: call fit_batched with checkpoints outside "
-                "jit and vmap (it saves from the host between compiled segments)"
-            )
+        _checkpoint.check_concrete(() if isinstance(inputs, Iterator) else (inputs, data), ENTRY)
         _checkpoint.import_orbax(ENTRY)
     if not callable(make_problem):
         raise TypeError(f"make_problem must be callable, got make_problem={make_problem!r}")
@@ -321,7 +317,8 @@ def _config(
 
 def _run_sharded(config: Any, rule: Split[Any], inputs: object, data: object, n: int,
                  axis: tuple[Any, PartitionSpec], progress: bool) -> FitResult:  # fmt: skip
-    shards = int(np.prod([axis[0].shape[a] for a in _names(axis[1])]))
+    # The problems' axis is one mesh axis or a tuple of them (a name is a pytree leaf).
+    shards = int(np.prod([axis[0].shape[a] for a in jax.tree.leaves(axis[1][0])]))
     if n % shards:
         raise ValueError(
             f"inputs are sharded over {shards} devices along the problems' axis, "
@@ -334,8 +331,3 @@ def _run_sharded(config: Any, rule: Split[Any], inputs: object, data: object, n:
         bar.update(np.asarray(result.best_value))
         bar.close()
     return with_work(result, int(computed))
-
-
-def _names(spec: PartitionSpec) -> tuple[str, ...]:
-    axes = spec[0]
-    return axes if isinstance(axes, tuple) else (axes,)

@@ -107,12 +107,16 @@ def check_initial_step(initial_step: Any, num_steps: int) -> None:
         )
 
 
-def checked_state(name: str, state: Any, template: Any) -> Any:
-    """``state`` as arrays, after checking it against a fresh ``init``'s (tree, shapes, dtypes).
+def checked_state(name: str, state: Any, init: Any, params: Any) -> Any:
+    """``init(params)`` when ``state`` is None, else ``state`` as arrays, after checking it
+    against what ``init`` gives (tree, shapes, dtypes).
 
     A restored state is never cast: a dtype that differs from what ``init`` gives
     is an error, not a silent change of the trajectory.
     """
+    if state is None:
+        return init(params)
+    template = jax.eval_shape(init, params)
     _checks.check_same_tree(state, template, what=name, reference_name="a fresh state")
     leaves = []
     for (path, x), t in zip(

@@ -1,9 +1,9 @@
 """The compiled pieces of :func:`adam_jax.fit` and its checkpointed run.
 
-``fit`` is one program (``run_jit``: init, the loop of :mod:`adam_jax._loop` to its
+``fit`` is one program (:func:`run`: init, the loop of :mod:`adam_jax._loop` to its
 end, the result); a checkpointed fit is :class:`FitRun`, an
 :class:`adam_jax._checkpoint.Engine` that advances the same loop state by segments
-(``init_jit``, ``_advance``, ``postprocess_jit``). Each is cached on a
+(:func:`init`, ``_advance``, :func:`postprocess`). Each, compiled, is cached on a
 :class:`Static` and takes the optimizer and early stopping as a
 :class:`adam_jax._tree.Split` (numbers traced, the rest what the program is cached on).
 """
@@ -16,7 +16,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ from adam_jax._result import FitResult
 from adam_jax._tree import Key, Split, is_data, without_weak_types
 
 Hyper = Split[tuple[optax.GradientTransformation, EarlyStopping | None]]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Static(NamedTuple):
@@ -61,7 +62,7 @@ def _reporter(static: Static) -> _reporting.Reporter | None:
     return _reporting.Reporter(static.log_every, static.progress)
 
 
-def _checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _checked(fn: F) -> F:
     """``fn`` tracing with the hyperparameters that were concrete at the call known as checked."""
 
     @functools.wraps(fn)
@@ -69,11 +70,11 @@ def _checked(fn: Callable[..., Any]) -> Callable[..., Any]:
         with _checks.already_checked(hyper.checked()):
             return fn(hyper, *args, **kwargs)
 
-    return traced
+    return cast(F, traced)
 
 
 @_checked
-def _init(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
+def init(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
           initial_step: jax.Array, *, static: Static) -> LoopState:  # fmt: skip
     anchored = _checks.explicit_mesh_in_context()
     loop = _loop_of(hyper, static)
@@ -84,10 +85,10 @@ def _init(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any
 
 
 @_checked
-def _run(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
+def run(hyper: Hyper, params: Any, data: object, opt_state: Any, es_state: Any,
          initial_step: jax.Array, *, static: Static) -> FitResult:  # fmt: skip
     """The whole fit as one program: init, the loop to its end, the result."""
-    state = _init(hyper, params, data, opt_state, es_state, initial_step, static=static)
+    state = init(hyper, params, data, opt_state, es_state, initial_step, static=static)
     loop = _loop_of(hyper, static)
     return loop.postprocess(_loop.run(loop, state, data, _reporter(static)))
 
@@ -100,20 +101,8 @@ def _advance(
     return _loop.run(loop, state, data, _reporter(static), until)
 
 
-def _postprocess(hyper: Hyper, state: LoopState, *, static: Static) -> FitResult:
+def postprocess(hyper: Hyper, state: LoopState, *, static: Static) -> FitResult:
     return _loop_of(hyper, static).postprocess(state)
-
-
-def run_jit(*args: Any, static: Static) -> FitResult:
-    return cast(FitResult, _compile.compiled(_run, "static")(*args, static=static))
-
-
-def init_jit(*args: Any, static: Static) -> LoopState:
-    return cast(LoopState, _compile.compiled(_init, "static")(*args, static=static))
-
-
-def postprocess_jit(*args: Any, static: Static) -> FitResult:
-    return cast(FitResult, _compile.compiled(_postprocess, "static")(*args, static=static))
 
 
 # (loss_fn, the types of its arguments, its replay), set while fit calls the
@@ -151,8 +140,7 @@ class FitRun:
     def advance(self, state: LoopState, budget: int) -> LoopState:
         until = state.i + jnp.int32(budget)
         advance = _compile.compiled(_advance, "static")
-        out = advance(self.hyper, state, self.data, until, static=self.static)
-        return cast(LoopState, out)
+        return advance(self.hyper, state, self.data, until, static=self.static)
 
     def finished(self, state: LoopState) -> bool:
         return bool(state.done)
@@ -196,8 +184,7 @@ def mesh_of_inputs(
     seen in its value's type), so it is entered here.
     """
     leaves = [x for x in jax.tree.leaves(args) if is_data(x)]
-    tracing = any(isinstance(x, jax.core.Tracer) for x in leaves)
-    if not tracing or not jax.sharding.get_abstract_mesh().empty:
+    if not _checks.is_traced(args) or not jax.sharding.get_abstract_mesh().empty:
         # Called directly, JAX takes the mesh from the arrays themselves.
         return contextlib.nullcontext(), None
 

@@ -117,7 +117,7 @@ class Loop(NamedTuple):
     loss_fn: Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
     optimizer: optax.GradientTransformation
     early_stopping: EarlyStopping | None
-    max_steps: int  # the buffers' bound; a state's own limit may be smaller
+    max_steps: int  # the most steps of a call (a state's limit), the buffers' bound
     n_data: int | None
     has_aux: bool
     history: _history.History
@@ -136,7 +136,6 @@ class Loop(NamedTuple):
         opt_state: optax.OptState | None = None,
         es_state: EarlyStoppingState | None = None,
         initial_step: jax.typing.ArrayLike = 0,
-        limit: jax.typing.ArrayLike | None = None,
         anchored: bool = True,
         tie_to: object = None,
     ) -> LoopState:
@@ -151,25 +150,18 @@ class Loop(NamedTuple):
         """
         params = without_weak_types(params)
         given = (params, data, opt_state, es_state, initial_step, tie_to)
-        if opt_state is None:
-            opt_state = self.optimizer.init(params)
-        else:
-            template = jax.eval_shape(self.optimizer.init, params)
-            opt_state = _fit_checks.checked_state("opt_state", opt_state, template)
-        es = self.early_stopping
-        if es is not None:
-            if es_state is None:
-                es_state = es.init(params)
-            else:
-                template = jax.eval_shape(es.init, params)
-                es_state = _fit_checks.checked_state("early_stopping_state", es_state, template)
+        opt_state = _fit_checks.checked_state("opt_state", opt_state, self.optimizer.init, params)
+        if self.early_stopping is not None:
+            es_state = _fit_checks.checked_state(
+                "early_stopping_state", es_state, self.early_stopping.init, params
+            )
         out = jax.eval_shape(self._call, params, self._batch(data, jnp.int32(0)))
         dtype = _fit_checks.check_loss_output(out, self.has_aux).dtype
         zero = jnp.zeros([], jnp.int32)
         state = LoopState(
             i=zero,
             applied=zero,
-            limit=jnp.asarray(self.max_steps if limit is None else limit, jnp.int32),
+            limit=jnp.asarray(self.max_steps, jnp.int32),
             initial_step=jnp.asarray(initial_step).astype(jnp.int32),
             params=params,
             opt_state=opt_state,

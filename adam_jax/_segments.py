@@ -124,11 +124,7 @@ class Run:
         self.segment = functools.partial(
             _compile.compiled(_batched.segment, "config", "final"), config=self.config
         )
-        zero = jnp.zeros([], jnp.int32)
-        first = functools.partial(_batched.first_lanes, config=self.config)
-        self.lanes_t = jax.eval_shape(first, inputs, data, zero, rule)[0]
-        rows = functools.partial(_batched.result_rows, config=self.config)
-        self.results_t = jax.eval_shape(rows, self.lanes_t, inputs, data, rule)
+        self.lanes_t, self.results_t = _batched.shapes(inputs, data, rule, self.config)
         self.bar = _reporting.ProblemBar(None if streamed else source.n) if progress else None
         self.tick = 64  # iterations between two bar updates, adapted to take ~0.2 s
 
@@ -200,14 +196,12 @@ class Run:
             "slots": self.config.slots,
             "has_aux": self.config.has_aux,
             "history": list(self.config.history),
-            "inputs.tree": str(jax.tree.structure(inputs)),
             "inputs.values": _checkpoint.digest(inputs),
             "inputs.kind": "iterator of chunks" if self.streamed else "arrays",
         }
         if data is not None:
             options["data.values"] = _checkpoint.digest(data)
-        for path, x in jax.tree_util.tree_flatten_with_path(inputs)[0]:
-            options[f"inputs{jax.tree_util.keystr(path)}"] = _checkpoint.leaf_record(x)
+        options |= _checkpoint.tree_record("inputs", inputs)
         return _checkpoint.problem_record(
             loss_fn, params, optimizer, es, data, options, prefix=ENTRY
         )

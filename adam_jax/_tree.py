@@ -94,7 +94,3 @@ def tree_where(cond: jax.Array, new: T, old: T) -> T:
     """``new`` where ``cond`` else ``old``, leaf by leaf, in ``old``'s dtypes."""
     select = lambda n, o: jax.lax.select_n(cond, o, jnp.asarray(n, o.dtype))
     return cast(T, jax.tree.map(select, new, old))
-
-
-def take(tree: T, index: jax.Array) -> T:
-    return cast(T, jax.tree.map(lambda x: x[index], tree))
