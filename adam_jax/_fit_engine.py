@@ -16,13 +16,14 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from adam_jax import _checkpoint, _checks, _compile, _fit_checks, _loop, _reporting
+from adam_jax._compile import F
 from adam_jax._early_stopping import EarlyStopping
 from adam_jax._history import History
 from adam_jax._loop import LoopState
@@ -30,7 +31,6 @@ from adam_jax._result import FitResult
 from adam_jax._tree import Key, Split, is_data, without_weak_types
 
 Hyper = Split[tuple[optax.GradientTransformation, EarlyStopping | None]]
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Static(NamedTuple):
